@@ -1,0 +1,22 @@
+#!/usr/bin/env bash
+# Offline demo: tiny SD-1.5-shaped pipeline + Pick-a-Pic-shaped parquet, built locally, trained on the CPU.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+export HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 HF_HUB_DISABLE_TELEMETRY=1 TOKENIZERS_PARALLELISM=false
+export HF_HOME="${HF_HOME:-$PWD/demo_output/hf_home}"
+OUT=demo_output
+ASSETS=$OUT/assets
+LAUNCH="accelerate launch --num_processes 1 --num_machines 1 --mixed_precision no --dynamo_backend no"
+
+echo "== 1/3 building tiny assets in $ASSETS"
+python examples/make_tiny_assets.py --output_dir "$ASSETS"
+
+echo "== 2/3 SFT with LoRA on the Pick-a-Pic winners (train_sft.py)"
+rm -rf "$OUT/sft-lora"
+$LAUNCH train_sft.py --config examples/demo_sft.yaml \
+  --pretrained_model_name_or_path "$ASSETS/tiny-sd" --dataset_name "$ASSETS/pickapic.parquet" \
+  --output_dir "$OUT/sft-lora"
+
+echo "== 3/3 loading the result with StableDiffusionPipeline + load_lora_weights"
+python examples/sample_grid.py --base "$ASSETS/tiny-sd" --lora "$OUT/sft-lora" --output "$OUT/sft-lora-samples.png"
+echo "demo done: see $OUT/"

@@ -1,0 +1,296 @@
+#!/usr/bin/env python
+"""SFT baseline of SPIN-Diffusion: fine-tune a Stable Diffusion UNet with the plain denoising loss on the
+preferred images of Pick-a-Pic (ties dropped), or on any image-caption dataset. Full or LoRA.
+
+    accelerate launch train_sft.py --pretrained_model_name_or_path runwayml/stable-diffusion-v1-5 \\
+        --dataset_name yuvalkirstain/pickapic_v2 --use_lora --output_dir sd15-sft-lora
+
+The output folder loads with `StableDiffusionPipeline.from_pretrained(output_dir)` (full) or
+`pipe.load_lora_weights(output_dir)` (LoRA).
+"""
+
+import logging
+import math
+import os
+import sys
+from pathlib import Path
+
+import torch
+from accelerate import Accelerator
+from accelerate.logging import get_logger
+from accelerate.utils import ProjectConfiguration, set_seed
+from diffusers.optimization import get_scheduler
+from tqdm.auto import tqdm
+
+from utils.args import (add_data_args, add_hub_args, add_model_args, add_training_args, make_parser,
+                        parse_with_config, save_args, tracker_config, validate_training_args)
+from utils.checkpointing import register_checkpoint_hooks, resolve_resume_checkpoint, save_checkpoint, step_of
+from utils.data import (DataError, EpochSampler, LatentCache, StreamingTrainDataset, TrainDataset, caption_of, collate,
+                        load_training_dataset)
+from utils.generation import log_images, make_grid, render
+from utils.hub import push_folder, write_model_card
+from utils.losses import (diffusion_target, min_snr_weights, per_sample_mse, sample_noise_and_timesteps, sft_loss,
+                          step_generator)
+from utils.models import (add_lora, encode_images, encode_prompt, freeze, load_sd_components, make_optimizer,
+                          save_lora, trainable_parameters, vae_latent_params, weight_dtype)
+
+logger = get_logger(__name__)
+
+
+def parse_args(input_args=None):
+    parser = make_parser(__doc__.split("\n\n")[0])
+    add_model_args(parser)
+    add_data_args(parser)
+    add_training_args(parser)
+    add_hub_args(parser)
+    parser.add_argument("--num_validation_images", type=int, default=4,
+                        help="Images in the final sample grid when no --validation_prompts are given (training captions are used).")
+    args = parse_with_config(parser, input_args)
+    return validate_training_args(parser, args)
+
+
+def main(args):
+    output_dir = Path(args.output_dir)
+    accelerator = Accelerator(
+        gradient_accumulation_steps=args.gradient_accumulation_steps,
+        mixed_precision=args.mixed_precision,
+        log_with=None if args.report_to == "none" else args.report_to,
+        project_config=ProjectConfiguration(project_dir=str(output_dir), logging_dir=str(output_dir / args.logging_dir)),
+    )
+    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
+    if args.allow_tf32:
+        torch.backends.cuda.matmul.allow_tf32 = True
+    if accelerator.is_main_process:
+        output_dir.mkdir(parents=True, exist_ok=True)
+        save_args(args, output_dir / "training_args.json")
+
+    # 1. Data first: a bad path, column or empty split fails here, before any model is loaded.
+    hf_dataset, spec = load_training_dataset(args, accelerator.num_processes, accelerator.process_index)
+    logger.info(f"dataset {args.dataset_name} ({spec['kind']}): "
+                f"{'streaming' if args.streaming else f'{len(hf_dataset)} examples'} after filtering")
+
+    # 2. Models: only the UNet trains; VAE and text encoder are frozen in the compute dtype.
+    set_seed(args.seed)
+    tokenizer, text_encoder, vae, unet, noise_scheduler = load_sd_components(
+        args.pretrained_model_name_or_path, args.revision, args.variant, args.prediction_type, args.cache_dir)
+    dtype = weight_dtype(accelerator.mixed_precision)
+    freeze(text_encoder, vae)
+    text_encoder.to(accelerator.device, dtype)
+    vae.to(accelerator.device, dtype)
+    ema_unet = None
+    if args.use_lora:
+        add_lora(unet, args.rank, args.lora_alpha, args.lora_target_modules.split(","))
+        unet.to(accelerator.device, dtype)
+        for p in trainable_parameters(unet):  # adapter weights train in fp32
+            p.data = p.data.float()
+    elif args.use_ema:
+        from diffusers import UNet2DConditionModel
+        from diffusers.training_utils import EMAModel
+
+        ema_unet = EMAModel(unet.parameters(), decay=args.ema_decay, model_cls=UNet2DConditionModel, model_config=unet.config)
+        ema_unet.to(accelerator.device)
+    if args.gradient_checkpointing:
+        unet.enable_gradient_checkpointing()
+    register_checkpoint_hooks(accelerator, use_lora=args.use_lora, ema_model=ema_unet)
+
+    # 3. Training examples, optionally from a latent cache built once.
+    if args.streaming:
+        train_set = StreamingTrainDataset(hf_dataset, spec, tokenizer, args.resolution, args.center_crop, args.random_flip, args.seed)
+        sampler = None
+    else:
+        train_set = TrainDataset(hf_dataset, spec, tokenizer, args.resolution, args.center_crop, args.random_flip, args.seed)
+        if args.cache_latents:
+            key = LatentCache.make_key(model=args.pretrained_model_name_or_path, revision=args.revision, data=args.dataset_name,
+                                       split=args.dataset_split, n=len(train_set), res=args.resolution,
+                                       crop=args.center_crop, flip=args.random_flip, seed=args.seed)
+            cache = LatentCache(output_dir / "latent_cache", len(train_set), key)
+            cache.build(train_set, lambda px: vae_latent_params(vae, px), args.train_batch_size,
+                        accelerator.process_index, accelerator.num_processes, accelerator.is_local_main_process)
+            accelerator.wait_for_everyone()
+            train_set.latent_cache = cache
+        sampler = EpochSampler(len(train_set), seed=args.seed)
+    train_dataloader = torch.utils.data.DataLoader(
+        train_set, batch_size=args.train_batch_size, sampler=sampler, collate_fn=collate,
+        num_workers=args.dataloader_num_workers)
+
+    if args.scale_lr:
+        args.learning_rate *= args.gradient_accumulation_steps * args.train_batch_size * accelerator.num_processes
+    optimizer = make_optimizer(trainable_parameters(unet), args.learning_rate, (args.adam_beta1, args.adam_beta2),
+                               args.adam_weight_decay, args.adam_epsilon, args.use_8bit_adam)
+    if args.streaming:  # already split by node; accelerate must not shard it again
+        unet, optimizer = accelerator.prepare(unet, optimizer)
+        steps_per_epoch = None
+        max_train_steps = args.max_train_steps
+        num_epochs = sys.maxsize
+    else:
+        unet, optimizer, train_dataloader = accelerator.prepare(unet, optimizer, train_dataloader)
+        steps_per_epoch = math.ceil(len(train_dataloader) / args.gradient_accumulation_steps)
+        max_train_steps = args.max_train_steps or args.num_train_epochs * steps_per_epoch
+        num_epochs = math.ceil(max_train_steps / steps_per_epoch)
+    lr_scheduler = get_scheduler(args.lr_scheduler, optimizer, num_warmup_steps=args.lr_warmup_steps * accelerator.num_processes,
+                                 num_training_steps=max_train_steps * accelerator.num_processes)
+    lr_scheduler = accelerator.prepare(lr_scheduler)
+    if accelerator.is_main_process:
+        accelerator.init_trackers("train_sft", config=tracker_config(args))
+
+    # 4. Resume: restore weights, optimizer, scheduler, EMA; skip the batches already seen this epoch.
+    global_step, first_epoch, skip_batches = 0, 0, 0
+    checkpoint = resolve_resume_checkpoint(output_dir, args.resume_from_checkpoint)
+    if args.resume_from_checkpoint and checkpoint is None:
+        logger.info("no checkpoint to resume from in %s: starting a new run", output_dir)
+    if checkpoint is not None:
+        accelerator.load_state(str(checkpoint))
+        global_step = step_of(checkpoint)
+        batches_done = global_step * args.gradient_accumulation_steps
+        if steps_per_epoch:
+            first_epoch, rest = divmod(global_step, steps_per_epoch)
+            batches_done = first_epoch * len(train_dataloader) + rest * args.gradient_accumulation_steps
+            skip_batches = rest * args.gradient_accumulation_steps
+        else:
+            skip_batches = batches_done
+        logger.info(f"resumed from {checkpoint} at step {global_step} (epoch {first_epoch}, skipping {skip_batches} batches)")
+    micro_step = first_epoch * len(train_dataloader) + skip_batches if steps_per_epoch else skip_batches
+
+    total_batch = args.train_batch_size * accelerator.num_processes * args.gradient_accumulation_steps
+    logger.info(f"training: {max_train_steps} optimizer steps, {total_batch} images per step, "
+                f"{'LoRA rank ' + str(args.rank) if args.use_lora else 'full UNet'}")
+    progress = tqdm(range(max_train_steps), initial=global_step, desc="sft", disable=not accelerator.is_local_main_process)
+    skipped_images, logs = 0, {}
+    # 5. The loop: plain denoising loss on the real images.
+    for epoch in range(first_epoch, num_epochs):
+        if global_step >= max_train_steps:
+            break
+        train_set.set_epoch(epoch)
+        if sampler is not None:
+            sampler.set_epoch(epoch)
+        loader = train_dataloader
+        if epoch == first_epoch and skip_batches:
+            loader = accelerator.skip_first_batches(train_dataloader, skip_batches)
+        unet.train()
+        for batch in loader:
+            micro_step += 1
+            skipped_images += batch["num_skipped"]
+            if batch["num_examples"] == 0:
+                continue
+            batch = {k: v.to(accelerator.device) if torch.is_tensor(v) else v for k, v in batch.items()}
+            gen = step_generator(args.seed, micro_step, accelerator.process_index, accelerator.device)
+            with accelerator.accumulate(unet):
+                latents = encode_images(vae, batch, gen, dtype)
+                noise, timesteps = sample_noise_and_timesteps(latents, noise_scheduler.config.num_train_timesteps, gen, args.noise_offset)
+                noisy_latents = noise_scheduler.add_noise(latents, noise, timesteps)
+                target = diffusion_target(noise_scheduler, latents, noise, timesteps)
+                with torch.no_grad():
+                    prompt_embeds = encode_prompt(text_encoder, batch["input_ids"])
+                pred = unet(noisy_latents, timesteps, prompt_embeds, return_dict=False)[0]
+                weights = min_snr_weights(noise_scheduler, timesteps, args.snr_gamma) if args.snr_gamma else None
+                loss = sft_loss(per_sample_mse(pred, target), weights)
+                accelerator.backward(loss)
+                grad_norm = None
+                if accelerator.sync_gradients and args.max_grad_norm:
+                    grad_norm = accelerator.clip_grad_norm_(trainable_parameters(unet), args.max_grad_norm)
+                optimizer.step()
+                lr_scheduler.step()
+                optimizer.zero_grad(set_to_none=True)
+
+            if not accelerator.sync_gradients:
+                continue
+            global_step += 1
+            if ema_unet is not None:
+                ema_unet.step(unet.parameters())
+            logs = {"loss": accelerator.reduce(loss.detach(), "mean").item(), "lr": lr_scheduler.get_last_lr()[0]}
+            if grad_norm is not None:
+                logs["grad_norm"] = float(grad_norm)
+            if skipped_images:
+                logs["skipped_images"] = skipped_images
+            progress.update(1)
+            progress.set_postfix(loss=f"{logs['loss']:.4f}", lr=f"{logs['lr']:.2e}")
+            accelerator.log(logs, step=global_step)
+            if global_step % args.checkpointing_steps == 0:
+                path = save_checkpoint(accelerator, output_dir, global_step, args.checkpoints_total_limit)
+                logger.info(f"saved {path}")
+            if args.validation_steps and global_step % args.validation_steps == 0 and accelerator.is_main_process:
+                run_validation(args, accelerator, unet, vae, text_encoder, tokenizer, ema_unet, dtype, global_step)
+            if global_step >= max_train_steps:
+                break
+    progress.close()
+    if skipped_images:
+        logger.warning(f"skipped {skipped_images} images that could not be decoded")
+
+    # 6. Save the result (diffusers pipeline or LoRA weights), a sample grid, the model card; push.
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        unet = accelerator.unwrap_model(unet)
+        pipeline = save_result(args, unet, ema_unet, vae, text_encoder, tokenizer)
+        prompts = args.validation_prompts
+        if not prompts and not args.streaming:  # no prompts given: show what it learned on training captions
+            head = hf_dataset.select(range(min(args.num_validation_images, len(hf_dataset))))
+            prompts = [caption_of(c) for c in head[spec["caption"]]]
+        if prompts:
+            images = render(pipeline.to(accelerator.device), [str(p) for p in prompts], args.seed,
+                            args.validation_num_inference_steps, resolution=args.resolution,
+                            autocast_dtype=dtype if dtype != torch.float32 else None)
+            make_grid(images).save(output_dir / "validation_grid.png")
+            log_images(accelerator, images, prompts, global_step)
+        write_model_card(
+            output_dir, base_model=args.pretrained_model_name_or_path, dataset=args.dataset_name,
+            title=f"SFT {'LoRA ' if args.use_lora else ''}fine-tune of {args.pretrained_model_name_or_path}",
+            description="Supervised fine-tuning (plain denoising loss) on the preferred images of the dataset: the SFT "
+                        "baseline of SPIN-Diffusion (Yuan et al., NeurIPS 2024), trained with `train_sft.py`.",
+            tags=["sft", "lora"] if args.use_lora else ["sft"],
+            hyperparameters={k: getattr(args, k) for k in (
+                "learning_rate", "lr_scheduler", "lr_warmup_steps", "train_batch_size", "gradient_accumulation_steps",
+                "resolution", "mixed_precision", "use_8bit_adam", "use_lora", "rank", "snr_gamma", "use_ema", "seed")}
+            | {"max_train_steps": max_train_steps, "images_per_step": total_batch},
+            metrics={"final_loss": logs["loss"]} if "loss" in logs else None)
+        if args.push_to_hub:
+            repo_id = push_folder(output_dir, args.hub_model_id or output_dir.resolve().name, token=args.hub_token,
+                                  private=args.hub_private_repo, commit_message=f"train_sft.py: step {global_step}")
+            logger.info(f"pushed to {repo_id}")
+    accelerator.end_training()
+
+
+def save_result(args, unet, ema_unet, vae, text_encoder, tokenizer):
+    """Write the LoRA weights or the full pipeline into output_dir; return a pipeline for the sample grid."""
+    from diffusers import StableDiffusionPipeline
+
+    kw = dict(revision=args.revision, variant=args.variant, cache_dir=args.cache_dir, safety_checker=None,
+              requires_safety_checker=False)
+    if args.use_lora:
+        save_lora(unet, args.output_dir)
+        pipeline = StableDiffusionPipeline.from_pretrained(args.pretrained_model_name_or_path, **kw)
+        pipeline.load_lora_weights(args.output_dir)
+        return pipeline
+    if ema_unet is not None:
+        ema_unet.copy_to(unet.parameters())
+    pipeline = StableDiffusionPipeline.from_pretrained(args.pretrained_model_name_or_path, unet=unet, **kw)
+    pipeline.save_pretrained(args.output_dir, safe_serialization=True)
+    return pipeline
+
+
+def run_validation(args, accelerator, unet, vae, text_encoder, tokenizer, ema_unet, dtype, step):
+    """Render the validation prompts with the current weights (the EMA weights when kept) and log them."""
+    from diffusers import StableDiffusionPipeline
+
+    model = accelerator.unwrap_model(unet)
+    if ema_unet is not None:
+        ema_unet.store(model.parameters())
+        ema_unet.copy_to(model.parameters())
+    pipeline = StableDiffusionPipeline.from_pretrained(
+        args.pretrained_model_name_or_path, unet=model, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer,
+        revision=args.revision, variant=args.variant, cache_dir=args.cache_dir, safety_checker=None,
+        requires_safety_checker=False, torch_dtype=dtype).to(accelerator.device)
+    pipeline.set_progress_bar_config(disable=True)
+    images = render(pipeline, args.validation_prompts, args.seed, args.validation_num_inference_steps,
+                    resolution=args.resolution, autocast_dtype=dtype if dtype != torch.float32 else None)
+    log_images(accelerator, images, args.validation_prompts, step)
+    make_grid(images).save(Path(args.output_dir) / f"validation_step_{step}.png")
+    if ema_unet is not None:
+        ema_unet.restore(model.parameters())
+    model.train()
+
+
+if __name__ == "__main__":
+    try:
+        main(parse_args())
+    except DataError as e:
+        sys.exit(f"error: {e}")

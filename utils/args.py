@@ -1,0 +1,197 @@
+"""Command-line flags shared by the training scripts, `--config FILE.yaml`, and `training_args.json`.
+
+Flag names follow diffusers' `train_text_to_image.py`. Each script builds its parser from the groups
+below, adds its own flags, and calls `parse_with_config`. Validation that needs no model or data runs
+in `validate_training_args`, so a bad command line fails in a second, not after a model download.
+"""
+
+import argparse
+import json
+import os
+from pathlib import Path
+
+import yaml
+
+SECRET_KEYS = ("hub_token",)
+
+
+def add_model_args(parser):
+    g = parser.add_argument_group("model")
+    g.add_argument("--pretrained_model_name_or_path", type=str, default=None, required=False,
+                   help="Hub id or local folder of a diffusers Stable Diffusion pipeline (e.g. runwayml/stable-diffusion-v1-5).")
+    g.add_argument("--revision", type=str, default=None, help="Revision (branch, tag or commit) of the pretrained model.")
+    g.add_argument("--variant", type=str, default=None, help="Weight variant of the pretrained model, e.g. fp16.")
+    g.add_argument("--prediction_type", type=str, default=None, choices=["epsilon", "v_prediction"],
+                   help="Override the scheduler's prediction type. Default: the model's own.")
+    g.add_argument("--use_lora", action="store_true", help="Train a LoRA adapter on the UNet attention projections instead of the full UNet.")
+    g.add_argument("--rank", type=int, default=4, help="LoRA rank.")
+    g.add_argument("--lora_alpha", type=int, default=None, help="LoRA alpha. Default: equal to --rank (scale 1).")
+    g.add_argument("--lora_target_modules", type=str, default="to_k,to_q,to_v,to_out.0",
+                   help="Comma-separated UNet module names that get LoRA adapters.")
+    return g
+
+
+def add_data_args(parser):
+    g = parser.add_argument_group("data")
+    g.add_argument("--dataset_name", type=str, default=None,
+                   help="Hub dataset id (e.g. yuvalkirstain/pickapic_v2), a local folder, or a local .parquet/.json/.csv file.")
+    g.add_argument("--dataset_config_name", type=str, default=None, help="Dataset configuration name on the Hub.")
+    g.add_argument("--dataset_split", type=str, default="train", help="Split to train on.")
+    g.add_argument("--streaming", action="store_true",
+                   help="Stream the dataset instead of downloading it (Pick-a-Pic train is hundreds of GB). Needs --max_train_steps.")
+    g.add_argument("--cache_dir", type=str, default=None, help="Where downloaded models and datasets are cached.")
+    g.add_argument("--caption_column", type=str, default="caption", help="Column with the prompt.")
+    g.add_argument("--image_0_column", type=str, default="jpg_0", help="Pick-a-Pic: column with the first image (JPEG bytes).")
+    g.add_argument("--image_1_column", type=str, default="jpg_1", help="Pick-a-Pic: column with the second image.")
+    g.add_argument("--label_0_column", type=str, default="label_0",
+                   help="Pick-a-Pic: preference label of image 0 (1 = preferred, 0 = not, 0.5 = tie; ties are dropped).")
+    g.add_argument("--image_column", type=str, default=None,
+                   help="Plain image-caption dataset: column with the image. Set it to train on a non-Pick-a-Pic dataset.")
+    g.add_argument("--unique_prompts", action="store_true",
+                   help="Keep one example per unique prompt (the first). Whether SPIN did this is unconfirmed; default off.")
+    g.add_argument("--max_train_samples", type=int, default=None, help="Truncate the (filtered) dataset to this many examples.")
+    g.add_argument("--resolution", type=int, default=512, help="Training resolution in pixels (images are resized and cropped to it).")
+    g.add_argument("--center_crop", action="store_true", help="Center-crop to --resolution (default: random crop).")
+    g.add_argument("--random_flip", action="store_true", help="Randomly flip images horizontally.")
+    g.add_argument("--cache_latents", action="store_true",
+                   help="Encode every training image with the VAE once before training and reuse the latents (not with --streaming).")
+    g.add_argument("--dataloader_num_workers", type=int, default=0, help="DataLoader worker processes (0: load in the main process).")
+    return g
+
+
+def add_training_args(parser):
+    g = parser.add_argument_group("training")
+    g.add_argument("--output_dir", type=str, default="output", help="Where the model, checkpoints and logs are written.")
+    g.add_argument("--seed", type=int, default=0, help="Seed for data order, noise and timesteps; a run is reproducible from it.")
+    g.add_argument("--train_batch_size", type=int, default=1, help="Batch size per device.")
+    g.add_argument("--num_train_epochs", type=int, default=1)
+    g.add_argument("--max_train_steps", type=int, default=None, help="Total optimizer steps; overrides --num_train_epochs.")
+    g.add_argument("--gradient_accumulation_steps", type=int, default=1)
+    g.add_argument("--gradient_checkpointing", action="store_true", help="Trade compute for memory in the UNet.")
+    g.add_argument("--mixed_precision", type=str, default=None, choices=["no", "fp16", "bf16"],
+                   help="Default: the accelerate config's. fp16 needs a GPU; bf16 also works on CPU.")
+    g.add_argument("--allow_tf32", action="store_true", help="Allow TF32 matmuls on Ampere or newer GPUs.")
+    g.add_argument("--learning_rate", type=float, default=1e-5)
+    g.add_argument("--scale_lr", action="store_true", help="Multiply the learning rate by batch size x accumulation x processes.")
+    g.add_argument("--lr_scheduler", type=str, default="constant",
+                   help='One of "linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup".')
+    g.add_argument("--lr_warmup_steps", type=int, default=0)
+    g.add_argument("--use_8bit_adam", action="store_true", help="bitsandbytes 8-bit AdamW (saves ~75%% of optimizer memory).")
+    g.add_argument("--adam_beta1", type=float, default=0.9)
+    g.add_argument("--adam_beta2", type=float, default=0.999)
+    g.add_argument("--adam_weight_decay", type=float, default=1e-2)
+    g.add_argument("--adam_epsilon", type=float, default=1e-8)
+    g.add_argument("--max_grad_norm", type=float, default=1.0)
+    g.add_argument("--snr_gamma", type=float, default=None, help="Min-SNR loss weighting gamma (5.0 is the usual value). Default off.")
+    g.add_argument("--noise_offset", type=float, default=0.0, help="Noise offset (0.1 is common). Default off.")
+    g.add_argument("--use_ema", action="store_true", help="Keep an EMA of the UNet weights and save it as the result (full fine-tuning).")
+    g.add_argument("--ema_decay", type=float, default=0.9999)
+    g.add_argument("--logging_dir", type=str, default="logs", help="Tracker log folder, relative to --output_dir.")
+    g.add_argument("--report_to", type=str, default="tensorboard", help='"tensorboard", "wandb", "all" or "none".')
+    g.add_argument("--validation_prompts", type=str, nargs="+", default=None,
+                   help="Prompts rendered every --validation_steps and at the end (the model card's sample grid).")
+    g.add_argument("--validation_steps", type=int, default=None, help="Render validation images every N optimizer steps.")
+    g.add_argument("--validation_num_inference_steps", type=int, default=30)
+    g.add_argument("--checkpointing_steps", type=int, default=500, help="Save a resumable checkpoint-N every N optimizer steps.")
+    g.add_argument("--checkpoints_total_limit", type=int, default=None, help="Keep at most this many checkpoint-N folders.")
+    g.add_argument("--resume_from_checkpoint", type=str, default=None,
+                   help='A checkpoint-N folder, or "latest" for the newest one in --output_dir.')
+    return g
+
+
+def add_hub_args(parser):
+    g = parser.add_argument_group("hub")
+    g.add_argument("--push_to_hub", action="store_true", help="Upload the result and its model card to the Hub.")
+    g.add_argument("--hub_model_id", type=str, default=None, help="Repo to push to. Default: the name of --output_dir under your account.")
+    g.add_argument("--hub_token", type=str, default=None, help="Hub token. Default: the cached login (huggingface-cli login) or HF_TOKEN.")
+    g.add_argument("--hub_private_repo", action="store_true", help="Create the repo as private.")
+    return g
+
+
+def parse_with_config(parser, input_args=None):
+    """Parse `input_args` (sys.argv when None); keys of `--config FILE.yaml` become defaults, so the
+    command line wins over the file. Unknown keys in the file are an error naming them."""
+    parser.add_argument("--config", type=str, default=None, help="YAML file whose keys are flag names; command-line flags override it.")
+    pre, _ = parser.parse_known_args(input_args)
+    if pre.config:
+        path = Path(pre.config)
+        if not path.is_file():
+            parser.error(f"--config {pre.config}: file not found")
+        config = yaml.safe_load(path.read_text()) or {}
+        if not isinstance(config, dict):
+            parser.error(f"--config {pre.config}: expected a mapping of flag names to values")
+        known = {a.dest for a in parser._actions}
+        config = {k.lstrip("-").replace("-", "_"): v for k, v in config.items()}
+        unknown = sorted(set(config) - known - {"config"})
+        if unknown:
+            parser.error(f"--config {pre.config}: unknown keys {unknown}")
+        parser.set_defaults(**config)
+    return parser.parse_args(input_args)
+
+
+def validate_training_args(parser, args):
+    """Checks that need neither models nor data. Calls parser.error (exit code 2) with the problem."""
+    if args.pretrained_model_name_or_path is None:
+        parser.error("--pretrained_model_name_or_path is required")
+    if args.dataset_name is None:
+        parser.error("--dataset_name is required (a Hub dataset id, a local folder or a .parquet file)")
+    if args.use_ema and args.use_lora:
+        parser.error("--use_ema and --use_lora conflict: EMA is for full fine-tuning; drop one of them")
+    if args.streaming and args.cache_latents:
+        parser.error("--streaming and --cache_latents conflict: a latent cache needs the whole dataset on disk")
+    if args.streaming and args.max_train_steps is None:
+        parser.error("--streaming needs --max_train_steps (a streamed dataset has no length to count epochs by)")
+    if args.streaming and args.unique_prompts:
+        parser.error("--streaming and --unique_prompts conflict: deduplication needs the whole caption column")
+    if args.validation_steps is not None and not args.validation_prompts:
+        parser.error("--validation_steps needs --validation_prompts")
+    for name in ("train_batch_size", "gradient_accumulation_steps", "num_train_epochs", "resolution", "rank"):
+        if getattr(args, name) < 1:
+            parser.error(f"--{name} must be >= 1, got {getattr(args, name)}")
+    if args.max_train_steps is not None and args.max_train_steps < 1:
+        parser.error(f"--max_train_steps must be >= 1, got {args.max_train_steps}")
+    if args.checkpoints_total_limit is not None and args.checkpoints_total_limit < 1:
+        parser.error("--checkpoints_total_limit must be >= 1")
+    if args.resolution % 8 != 0:
+        parser.error(f"--resolution must be a multiple of 8, got {args.resolution}")
+    mixed = args.mixed_precision or os.environ.get("ACCELERATE_MIXED_PRECISION")
+    if mixed == "fp16" and not _has_fp16_device():
+        parser.error("--mixed_precision fp16 needs a GPU and none is visible; use --mixed_precision bf16 (works on CPU) or no")
+    if args.resume_from_checkpoint not in (None, "latest"):
+        path = Path(args.resume_from_checkpoint)
+        if not path.is_dir() and not (Path(args.output_dir) / path).is_dir():
+            parser.error(f"--resume_from_checkpoint {args.resume_from_checkpoint}: no such checkpoint folder "
+                         f"(give a path, a checkpoint-N name inside --output_dir, or 'latest')")
+    if args.lora_alpha is None:
+        args.lora_alpha = args.rank
+    return args
+
+
+def _has_fp16_device():
+    import torch
+
+    return torch.cuda.is_available() or (hasattr(torch, "xpu") and torch.xpu.is_available())
+
+
+def public_args(args):
+    """The args as a JSON-safe dict without secrets (what goes into training_args.json, trackers and cards)."""
+    out = {}
+    for k, v in vars(args).items():
+        if k in SECRET_KEYS:
+            continue
+        out[k] = v if isinstance(v, (str, int, float, bool, type(None), list)) else str(v)
+    return out
+
+
+def save_args(args, path):
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    Path(path).write_text(json.dumps(public_args(args), indent=2, sort_keys=True) + "\n")
+
+
+def tracker_config(args):
+    """Trackers (tensorboard hparams) accept scalars only."""
+    return {k: (v if isinstance(v, (int, float, str, bool)) else str(v)) for k, v in public_args(args).items()}
+
+
+def make_parser(description):
+    return argparse.ArgumentParser(description=description, formatter_class=argparse.ArgumentDefaultsHelpFormatter)

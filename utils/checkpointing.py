@@ -1,0 +1,106 @@
+"""Resumable `checkpoint-N` folders through `accelerator.save_state`, with hooks that store the UNet as
+diffusers weights (full) or LoRA weights, plus the EMA weights, and restore them on load."""
+
+import os
+import re
+import shutil
+from pathlib import Path
+
+CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")
+
+
+def list_checkpoints(output_dir):
+    """Finished checkpoint folders in `output_dir`, oldest first, as (step, path)."""
+    out = []
+    if Path(output_dir).is_dir():
+        for p in Path(output_dir).iterdir():
+            m = CHECKPOINT_RE.match(p.name)
+            if m and p.is_dir():
+                out.append((int(m.group(1)), p))
+    return sorted(out)
+
+
+def resolve_resume_checkpoint(output_dir, resume_from_checkpoint):
+    """Path of the checkpoint to resume from, or None to start fresh ("latest" with none saved yet).
+    Raises FileNotFoundError for an explicit checkpoint that does not exist."""
+    if resume_from_checkpoint is None:
+        return None
+    if resume_from_checkpoint == "latest":
+        ckpts = list_checkpoints(output_dir)
+        return ckpts[-1][1] if ckpts else None
+    for candidate in (Path(resume_from_checkpoint), Path(output_dir) / resume_from_checkpoint):
+        if candidate.is_dir():
+            return candidate
+    raise FileNotFoundError(f"--resume_from_checkpoint {resume_from_checkpoint}: no such checkpoint folder "
+                            f"(looked in . and {output_dir})")
+
+
+def step_of(checkpoint_path):
+    return int(CHECKPOINT_RE.match(Path(checkpoint_path).name).group(1))
+
+
+def prune_checkpoints(output_dir, total_limit, keep_room_for=1):
+    """Delete the oldest checkpoints so that at most `total_limit - keep_room_for` remain."""
+    if total_limit is None:
+        return []
+    ckpts = list_checkpoints(output_dir)
+    excess = len(ckpts) - (total_limit - keep_room_for)
+    removed = [p for _, p in ckpts[:max(0, excess)]]
+    for p in removed:
+        shutil.rmtree(p)
+    return removed
+
+
+def save_checkpoint(accelerator, output_dir, step, total_limit=None):
+    """Save `checkpoint-{step}` atomically (written under a temporary name, then renamed), after pruning."""
+    final = Path(output_dir) / f"checkpoint-{step}"
+    tmp = Path(output_dir) / f"checkpoint-{step}.partial"
+    if accelerator.is_main_process:
+        prune_checkpoints(output_dir, total_limit)
+        shutil.rmtree(tmp, ignore_errors=True)
+    accelerator.wait_for_everyone()
+    accelerator.save_state(str(tmp))
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        shutil.rmtree(final, ignore_errors=True)
+        os.replace(tmp, final)
+    accelerator.wait_for_everyone()
+    return final
+
+
+def register_checkpoint_hooks(accelerator, use_lora=False, ema_model=None):
+    """Make `save_state`/`load_state` store the UNet as `unet/` (full) or `pytorch_lora_weights.safetensors`
+    (LoRA) and the EMA weights as `unet_ema/`, and restore them into the live models on load."""
+    from diffusers import UNet2DConditionModel
+    from diffusers.training_utils import EMAModel
+
+    from .models import load_lora, save_lora
+
+    def save_hook(models, weights, output_dir):
+        if accelerator.is_main_process:
+            for model in models:
+                model = accelerator.unwrap_model(model)
+                if use_lora:
+                    save_lora(model, output_dir)
+                else:
+                    model.save_pretrained(os.path.join(output_dir, "unet"))
+            if ema_model is not None:
+                ema_model.save_pretrained(os.path.join(output_dir, "unet_ema"))
+        while weights:  # saved above; stop accelerate from saving them a second time
+            weights.pop()
+
+    def load_hook(models, input_dir):
+        if ema_model is not None:
+            loaded = EMAModel.from_pretrained(os.path.join(input_dir, "unet_ema"), UNet2DConditionModel)
+            ema_model.load_state_dict(loaded.state_dict())
+            ema_model.to(accelerator.device)
+        while models:
+            model = accelerator.unwrap_model(models.pop())
+            if use_lora:
+                load_lora(model, input_dir)
+            else:
+                loaded = UNet2DConditionModel.from_pretrained(input_dir, subfolder="unet")
+                model.load_state_dict(loaded.state_dict())
+
+    accelerator.register_save_state_pre_hook(save_hook)
+    accelerator.register_load_state_pre_hook(load_hook)

@@ -1,0 +1,376 @@
+"""Training data: Pick-a-Pic (ties dropped, winner selected) or plain image-caption datasets, from the
+Hub (optionally streamed) or from local files, turned into (pixel_values or cached latents, input_ids).
+
+Pick-a-Pic rule (Diffusion-DPO's): keep rows whose label_0 is 0 or 1 (about 12% are ties at 0.5),
+the winner is image 0 when label_0 == 1, else image 1.
+
+Everything that can be checked without a model (paths, columns, empty splits) is checked by
+`load_training_dataset`, which raises `DataError` with the problem named.
+"""
+
+import hashlib
+import io
+import json
+import math
+import random
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+FILE_BUILDERS = {".parquet": "parquet", ".json": "json", ".jsonl": "json", ".csv": "csv", ".arrow": "arrow"}
+
+
+class DataError(ValueError):
+    """A problem with the dataset or its columns, found before any model is loaded."""
+
+
+# ----------------------------------------------------------------------------- loading
+
+
+def load_raw_dataset(name, split="train", config_name=None, streaming=False, cache_dir=None):
+    """A `datasets` split from a local file, a local folder (data files or `save_to_disk` output) or the Hub."""
+    import datasets
+
+    path = Path(name).expanduser()
+    try:
+        if path.is_file():
+            builder = FILE_BUILDERS.get(path.suffix.lower())
+            if builder is None:
+                raise DataError(f"--dataset_name {name}: unsupported file type {path.suffix!r} (use one of {sorted(FILE_BUILDERS)})")
+            return datasets.load_dataset(builder, data_files={split: str(path)}, split=split, streaming=streaming, cache_dir=cache_dir)
+        if path.is_dir():
+            if (path / "dataset_dict.json").exists() or (path / "state.json").exists():
+                ds = datasets.load_from_disk(str(path))
+                if isinstance(ds, datasets.DatasetDict):
+                    if split not in ds:
+                        raise DataError(f"--dataset_name {name}: no split {split!r}; available: {sorted(ds)}")
+                    ds = ds[split]
+                return ds.to_iterable_dataset() if streaming else ds
+            return datasets.load_dataset(str(path), config_name, split=split, streaming=streaming, cache_dir=cache_dir)
+        if name.startswith((".", "/", "~")) or name.count("/") > 1 or path.suffix.lower() in FILE_BUILDERS:
+            raise DataError(f"--dataset_name {name}: no such file or folder")
+        return datasets.load_dataset(name, config_name, split=split, streaming=streaming, cache_dir=cache_dir)
+    except DataError:
+        raise
+    except Exception as e:  # datasets raises many types; the user needs the name and the reason
+        raise DataError(f"--dataset_name {name} (split {split!r}) could not be loaded: {type(e).__name__}: {e}") from e
+
+
+def column_names(ds):
+    names = ds.column_names
+    if names is None:  # some streamed datasets only know their columns after the first row
+        first = next(iter(ds), None)
+        names = list(first) if first is not None else []
+    return list(names)
+
+
+def resolve_columns(names, caption_column, image_column=None, image_0_column="jpg_0", image_1_column="jpg_1",
+                    label_0_column="label_0", dataset_name="dataset"):
+    """Decide the dataset kind from its columns: a dict {kind, caption, image | image_0, image_1, label_0}."""
+    def need(cols):
+        missing = [c for c in cols if c not in names]
+        if missing:
+            raise DataError(f"{dataset_name}: missing column(s) {missing}; the dataset has {sorted(names)}")
+
+    if image_column is not None:
+        need([image_column, caption_column])
+        return {"kind": "image_caption", "caption": caption_column, "image": image_column}
+    pickapic = [caption_column, image_0_column, image_1_column, label_0_column]
+    if image_0_column not in names and image_1_column not in names:
+        raise DataError(
+            f"{dataset_name} is not Pick-a-Pic-shaped (no {image_0_column!r}/{image_1_column!r} columns; it has "
+            f"{sorted(names)}). For a plain image-caption dataset pass --image_column (and --caption_column).")
+    need(pickapic)
+    return {"kind": "pickapic", "caption": caption_column, "image_0": image_0_column,
+            "image_1": image_1_column, "label_0": label_0_column}
+
+
+def is_decided(label):
+    """True for a Pick-a-Pic row with a winner (label_0 of 0 or 1), False for ties and missing labels."""
+    return label is not None and label in (0, 1)
+
+
+def drop_ties(ds, label_0_column):
+    return ds.filter(lambda labels: [is_decided(x) for x in labels], batched=True, input_columns=[label_0_column])
+
+
+def winner_and_loser(example, spec):
+    """(winner image, loser image) of a Pick-a-Pic row, in whatever form the column holds them."""
+    if example[spec["label_0"]] == 1:
+        return example[spec["image_0"]], example[spec["image_1"]]
+    return example[spec["image_1"]], example[spec["image_0"]]
+
+
+def first_per_prompt(captions):
+    """Indices of the first occurrence of each caption."""
+    seen, keep = set(), []
+    for i, c in enumerate(captions):
+        if c not in seen:
+            seen.add(c)
+            keep.append(i)
+    return keep
+
+
+def load_training_dataset(args, num_processes=1, process_index=0):
+    """Load, validate and filter the training split. Returns (hf dataset, column spec).
+    Raises DataError naming the problem (unknown path, missing column, nothing left after filtering)."""
+    import datasets
+
+    ds = load_raw_dataset(args.dataset_name, args.dataset_split, args.dataset_config_name, args.streaming, args.cache_dir)
+    spec = resolve_columns(column_names(ds), args.caption_column, args.image_column, args.image_0_column,
+                           args.image_1_column, args.label_0_column, dataset_name=args.dataset_name)
+    keep = [spec[k] for k in ("caption", "image", "image_0", "image_1", "label_0") if k in spec]
+    ds = ds.select_columns(keep)
+    if spec["kind"] == "image_caption" and isinstance((ds.features or {}).get(spec["image"]), datasets.Image):
+        ds = ds.cast_column(spec["image"], datasets.Image(decode=False))  # decode ourselves: a bad file is skipped
+    if spec["kind"] == "pickapic":
+        ds = drop_ties(ds, spec["label_0"])
+    if args.streaming:
+        if args.max_train_samples is not None:
+            ds = ds.take(args.max_train_samples)
+        if next(iter(ds), None) is None:
+            raise DataError(f"{args.dataset_name} split {args.dataset_split!r}: no examples left after dropping ties")
+        if num_processes > 1:
+            ds = datasets.distributed.split_dataset_by_node(ds, rank=process_index, world_size=num_processes)
+        return ds, spec
+    if args.unique_prompts:
+        ds = ds.select(first_per_prompt(ds[spec["caption"]]))
+    if args.max_train_samples is not None:
+        ds = ds.select(range(min(args.max_train_samples, len(ds))))
+    if len(ds) == 0:
+        raise DataError(f"{args.dataset_name} split {args.dataset_split!r}: no examples left after "
+                        f"{'dropping ties' if spec['kind'] == 'pickapic' else 'loading'}"
+                        f"{' and keeping unique prompts' if args.unique_prompts else ''}")
+    return ds, spec
+
+
+# ----------------------------------------------------------------------------- images
+
+
+def load_image(value):
+    """PIL RGB image from raw bytes, a datasets Image dict ({bytes, path}), a PIL image or a path."""
+    if isinstance(value, dict):
+        value = value.get("bytes") or value.get("path")
+    if isinstance(value, (bytes, bytearray, memoryview)):
+        img = Image.open(io.BytesIO(bytes(value)))
+    elif isinstance(value, (str, Path)):
+        img = Image.open(value)
+    elif isinstance(value, Image.Image):
+        img = value
+    else:
+        raise ValueError(f"not an image: {type(value).__name__}")
+    img.load()
+    return img.convert("RGB")
+
+
+def preprocess_image(img, resolution, center_crop=True, flip=False, rng=None):
+    """Resize the shorter side to `resolution` (bilinear), crop a square (center or `rng`-random), flip if
+    asked; returns a float tensor (3, H, W) in [-1, 1]."""
+    w, h = img.size
+    scale = resolution / min(w, h)
+    nw, nh = max(resolution, round(w * scale)), max(resolution, round(h * scale))
+    img = img.resize((nw, nh), Image.BILINEAR)
+    if center_crop or rng is None:
+        left, top = (nw - resolution) // 2, (nh - resolution) // 2
+    else:
+        left, top = rng.randint(0, nw - resolution), rng.randint(0, nh - resolution)
+    img = img.crop((left, top, left + resolution, top + resolution))
+    if flip:
+        img = img.transpose(Image.FLIP_LEFT_RIGHT)
+    arr = np.asarray(img, dtype=np.float32) / 127.5 - 1.0
+    return torch.from_numpy(arr).permute(2, 0, 1).contiguous()
+
+
+def sample_rng(seed, epoch, index):
+    """A per-sample RNG: crops and flips depend on (seed, epoch, index) only, so a resumed run sees the
+    same augmentations as an uninterrupted one, whatever the worker count."""
+    return random.Random(f"{seed}-{epoch}-{index}")
+
+
+def caption_of(value):
+    if isinstance(value, (list, tuple)):
+        value = value[0] if value else ""
+    return "" if value is None else str(value)
+
+
+def tokenize(tokenizer, captions):
+    return tokenizer(captions, max_length=tokenizer.model_max_length, padding="max_length",
+                     truncation=True, return_tensors="pt").input_ids
+
+
+# ----------------------------------------------------------------------------- torch datasets
+
+
+class TrainDataset(torch.utils.data.Dataset):
+    """Map-style training examples: {"pixel_values" or "latent_params", "input_ids"}; a row whose image
+    does not decode gives {"skipped": True} and the collate function drops and counts it."""
+
+    def __init__(self, ds, spec, tokenizer, resolution, center_crop=False, random_flip=False, seed=0, latent_cache=None):
+        self.ds, self.spec, self.tokenizer = ds, spec, tokenizer
+        self.resolution, self.center_crop, self.random_flip, self.seed = resolution, center_crop, random_flip, seed
+        self.latent_cache = latent_cache
+        self.epoch = 0
+
+    def __len__(self):
+        return len(self.ds)
+
+    def set_epoch(self, epoch):
+        self.epoch = epoch
+
+    def image_value(self, row):
+        if self.spec["kind"] == "pickapic":
+            return winner_and_loser(row, self.spec)[0]
+        return row[self.spec["image"]]
+
+    def __getitem__(self, index):
+        if self.latent_cache is None:
+            return self.example_from_row(self.ds[index], index)
+        flip = self.random_flip and sample_rng(self.seed, self.epoch, index).random() < 0.5
+        params = self.latent_cache.get(index, flip)
+        if params is None:
+            return {"skipped": True}
+        caption = caption_of(self.ds[index][self.spec["caption"]])
+        return {"latent_params": params, "input_ids": tokenize(self.tokenizer, [caption])[0]}
+
+    def example_from_row(self, row, index):
+        rng = sample_rng(self.seed, self.epoch, index)
+        flip = self.random_flip and rng.random() < 0.5
+        try:
+            img = load_image(self.image_value(row))
+        except Exception:
+            return {"skipped": True}
+        pixels = preprocess_image(img, self.resolution, self.center_crop, flip, rng)
+        return {"pixel_values": pixels, "input_ids": tokenize(self.tokenizer, [caption_of(row[self.spec["caption"]])])[0]}
+
+
+class StreamingTrainDataset(torch.utils.data.IterableDataset):
+    """The same examples from a streamed (iterable) `datasets` split, shuffled with a buffer per epoch."""
+
+    def __init__(self, ds, spec, tokenizer, resolution, center_crop=False, random_flip=False, seed=0, shuffle_buffer=1000):
+        self.item = TrainDataset(ds, spec, tokenizer, resolution, center_crop, random_flip, seed)
+        self.ds = ds.shuffle(seed=seed, buffer_size=shuffle_buffer) if shuffle_buffer else ds
+        self.epoch = 0
+
+    def set_epoch(self, epoch):
+        self.epoch = epoch
+        self.item.set_epoch(epoch)
+        self.ds.set_epoch(epoch)
+
+    def __iter__(self):
+        for i, row in enumerate(self.ds):
+            yield self.item.example_from_row(row, i)
+
+
+def collate(examples):
+    """Stack the good examples; `num_skipped` counts the undecodable ones (the batch may be smaller)."""
+    good = [e for e in examples if not e.get("skipped")]
+    batch = {"num_skipped": len(examples) - len(good), "num_examples": len(good)}
+    for key in ("pixel_values", "latent_params", "input_ids"):
+        if good and key in good[0]:
+            batch[key] = torch.stack([e[key] for e in good])
+    return batch
+
+
+class EpochSampler(torch.utils.data.Sampler):
+    """Shuffled order that depends only on (seed, epoch), so `skip_first_batches` after a resume lands on
+    exactly the batches an uninterrupted run would have seen next."""
+
+    def __init__(self, length, seed=0, shuffle=True):
+        self.length, self.seed, self.shuffle, self.epoch = length, seed, shuffle, 0
+
+    def set_epoch(self, epoch):
+        self.epoch = epoch
+
+    def __len__(self):
+        return self.length
+
+    def __iter__(self):
+        if not self.shuffle:
+            return iter(range(self.length))
+        g = torch.Generator().manual_seed(self.seed * 100003 + self.epoch)
+        return iter(torch.randperm(self.length, generator=g).tolist())
+
+
+# ----------------------------------------------------------------------------- latent cache
+
+
+class LatentCache:
+    """VAE latent distributions (mean and log-variance, the `DiagonalGaussianDistribution` parameters) of
+    every training image, in safetensors shards under `cache_dir`. Built once, resumable shard by shard,
+    and rebuilt when the dataset, resolution or cropping change. Crops are fixed per image (from the seed);
+    with random_flip both orientations are cached."""
+
+    SHARD = 256
+
+    def __init__(self, cache_dir, num_examples, key):
+        self.dir = Path(cache_dir)
+        self.num_examples = num_examples
+        self.key = key
+        self._open = {}
+
+    @staticmethod
+    def make_key(**fields):
+        return hashlib.sha256(json.dumps(fields, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+    def shard_path(self, k):
+        return self.dir / f"{self.key}-{k:05d}.safetensors"
+
+    @property
+    def num_shards(self):
+        return math.ceil(self.num_examples / self.SHARD)
+
+    def build(self, dataset, encode, batch_size, process_index=0, num_processes=1, progress=True):
+        """`dataset` is a TrainDataset without cache; `encode(pixels) -> params` runs the VAE. Each process
+        builds shards process_index, process_index + num_processes, ... and skips finished ones."""
+        from safetensors.torch import save_file
+        from tqdm.auto import tqdm
+
+        self.dir.mkdir(parents=True, exist_ok=True)
+        todo = [k for k in range(process_index, self.num_shards, num_processes) if not self.shard_path(k).exists()]
+        bar = tqdm(total=len(todo) * self.SHARD, desc="caching latents", unit="img", disable=not progress or not todo)
+        flips = [False, True] if dataset.random_flip else [False]
+        for k in todo:
+            indices = range(k * self.SHARD, min((k + 1) * self.SHARD, self.num_examples))
+            out = {f"flip{int(f)}": [] for f in flips}
+            valid = []
+            for start in range(0, len(indices), batch_size):
+                chunk = indices[start:start + batch_size]
+                rows = [dataset.ds[i] for i in chunk]
+                imgs = []
+                for i, row in zip(chunk, rows):
+                    try:
+                        imgs.append(load_image(dataset.image_value(row)))
+                        valid.append(True)
+                    except Exception:
+                        imgs.append(None)
+                        valid.append(False)
+                for f in flips:
+                    pix = [preprocess_image(im, dataset.resolution, dataset.center_crop, f, sample_rng(dataset.seed, 0, i))
+                           if im is not None else None for i, im in zip(chunk, imgs)]
+                    ok = [p for p in pix if p is not None]
+                    params = encode(torch.stack(ok)).float().cpu() if ok else None
+                    it = iter(params) if params is not None else iter(())
+                    for p in pix:
+                        out[f"flip{int(f)}"].append(next(it) if p is not None else None)
+                bar.update(len(chunk))
+            shape = next((p.shape for p in out["flip0"] if p is not None), (1, 1, 1))
+            tensors = {name: torch.stack([p if p is not None else torch.zeros(shape) for p in ps]) for name, ps in out.items()}
+            tensors["valid"] = torch.tensor(valid, dtype=torch.bool)
+            tmp = self.shard_path(k).with_suffix(".tmp")
+            save_file(tensors, str(tmp))
+            tmp.rename(self.shard_path(k))
+        bar.close()
+
+    def get(self, index, flip=False):
+        from safetensors import safe_open
+
+        k, j = divmod(index, self.SHARD)
+        if k not in self._open:
+            self._open = {k: safe_open(str(self.shard_path(k)), framework="pt")}
+        f = self._open[k]
+        if not bool(f.get_slice("valid")[j]):
+            return None
+        name = "flip1" if flip and "flip1" in f.keys() else "flip0"
+        return f.get_slice(name)[j]

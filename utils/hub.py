@@ -1,0 +1,58 @@
+"""Model cards and Hub pushes. The Hub address comes from HF_ENDPOINT, the token from the argument,
+else HF_TOKEN or the cached login; the token is never written anywhere."""
+
+from pathlib import Path
+
+# Never uploaded: resumable training state, logs and caches stay local.
+PUSH_IGNORE = ["checkpoint-*", "checkpoint-*/**", "logs/**", "latent_cache/**", "*.partial/**", "spin_state.json"]
+
+
+def write_model_card(output_dir, *, base_model, dataset, title, description, tags, hyperparameters,
+                     image="validation_grid.png", metrics=None):
+    """README.md with Hub metadata (base_model, datasets, tags, license) and a hyperparameter table."""
+    from huggingface_hub import ModelCard, ModelCardData
+
+    data = ModelCardData(
+        base_model=base_model,
+        datasets=[dataset] if dataset and not Path(dataset).exists() else None,
+        tags=["stable-diffusion", "stable-diffusion-diffusers", "text-to-image", "diffusers", *tags],
+        license="creativeml-openrail-m",
+        library_name="diffusers",
+        pipeline_tag="text-to-image",
+    )
+    rows = "\n".join(f"| `{k}` | `{v}` |" for k, v in hyperparameters.items())
+    metric_rows = "\n".join(f"| {k} | {v:.4g} |" for k, v in (metrics or {}).items())
+    image_md = f"\n![samples]({image})\n" if image and (Path(output_dir) / image).exists() else ""
+    dataset_line = f"Trained on `{dataset}`." if dataset else ""
+    content = f"""---
+{data.to_yaml()}
+---
+
+# {title}
+
+{description}
+
+Base model: `{base_model}`. {dataset_line}
+{image_md}
+## Hyperparameters
+
+| name | value |
+|---|---|
+{rows}
+"""
+    if metric_rows:
+        content += f"\n## Final metrics\n\n| metric | value |\n|---|---|\n{metric_rows}\n"
+    card = ModelCard(content)
+    card.save(Path(output_dir) / "README.md")
+    return card
+
+
+def push_folder(folder, repo_id, token=None, private=False, commit_message="Upload model", revision=None,
+                ignore_patterns=PUSH_IGNORE, repo_type="model"):
+    """Create `repo_id` if needed and upload `folder` (without checkpoints/logs). Returns the full repo id."""
+    from huggingface_hub import create_repo, upload_folder
+
+    repo_id = create_repo(repo_id, token=token, private=private, exist_ok=True, repo_type=repo_type).repo_id
+    upload_folder(repo_id=repo_id, folder_path=str(folder), token=token, commit_message=commit_message,
+                  ignore_patterns=ignore_patterns, revision=revision, repo_type=repo_type)
+    return repo_id

@@ -1,0 +1,115 @@
+"""Stable Diffusion components: loading, freezing, precision, LoRA adapters, optimizer.
+
+Only the UNet is trained; the VAE and text encoder are frozen in the compute dtype.
+"""
+
+import torch
+
+WEIGHT_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+def weight_dtype(mixed_precision):
+    """dtype for frozen weights (and the LoRA base weights) under accelerate's mixed precision."""
+    return WEIGHT_DTYPES.get(mixed_precision, torch.float32)
+
+
+def load_sd_components(name, revision=None, variant=None, prediction_type=None, cache_dir=None):
+    """tokenizer, text_encoder, vae, unet and the training noise scheduler (DDPM with the model's betas)."""
+    from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
+    from transformers import CLIPTextModel, CLIPTokenizer
+
+    kw = dict(revision=revision, cache_dir=cache_dir)
+    tokenizer = CLIPTokenizer.from_pretrained(name, subfolder="tokenizer", **kw)
+    text_encoder = CLIPTextModel.from_pretrained(name, subfolder="text_encoder", variant=variant, **kw)
+    vae = AutoencoderKL.from_pretrained(name, subfolder="vae", variant=variant, **kw)
+    unet = UNet2DConditionModel.from_pretrained(name, subfolder="unet", variant=variant, **kw)
+    scheduler = DDPMScheduler.from_pretrained(name, subfolder="scheduler", **kw)
+    if prediction_type is not None:
+        scheduler.register_to_config(prediction_type=prediction_type)
+    return tokenizer, text_encoder, vae, unet, scheduler
+
+
+def freeze(*modules):
+    for m in modules:
+        m.requires_grad_(False)
+        m.eval()
+
+
+def add_lora(unet, rank, alpha, target_modules=("to_k", "to_q", "to_v", "to_out.0"), adapter_name="default"):
+    """Freeze the UNet and add a trainable peft LoRA adapter on the given attention projections."""
+    from peft import LoraConfig
+
+    unet.requires_grad_(False)
+    config = LoraConfig(r=rank, lora_alpha=alpha, init_lora_weights="gaussian", target_modules=list(target_modules))
+    unet.add_adapter(config, adapter_name=adapter_name)
+    return unet
+
+
+def lora_state_dict(unet, adapter_name="default"):
+    """The adapter's weights in diffusers' key format (what `save_lora_weights` writes)."""
+    from diffusers.utils import convert_state_dict_to_diffusers
+    from peft.utils import get_peft_model_state_dict
+
+    return convert_state_dict_to_diffusers(get_peft_model_state_dict(unet, adapter_name=adapter_name))
+
+
+def save_lora(unet, output_dir, adapter_name="default"):
+    """Write `pytorch_lora_weights.safetensors`, loadable with `pipe.load_lora_weights(output_dir)`."""
+    from diffusers import StableDiffusionPipeline
+
+    StableDiffusionPipeline.save_lora_weights(output_dir, unet_lora_layers=lora_state_dict(unet, adapter_name),
+                                              safe_serialization=True)
+
+
+def load_lora(unet, path, adapter_name="default"):
+    """Load saved LoRA weights (a folder or file in diffusers format) into an existing adapter of `unet`."""
+    from diffusers import StableDiffusionPipeline
+    from diffusers.utils import convert_unet_state_dict_to_peft
+    from peft.utils import set_peft_model_state_dict
+
+    state_dict, _ = StableDiffusionPipeline.lora_state_dict(path)
+    unet_sd = {k.removeprefix("unet."): v for k, v in state_dict.items() if k.startswith("unet.")}
+    result = set_peft_model_state_dict(unet, convert_unet_state_dict_to_peft(unet_sd), adapter_name=adapter_name)
+    unexpected = getattr(result, "unexpected_keys", None)
+    if unexpected:
+        raise ValueError(f"LoRA weights at {path} do not match the adapter: unexpected keys {unexpected[:5]}")
+
+
+def trainable_parameters(model):
+    return [p for p in model.parameters() if p.requires_grad]
+
+
+def make_optimizer(params, lr, betas, weight_decay, eps, use_8bit_adam=False):
+    """AdamW, or bitsandbytes' 8-bit AdamW (works on CPU and GPU)."""
+    if use_8bit_adam:
+        try:
+            import bitsandbytes as bnb
+        except ImportError as e:
+            raise ImportError("--use_8bit_adam needs bitsandbytes: pip install bitsandbytes") from e
+        cls = bnb.optim.AdamW8bit
+    else:
+        cls = torch.optim.AdamW
+    return cls(params, lr=lr, betas=betas, weight_decay=weight_decay, eps=eps)
+
+
+def encode_prompt(text_encoder, input_ids):
+    return text_encoder(input_ids, return_dict=False)[0]
+
+
+def encode_images(vae, batch, generator, dtype):
+    """Scaled latents for a batch: sampled from cached VAE distributions if the batch carries them
+    (`latent_params`), else by running the VAE on `pixel_values`."""
+    from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
+
+    if "latent_params" in batch:
+        dist = DiagonalGaussianDistribution(batch["latent_params"].to(vae.device, dtype))
+    else:
+        with torch.no_grad():
+            dist = vae.encode(batch["pixel_values"].to(vae.device, dtype)).latent_dist
+    return dist.sample(generator) * vae.config.scaling_factor
+
+
+@torch.no_grad()
+def vae_latent_params(vae, pixel_values):
+    """The VAE's latent distribution parameters (mean and log-variance stacked on channels), for caching."""
+    return vae.encode(pixel_values.to(vae.device, vae.dtype)).latent_dist.parameters

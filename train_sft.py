@@ -26,7 +26,7 @@ from utils.args import (add_data_args, add_hub_args, add_model_args, add_trainin
                         parse_with_config, save_args, tracker_config, validate_training_args)
 from utils.checkpointing import register_checkpoint_hooks, resolve_resume_checkpoint, save_checkpoint, step_of
 from utils.data import (DataError, EpochSampler, LatentCache, StreamingTrainDataset, TrainDataset, caption_of, collate,
-                        load_training_dataset)
+                        load_training_dataset, set_epoch)
 from utils.generation import log_images, make_grid, render
 from utils.hub import push_folder, write_model_card
 from utils.losses import (diffusion_target, min_snr_weights, per_sample_mse, sample_noise_and_timesteps, sft_loss,
@@ -160,12 +160,10 @@ def main(args):
     for epoch in range(first_epoch, num_epochs):
         if global_step >= max_train_steps:
             break
-        train_set.set_epoch(epoch)
-        if sampler is not None:
-            sampler.set_epoch(epoch)
         loader = train_dataloader
         if epoch == first_epoch and skip_batches:
             loader = accelerator.skip_first_batches(train_dataloader, skip_batches)
+        set_epoch(loader, train_set, sampler, epoch)
         unet.train()
         for batch in loader:
             micro_step += 1

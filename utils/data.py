@@ -293,6 +293,16 @@ class EpochSampler(torch.utils.data.Sampler):
         return iter(torch.randperm(self.length, generator=g).tolist())
 
 
+def set_epoch(loader, dataset, sampler, epoch):
+    """Set the epoch everywhere the data order and augmentations read it. accelerate's loaders call
+    `set_epoch(own iteration count)` when iterated, so a fresh skip-batches loader must be told too."""
+    if hasattr(loader, "set_epoch"):
+        loader.set_epoch(epoch)
+    dataset.set_epoch(epoch)
+    if sampler is not None:
+        sampler.set_epoch(epoch)
+
+
 # ----------------------------------------------------------------------------- latent cache
 
 

@@ -1,0 +1,103 @@
+"""Pick-a-Pic handling (ties, winners, unique prompts, other column names/orders, corrupt images, streaming)
+and bad input that must stop with a clear message before any model is loaded."""
+
+import logging
+
+import pyarrow.parquet as pq
+import pytest
+from helpers import run_sft, sft_args
+from make_tiny_assets import build_pickapic_parquet, image_kind
+
+import train_sft
+from utils.data import DataError, load_image, load_training_dataset, winner_and_loser
+
+
+def data_args(assets, *extra, dataset=None):
+    return train_sft.parse_args(sft_args(assets, "unused", *extra, dataset=dataset))
+
+
+def test_ties_dropped_and_winner_selected(assets):
+    table = pq.read_table(assets["pickapic"])
+    labels = table.column("label_0").to_pylist()
+    ties = sum(x == 0.5 for x in labels)
+    assert ties > 0 and any(x == 1 for x in labels) and any(x == 0 for x in labels)
+    ds, spec = load_training_dataset(data_args(assets))
+    assert spec["kind"] == "pickapic" and len(ds) == len(labels) - ties
+    for row in ds:
+        winner, loser = winner_and_loser(row, spec)
+        assert image_kind(load_image(winner)) == "winner"
+        assert image_kind(load_image(loser)) == "loser"
+
+
+def test_unique_prompts_keeps_first_of_each_caption(assets):
+    ds, spec = load_training_dataset(data_args(assets, "--unique_prompts"))
+    captions = ds[spec["caption"]]
+    all_ds, _ = load_training_dataset(data_args(assets))
+    assert len(set(captions)) == len(captions) < len(all_ds)
+    assert set(captions) == set(all_ds[spec["caption"]])
+
+
+def test_renamed_and_reordered_columns(assets, tmp_path):
+    table = pq.read_table(assets["pickapic"])
+    renamed = table.rename_columns([{"caption": "prompt", "jpg_0": "img_a", "jpg_1": "img_b", "label_0": "pref_a"}.get(n, n)
+                                    for n in table.column_names])
+    path = tmp_path / "renamed.parquet"
+    pq.write_table(renamed.select(list(reversed(renamed.column_names))), path)
+    args = data_args(assets, "--caption_column", "prompt", "--image_0_column", "img_a", "--image_1_column", "img_b",
+                     "--label_0_column", "pref_a", dataset=path)
+    ds, spec = load_training_dataset(args)
+    assert len(ds) == sum(x in (0, 1) for x in table.column("label_0").to_pylist())
+    assert all(image_kind(load_image(winner_and_loser(r, spec)[0])) == "winner" for r in ds)
+
+
+@pytest.fixture
+def no_model_loading(monkeypatch):
+    """Any model load during the test fails it: bad input must be caught before."""
+    def boom(*a, **k):
+        raise AssertionError("a model was loaded before the bad input was reported")
+    monkeypatch.setattr(train_sft, "load_sd_components", boom)
+
+
+@pytest.mark.parametrize("extra, dataset_key, message", [
+    (["--caption_column", "prompt"], "pickapic", r"missing column\(s\) \['prompt'\]"),
+    ([], "missing", r"no such file or folder"),
+    ([], "captions", r"not Pick-a-Pic-shaped.*--image_column"),
+    (["--image_column", "picture", "--caption_column", "text"], "captions", r"missing column\(s\) \['picture'\]"),
+    ([], "all_ties", r"no examples left after dropping ties"),
+])
+def test_bad_data_stops_before_models_with_named_problem(assets, tmp_path, no_model_loading, extra, dataset_key, message):
+    datasets = dict(assets, missing=tmp_path / "nope" / "pickapic.parquet",
+                    all_ties=build_pickapic_parquet(tmp_path / "ties.parquet", num_rows=4, num_ties=4, duplicate_prompts=0))
+    with pytest.raises(DataError, match=message):
+        run_sft(*sft_args(assets, tmp_path / "out", *extra, dataset=datasets[dataset_key]))
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--use_ema", "--use_lora"], "--use_ema and --use_lora conflict"),
+    (["--streaming", "--cache_latents"], "--streaming and --cache_latents conflict"),
+    (["--mixed_precision", "fp16"], "use --mixed_precision bf16"),
+    (["--resume_from_checkpoint", "checkpoint-99"], "no such checkpoint folder"),
+    (["--validation_steps", "5"], "--validation_steps needs --validation_prompts"),
+])
+def test_bad_flags_exit_with_message(assets, tmp_path, capsys, no_model_loading, extra, message):
+    with pytest.raises(SystemExit) as e:
+        run_sft(*sft_args(assets, tmp_path / "out", *extra))
+    assert e.value.code == 2
+    assert message in capsys.readouterr().err
+
+
+def test_corrupt_images_are_skipped_and_counted(assets, tmp_path, caplog):
+    data = build_pickapic_parquet(tmp_path / "corrupt.parquet", num_rows=12, num_ties=2, num_corrupt=3, duplicate_prompts=0)
+    out = tmp_path / "out"
+    with caplog.at_level(logging.WARNING):
+        run_sft(*sft_args(assets, out, "--use_lora", "--max_train_steps", "5",  # 10 winners / 2 = one epoch
+                          "--train_batch_size", "2", dataset=data))
+    assert "skipped 3 images that could not be decoded" in caplog.text
+    assert (out / "pytorch_lora_weights.safetensors").exists()
+
+
+def test_streaming_run(assets, tmp_path):
+    out = tmp_path / "stream"
+    run_sft(*sft_args(assets, out, "--use_lora", "--streaming", "--max_train_steps", "3",
+                      "--validation_prompts", "a red apple"))
+    assert (out / "pytorch_lora_weights.safetensors").exists() and (out / "validation_grid.png").exists()

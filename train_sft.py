@@ -24,7 +24,8 @@ from tqdm.auto import tqdm
 
 from utils.args import (add_data_args, add_hub_args, add_model_args, add_training_args, make_parser,
                         parse_with_config, save_args, tracker_config, validate_training_args)
-from utils.checkpointing import register_checkpoint_hooks, resolve_resume_checkpoint, save_checkpoint, step_of
+from utils.checkpointing import (register_checkpoint_hooks, resolve_resume_checkpoint, resume_position, save_checkpoint,
+                                 step_of)
 from utils.data import (DataError, EpochSampler, LatentCache, StreamingTrainDataset, TrainDataset, caption_of, collate,
                         load_training_dataset, set_epoch)
 from utils.generation import log_images, make_grid, render
@@ -134,22 +135,16 @@ def main(args):
         accelerator.init_trackers("train_sft", config=tracker_config(args))
 
     # 4. Resume: restore weights, optimizer, scheduler, EMA; skip the batches already seen this epoch.
-    global_step, first_epoch, skip_batches = 0, 0, 0
+    global_step, first_epoch, skip_batches, micro_step = 0, 0, 0, 0
     checkpoint = resolve_resume_checkpoint(output_dir, args.resume_from_checkpoint)
     if args.resume_from_checkpoint and checkpoint is None:
         logger.info("no checkpoint to resume from in %s: starting a new run", output_dir)
     if checkpoint is not None:
         accelerator.load_state(str(checkpoint))
         global_step = step_of(checkpoint)
-        batches_done = global_step * args.gradient_accumulation_steps
-        if steps_per_epoch:
-            first_epoch, rest = divmod(global_step, steps_per_epoch)
-            batches_done = first_epoch * len(train_dataloader) + rest * args.gradient_accumulation_steps
-            skip_batches = rest * args.gradient_accumulation_steps
-        else:
-            skip_batches = batches_done
+        first_epoch, skip_batches, micro_step = resume_position(
+            global_step, args.gradient_accumulation_steps, None if args.streaming else len(train_dataloader))
         logger.info(f"resumed from {checkpoint} at step {global_step} (epoch {first_epoch}, skipping {skip_batches} batches)")
-    micro_step = first_epoch * len(train_dataloader) + skip_batches if steps_per_epoch else skip_batches
 
     total_batch = args.train_batch_size * accelerator.num_processes * args.gradient_accumulation_steps
     logger.info(f"training: {max_train_steps} optimizer steps, {total_batch} images per step, "

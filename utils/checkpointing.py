@@ -1,6 +1,7 @@
 """Resumable `checkpoint-N` folders through `accelerator.save_state`, with hooks that store the UNet as
 diffusers weights (full) or LoRA weights, plus the EMA weights, and restore them on load."""
 
+import json
 import os
 import re
 import shutil
@@ -102,5 +103,35 @@ def register_checkpoint_hooks(accelerator, use_lora=False, ema_model=None):
                 loaded = UNet2DConditionModel.from_pretrained(input_dir, subfolder="unet")
                 model.load_state_dict(loaded.state_dict())
 
-    accelerator.register_save_state_pre_hook(save_hook)
-    accelerator.register_load_state_pre_hook(load_hook)
+    # Handles: call .remove() on both before registering hooks for another model (e.g. the next SPIN iteration).
+    return accelerator.register_save_state_pre_hook(save_hook), accelerator.register_load_state_pre_hook(load_hook)
+
+
+def resume_position(global_step, gradient_accumulation_steps, batches_per_epoch=None):
+    """Where a run restored at `global_step` picks up: (first_epoch, batches to skip in that epoch, micro-steps
+    already done). `batches_per_epoch` is None for a streamed dataset (one endless epoch)."""
+    if batches_per_epoch is None:
+        done = global_step * gradient_accumulation_steps
+        return 0, done, done
+    steps_per_epoch = -(-batches_per_epoch // gradient_accumulation_steps)
+    epoch, rest = divmod(global_step, steps_per_epoch)
+    skip = rest * gradient_accumulation_steps
+    return epoch, skip, epoch * batches_per_epoch + skip
+
+
+class RunState:
+    """A small JSON file recording a multi-phase run's progress (e.g. SPIN's iteration and phase, which
+    iterations are saved and which are pushed). Written atomically; only the main process should write."""
+
+    def __init__(self, path):
+        self.path = Path(path)
+        self.data = json.loads(self.path.read_text()) if self.path.exists() else {"done": [], "pushed": {}}
+
+    def get(self, key, default=None):
+        return self.data.get(key, default)
+
+    def update(self, **fields):
+        self.data.update(fields)
+        tmp = self.path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(self.data, indent=2, sort_keys=True) + "\n")
+        os.replace(tmp, self.path)

@@ -234,15 +234,50 @@ class TrainDataset(torch.utils.data.Dataset):
         caption = caption_of(self.ds[index][self.spec["caption"]])
         return {"latent_params": params, "input_ids": tokenize(self.tokenizer, [caption])[0]}
 
-    def example_from_row(self, row, index):
+    def pixels(self, value, index):
+        """Decode and augment one image; the crop and flip depend on (seed, epoch, index) only, so two
+        images of one row (winner and loser) get the same ones. None if the image does not decode."""
         rng = sample_rng(self.seed, self.epoch, index)
         flip = self.random_flip and rng.random() < 0.5
         try:
-            img = load_image(self.image_value(row))
+            img = load_image(value)
         except Exception:
+            return None
+        return preprocess_image(img, self.resolution, self.center_crop, flip, rng)
+
+    def example_from_row(self, row, index):
+        pixels = self.pixels(self.image_value(row), index)
+        if pixels is None:
             return {"skipped": True}
-        pixels = preprocess_image(img, self.resolution, self.center_crop, flip, rng)
         return {"pixel_values": pixels, "input_ids": tokenize(self.tokenizer, [caption_of(row[self.spec["caption"]])])[0]}
+
+
+class PairDataset(torch.utils.data.Dataset):
+    """(real, negative) pairs for SPIN and Diffusion-DPO: the real example of `base` plus either the
+    opponent's latent from a `SyntheticStore` (`gen_latents`) or, without a store, the Pick-a-Pic loser
+    image with the winner's crop and flip (`loser_pixel_values`)."""
+
+    def __init__(self, base, store=None):
+        self.base, self.store = base, store
+
+    def __len__(self):
+        return len(self.base)
+
+    def set_epoch(self, epoch):
+        self.base.set_epoch(epoch)
+
+    def __getitem__(self, index):
+        example = self.base[index]
+        if example.get("skipped"):
+            return example
+        if self.store is not None:
+            example["gen_latents"] = self.store.get(index)
+            return example
+        loser = self.base.pixels(winner_and_loser(self.base.ds[index], self.base.spec)[1], index)
+        if loser is None:
+            return {"skipped": True}
+        example["loser_pixel_values"] = loser
+        return example
 
 
 class StreamingTrainDataset(torch.utils.data.IterableDataset):
@@ -267,7 +302,7 @@ def collate(examples):
     """Stack the good examples; `num_skipped` counts the undecodable ones (the batch may be smaller)."""
     good = [e for e in examples if not e.get("skipped")]
     batch = {"num_skipped": len(examples) - len(good), "num_examples": len(good)}
-    for key in ("pixel_values", "latent_params", "input_ids"):
+    for key in ("pixel_values", "latent_params", "input_ids", "gen_latents", "loser_pixel_values"):
         if good and key in good[0]:
             batch[key] = torch.stack([e[key] for e in good])
     return batch

@@ -113,3 +113,54 @@ def encode_images(vae, batch, generator, dtype):
 def vae_latent_params(vae, pixel_values):
     """The VAE's latent distribution parameters (mean and log-variance stacked on channels), for caching."""
     return vae.encode(pixel_values.to(vae.device, vae.dtype)).latent_dist.parameters
+
+
+def load_unet(name, subfolder="unet", revision=None, variant=None, cache_dir=None):
+    from diffusers import UNet2DConditionModel
+
+    return UNet2DConditionModel.from_pretrained(name, subfolder=subfolder, revision=revision, variant=variant,
+                                                cache_dir=cache_dir)
+
+
+class Reference:
+    """The frozen reference model of the SPIN / Diffusion-DPO loss, called like a UNet (under no_grad).
+
+    - LoRA: the *same* UNet with the frozen `adapter` active (theta_k's adapter), or with adapters disabled
+      when theta_k is the base model (adapter=None). No second UNet in memory.
+    - Full: a frozen copy of the UNet in `dtype`; with `offload=True` it waits on the CPU between calls.
+    Call it before the policy forward of the same step: switching adapters changes requires_grad flags.
+    """
+
+    def __init__(self, unet, copy=None, adapter=None, trainable_adapter="default", offload=False, device=None):
+        self.unet, self.copy, self.adapter, self.trainable_adapter = unet, copy, adapter, trainable_adapter
+        self.offload, self.device = offload, device
+
+    @classmethod
+    def frozen_copy(cls, unet, dtype, device, offload=False):
+        import copy as _copy
+
+        ref = _copy.deepcopy(unet).to("cpu" if offload else device, dtype)
+        freeze(ref)
+        return cls(unet, copy=ref, offload=offload, device=device)
+
+    @torch.no_grad()
+    def __call__(self, sample, timesteps, encoder_hidden_states):
+        if self.copy is not None:
+            if self.offload:
+                self.copy.to(self.device)
+            try:
+                return self.copy(sample, timesteps, encoder_hidden_states, return_dict=False)[0]
+            finally:
+                if self.offload:
+                    self.copy.to("cpu")
+        if self.adapter is None:
+            self.unet.disable_adapters()
+            try:
+                return self.unet(sample, timesteps, encoder_hidden_states, return_dict=False)[0]
+            finally:
+                self.unet.enable_adapters()
+        self.unet.set_adapter(self.adapter)
+        try:
+            return self.unet(sample, timesteps, encoder_hidden_states, return_dict=False)[0]
+        finally:
+            self.unet.set_adapter(self.trainable_adapter)

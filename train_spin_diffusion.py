@@ -1,0 +1,402 @@
+#!/usr/bin/env python
+"""SPIN-Diffusion: self-play fine-tuning of a Stable Diffusion UNet (Yuan et al., NeurIPS 2024).
+
+Per iteration k = 0 .. K-1, with theta_k the model of the previous iteration (the start model for k = 0):
+  1. generation: theta_k draws one latent per training prompt (the opponent's samples);
+  2. training: the policy starts from theta_k and learns to make the real image more likely and theta_k's
+     sample less likely, relative to the frozen reference theta_k (utils/losses.py: spin_loss);
+  3. save theta_{k+1} to output_dir/iter_{k+1}/ and push it to the Hub as its own repo (or revision).
+`--negative_source dataset` instead uses the Pick-a-Pic loser as the negative with the start model as the
+reference, for one iteration: that is Diffusion-DPO, the paper's main baseline.
+
+    accelerate launch train_spin_diffusion.py --pretrained_model_name_or_path runwayml/stable-diffusion-v1-5 \\
+        --dataset_name yuvalkirstain/pickapic_v2 --max_train_samples 50000 --use_lora --output_dir sd15-spin
+
+Rerunning the same command resumes: finished generation shards, checkpoints and iterations are kept.
+"""
+
+import json
+import logging
+import math
+import sys
+from pathlib import Path
+
+import torch
+from accelerate import Accelerator
+from accelerate.logging import get_logger
+from accelerate.utils import ProjectConfiguration, set_seed
+from diffusers.optimization import get_scheduler
+from tqdm.auto import tqdm
+
+from utils.args import (add_data_args, add_hub_args, add_model_args, add_training_args, make_parser,
+                        parse_with_config, save_args, tracker_config, validate_training_args)
+from utils.checkpointing import (RunState, register_checkpoint_hooks, resolve_resume_checkpoint, resume_position,
+                                 save_checkpoint, step_of)
+from utils.data import DataError, EpochSampler, PairDataset, TrainDataset, caption_of, collate, load_training_dataset, set_epoch
+from utils.generation import SyntheticStore, generate_opponent_samples
+from utils.hub import push_folder, write_model_card
+from utils.losses import diffusion_target, min_snr_weights, per_sample_mse, sample_noise_and_timesteps, spin_loss, step_generator
+from utils.models import (Reference, add_lora, encode_images, encode_prompt, freeze, load_lora, load_sd_components,
+                          load_unet, make_optimizer, save_lora, trainable_parameters, weight_dtype)
+
+logger = get_logger(__name__)
+LOGGED = ("loss", "implicit_acc", "reward_margin", "model_err_real", "model_err_gen", "ref_err_real", "ref_err_gen")
+
+
+def parse_args(input_args=None):
+    parser = make_parser(__doc__.split("\n\n")[0])
+    add_model_args(parser)
+    add_data_args(parser)
+    add_training_args(parser)
+    add_hub_args(parser)
+    g = parser.add_argument_group("SPIN")
+    g.add_argument("--num_iterations", type=int, default=3, help="Self-play iterations K (the paper releases 3).")
+    g.add_argument("--beta", type=float, default=5000.0,
+                   help="Loss strength, Diffusion-DPO convention (beta/2 inside the sigmoid). Default 5000 is unconfirmed "
+                        "for SPIN; 2000-5000 are plausible.")
+    g.add_argument("--no_share_noise", action="store_true", help="Draw separate noise for the generated latent (default: shared).")
+    g.add_argument("--negative_source", choices=["self", "dataset"], default="self",
+                   help="self: SPIN (the previous iterate's samples). dataset: the Pick-a-Pic loser with the start model as "
+                        "reference, one iteration (Diffusion-DPO).")
+    g.add_argument("--offload_reference", action="store_true", help="Full fine-tuning: keep the frozen reference UNet on the CPU between uses.")
+    g.add_argument("--gen_num_inference_steps", type=int, default=50)
+    g.add_argument("--gen_guidance_scale", type=float, default=7.5)
+    g.add_argument("--gen_scheduler", choices=["model", "ddim"], default="model", help="Sampler for the opponent: the model's own or DDIM.")
+    g.add_argument("--gen_batch_size", type=int, default=8)
+    g.add_argument("--gen_shard_size", type=int, default=256, help="Samples per synthetic shard (the unit of resumption).")
+    g.add_argument("--push_synthetic_dataset", action="store_true", help="Also upload each iteration's samples as a dataset repo.")
+    g.add_argument("--hub_versioning", choices=["repos", "revisions"], default="repos",
+                   help="repos: iteration N goes to {hub_model_id}-iterN. revisions: one repo, iteration N tagged iterN.")
+    # SPIN.md's per-iteration recipe (from the released models' cards): lr 2e-5, linear, 200 warmup, 500 steps.
+    parser.set_defaults(learning_rate=2e-5, lr_scheduler="linear", lr_warmup_steps=200, max_train_steps=500)
+    args = parse_with_config(parser, input_args)
+    if args.streaming:
+        parser.error("--streaming is not supported by SPIN: every training prompt gets a generated sample; "
+                     "use --max_train_samples to train on a subset")
+    if args.num_iterations < 1 or args.beta <= 0 or args.gen_batch_size < 1 or args.gen_shard_size < 1:
+        parser.error("--num_iterations, --beta, --gen_batch_size and --gen_shard_size must be positive")
+    if args.push_synthetic_dataset and not args.push_to_hub:
+        parser.error("--push_synthetic_dataset needs --push_to_hub")
+    return validate_training_args(parser, args)
+
+
+def main(args):
+    output_dir = Path(args.output_dir)
+    accelerator = Accelerator(
+        gradient_accumulation_steps=args.gradient_accumulation_steps,
+        mixed_precision=args.mixed_precision,
+        log_with=None if args.report_to == "none" else args.report_to,
+        project_config=ProjectConfiguration(project_dir=str(output_dir), logging_dir=str(output_dir / args.logging_dir)),
+    )
+    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
+    if args.allow_tf32:
+        torch.backends.cuda.matmul.allow_tf32 = True
+    if accelerator.is_main_process:
+        output_dir.mkdir(parents=True, exist_ok=True)
+        save_args(args, output_dir / "training_args.json")
+
+    # 1. Data and Hub identity first: bad input fails before any model is loaded.
+    hf_dataset, spec = load_training_dataset(args)
+    if args.negative_source == "dataset" and spec["kind"] != "pickapic":
+        raise DataError("--negative_source dataset needs a Pick-a-Pic-shaped dataset (it trains against the loser image)")
+    captions = [caption_of(c) for c in hf_dataset[spec["caption"]]]
+    hub_repo = resolve_hub_repo(args) if args.push_to_hub else None
+    num_iterations = 1 if args.negative_source == "dataset" else args.num_iterations
+    state = RunState(output_dir / "spin_state.json")
+    logger.info(f"{len(captions)} training prompts; {num_iterations} iteration(s); state: {state.data}")
+
+    set_seed(args.seed)
+    tokenizer, text_encoder, vae, _, noise_scheduler = load_sd_components(
+        args.pretrained_model_name_or_path, args.revision, args.variant, args.prediction_type, args.cache_dir)
+    dtype = weight_dtype(accelerator.mixed_precision)
+    freeze(text_encoder, vae)
+    text_encoder.to(accelerator.device, dtype)
+    vae.to(accelerator.device, dtype)
+    if accelerator.is_main_process:
+        state.update(num_iterations=num_iterations)
+
+    for k in range(num_iterations):
+        it_dir = output_dir / f"iter_{k + 1}"
+        if k + 1 in state.get("done"):
+            if args.push_to_hub and accelerator.is_main_process:
+                push_iteration(args, state, hub_repo, k, it_dir)  # retried here if an earlier push failed
+            continue
+        if accelerator.is_main_process:
+            state.update(iteration=k + 1, phase="generate")
+        # theta_k: the policy starts from it; it also generates the negatives and is the frozen reference.
+        unet, reference = load_policy_and_reference(args, k, dtype, accelerator.device)
+
+        store = None
+        if args.negative_source == "self":
+            store = SyntheticStore(it_dir / "synthetic", len(captions), args.gen_shard_size)
+            if store.missing_shards(accelerator.process_index, accelerator.num_processes):
+                pipeline = opponent_pipeline(args, unet, vae, text_encoder, tokenizer, accelerator.device)
+                generate_opponent_samples(
+                    pipeline, captions, store, args.seed, k, args.gen_batch_size, args.gen_num_inference_steps,
+                    args.gen_guidance_scale, args.resolution, accelerator.process_index, accelerator.num_processes,
+                    autocast_dtype=dtype if dtype != torch.float32 else None, progress=accelerator.is_local_main_process)
+                del pipeline
+            accelerator.wait_for_everyone()
+            if accelerator.is_main_process:
+                store.write_manifest()
+
+        if accelerator.is_main_process:
+            state.update(phase="train")
+        metrics = train_iteration(args, accelerator, k, it_dir, unet, reference, store, hf_dataset, spec,
+                                  tokenizer, text_encoder, vae, noise_scheduler, dtype)
+
+        if accelerator.is_main_process:
+            state.update(phase="save")
+            save_iteration(args, accelerator.unwrap_model(unet), it_dir, k, hub_repo, metrics)
+            state.update(done=sorted(set(state.get("done")) | {k + 1}), phase="push" if args.push_to_hub else "done")
+            if args.push_to_hub:
+                push_iteration(args, state, hub_repo, k, it_dir)
+            state.update(phase="done")
+        accelerator.free_memory()
+        del unet, reference
+        accelerator.wait_for_everyone()
+
+    if accelerator.is_main_process:
+        print_summary(output_dir, num_iterations, state)
+    accelerator.end_training()
+
+
+def load_policy_and_reference(args, k, dtype, device):
+    """theta_k as the trainable policy, plus the frozen reference (theta_k; the start model for DPO).
+    LoRA iterations are adapters relative to the base model: iteration k's adapter initialises the
+    trainable one and is kept frozen as the reference on the same UNet."""
+    previous = Path(args.output_dir) / f"iter_{k}"
+    if not args.use_lora:
+        source = (str(previous), None) if k > 0 else (args.pretrained_model_name_or_path, args.revision)
+        unet = load_unet(source[0], revision=source[1], variant=args.variant if k == 0 else None, cache_dir=args.cache_dir)
+        if args.gradient_checkpointing:
+            unet.enable_gradient_checkpointing()
+        reference = Reference.frozen_copy(unet, dtype, device, offload=args.offload_reference)
+        return unet.to(device), reference
+    unet = load_unet(args.pretrained_model_name_or_path, revision=args.revision, variant=args.variant, cache_dir=args.cache_dir)
+    targets = args.lora_target_modules.split(",")
+    add_lora(unet, args.rank, args.lora_alpha, targets)
+    ref_adapter = None
+    if k > 0:
+        load_lora(unet, previous)
+        add_lora(unet, args.rank, args.lora_alpha, targets, adapter_name="reference")
+        load_lora(unet, previous, adapter_name="reference")
+        unet.set_adapter("default")  # trains "default"; "reference" stays frozen
+        ref_adapter = "reference"
+    unet.to(device, dtype)
+    for p in trainable_parameters(unet):  # adapter weights train in fp32
+        p.data = p.data.float()
+    if args.gradient_checkpointing:
+        unet.enable_gradient_checkpointing()
+    return unet, Reference(unet, adapter=ref_adapter)
+
+
+def opponent_pipeline(args, unet, vae, text_encoder, tokenizer, device):
+    from diffusers import DDIMScheduler, StableDiffusionPipeline
+
+    pipeline = StableDiffusionPipeline.from_pretrained(
+        args.pretrained_model_name_or_path, unet=unet, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer,
+        revision=args.revision, cache_dir=args.cache_dir, safety_checker=None, requires_safety_checker=False)
+    if args.gen_scheduler == "ddim":
+        pipeline.scheduler = DDIMScheduler.from_config(pipeline.scheduler.config)
+    pipeline.set_progress_bar_config(disable=True)
+    return pipeline.to(device)
+
+
+def train_iteration(args, accelerator, k, it_dir, unet, reference, store, hf_dataset, spec, tokenizer, text_encoder,
+                    vae, noise_scheduler, dtype):
+    """One iteration's training phase. Returns the iteration's metrics (first step, last step, means)."""
+    ema_unet = None
+    if args.use_ema and not args.use_lora:
+        from diffusers import UNet2DConditionModel
+        from diffusers.training_utils import EMAModel
+
+        ema_unet = EMAModel(unet.parameters(), decay=args.ema_decay, model_cls=UNet2DConditionModel, model_config=unet.config)
+        ema_unet.to(accelerator.device)
+    hooks = register_checkpoint_hooks(accelerator, use_lora=args.use_lora, ema_model=ema_unet)
+    base = TrainDataset(hf_dataset, spec, tokenizer, args.resolution, args.center_crop, args.random_flip, args.seed + k)
+    train_set = PairDataset(base, store)
+    sampler = EpochSampler(len(train_set), seed=args.seed + k)
+    train_dataloader = torch.utils.data.DataLoader(train_set, batch_size=args.train_batch_size, sampler=sampler,
+                                                   collate_fn=collate, num_workers=args.dataloader_num_workers)
+    lr = args.learning_rate * (args.gradient_accumulation_steps * args.train_batch_size * accelerator.num_processes
+                               if args.scale_lr else 1)
+    optimizer = make_optimizer(trainable_parameters(unet), lr, (args.adam_beta1, args.adam_beta2),
+                               args.adam_weight_decay, args.adam_epsilon, args.use_8bit_adam)
+    unet, optimizer, train_dataloader = accelerator.prepare(unet, optimizer, train_dataloader)
+    max_train_steps = args.max_train_steps
+    num_epochs = math.ceil(max_train_steps / math.ceil(len(train_dataloader) / args.gradient_accumulation_steps))
+    lr_scheduler = accelerator.prepare(get_scheduler(
+        args.lr_scheduler, optimizer, num_warmup_steps=args.lr_warmup_steps * accelerator.num_processes,
+        num_training_steps=max_train_steps * accelerator.num_processes))
+    if accelerator.is_main_process and not accelerator.trackers:
+        accelerator.init_trackers("train_spin_diffusion", config=tracker_config(args))
+
+    global_step, first_epoch, skip_batches, micro_step = 0, 0, 0, 0
+    checkpoint = resolve_resume_checkpoint(it_dir, "latest")
+    if checkpoint is not None:  # rerunning the same command resumes mid-iteration
+        accelerator.load_state(str(checkpoint))
+        global_step = step_of(checkpoint)
+        first_epoch, skip_batches, micro_step = resume_position(global_step, args.gradient_accumulation_steps, len(train_dataloader))
+        logger.info(f"iteration {k + 1}: resumed from {checkpoint} at step {global_step}")
+
+    T = noise_scheduler.config.num_train_timesteps
+    sums, first, logs, counted = {}, None, {}, 0
+    progress = tqdm(range(max_train_steps), initial=global_step, desc=f"train (iteration {k + 1})",
+                    disable=not accelerator.is_local_main_process)
+    for epoch in range(first_epoch, num_epochs):
+        if global_step >= max_train_steps:
+            break
+        loader = accelerator.skip_first_batches(train_dataloader, skip_batches) if epoch == first_epoch and skip_batches else train_dataloader
+        set_epoch(loader, train_set, sampler, epoch)
+        unet.train()
+        for batch in loader:
+            micro_step += 1
+            if batch["num_examples"] == 0:
+                continue
+            gen = step_generator(args.seed + k, micro_step, accelerator.process_index, accelerator.device)
+            with accelerator.accumulate(unet):
+                # (real, negative) latents, one shared t per pair, shared noise unless --no_share_noise.
+                real = encode_images(vae, batch, gen, dtype)
+                if "gen_latents" in batch:
+                    negative = batch["gen_latents"].to(accelerator.device, real.dtype)
+                else:
+                    negative = encode_images(vae, {"pixel_values": batch["loser_pixel_values"]}, gen, dtype)
+                noise, t = sample_noise_and_timesteps(real, T, gen, args.noise_offset)
+                noise_neg = noise if not args.no_share_noise else torch.randn(noise.shape, generator=gen, device=noise.device, dtype=noise.dtype)
+                latents, noise, timesteps = torch.cat([real, negative]), torch.cat([noise, noise_neg]), torch.cat([t, t])
+                noisy_latents = noise_scheduler.add_noise(latents, noise, timesteps)
+                target = diffusion_target(noise_scheduler, latents, noise, timesteps)
+                with torch.no_grad():
+                    prompt_embeds = encode_prompt(text_encoder, batch["input_ids"]).repeat(2, 1, 1)
+                    with accelerator.autocast():  # the reference runs first: adapter switches touch requires_grad
+                        ref_err = per_sample_mse(reference(noisy_latents, timesteps, prompt_embeds), target)
+                # One policy forward over the concatenated (real, negative) batch.
+                model_err = per_sample_mse(unet(noisy_latents, timesteps, prompt_embeds, return_dict=False)[0], target)
+                if args.snr_gamma:
+                    w = min_snr_weights(noise_scheduler, timesteps, args.snr_gamma)
+                    model_err, ref_err = model_err * w, ref_err * w
+                m_real, m_gen = model_err.chunk(2)
+                r_real, r_gen = ref_err.chunk(2)
+                loss, step_logs = spin_loss(m_real, m_gen, r_real, r_gen, args.beta)
+                accelerator.backward(loss)
+                grad_norm = None
+                if accelerator.sync_gradients and args.max_grad_norm:
+                    grad_norm = accelerator.clip_grad_norm_(trainable_parameters(unet), args.max_grad_norm)
+                optimizer.step()
+                lr_scheduler.step()
+                optimizer.zero_grad(set_to_none=True)
+
+            if not accelerator.sync_gradients:
+                continue
+            global_step += 1
+            if ema_unet is not None:
+                ema_unet.step(unet.parameters())
+            values = accelerator.reduce(torch.stack([step_logs[name] for name in LOGGED]), "mean").tolist()
+            logs = dict(zip(LOGGED, values)) | {"lr": lr_scheduler.get_last_lr()[0]}
+            if grad_norm is not None:
+                logs["grad_norm"] = float(grad_norm)
+            first = first or dict(logs, step=global_step)
+            counted += 1
+            for name, v in logs.items():
+                sums[name] = sums.get(name, 0.0) + v
+            progress.update(1)
+            progress.set_postfix(loss=f"{logs['loss']:.4f}", acc=f"{logs['implicit_acc']:.2f}", lr=f"{logs['lr']:.2e}")
+            accelerator.log({f"{name}": v for name, v in logs.items()} | {"iteration": k + 1}, step=k * max_train_steps + global_step)
+            if global_step % args.checkpointing_steps == 0:
+                save_checkpoint(accelerator, it_dir, global_step, args.checkpoints_total_limit)
+            if global_step >= max_train_steps:
+                break
+    progress.close()
+    if ema_unet is not None:
+        ema_unet.copy_to(accelerator.unwrap_model(unet).parameters())
+    for h in hooks:
+        h.remove()
+    return {"iteration": k + 1, "steps": global_step, "first_step": first, "last_step": logs,
+            "mean": {name: v / counted for name, v in sums.items()}}
+
+
+def save_iteration(args, unet, it_dir, k, hub_repo, metrics):
+    """theta_{k+1} into iter_{k+1}/: LoRA weights (relative to the base model) or a full pipeline, plus the card,
+    the args and the metrics."""
+    from diffusers import StableDiffusionPipeline
+
+    it_dir.mkdir(parents=True, exist_ok=True)
+    if args.use_lora:
+        save_lora(unet, it_dir)
+    else:
+        StableDiffusionPipeline.from_pretrained(
+            args.pretrained_model_name_or_path, unet=unet, revision=args.revision, cache_dir=args.cache_dir,
+            safety_checker=None, requires_safety_checker=False).save_pretrained(it_dir, safe_serialization=True)
+    save_args(args, it_dir / "training_args.json")
+    (it_dir / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
+    method = "Diffusion-DPO" if args.negative_source == "dataset" else "SPIN-Diffusion"
+    if hub_repo and args.hub_versioning == "repos" and k > 0:
+        base_model = f"{hub_repo}-iter{k}"
+    else:
+        base_model = args.pretrained_model_name_or_path
+    load = (f"`pipe = StableDiffusionPipeline.from_pretrained('{args.pretrained_model_name_or_path}')` then "
+            f"`pipe.load_lora_weights(...)`: the adapter is relative to the start model" if args.use_lora else
+            "`StableDiffusionPipeline.from_pretrained(...)`")
+    write_model_card(
+        it_dir, base_model=base_model, dataset=args.dataset_name, title=f"{method} iteration {k + 1}",
+        description=f"Iteration {k + 1} of {method} (Yuan et al., NeurIPS 2024) from `{args.pretrained_model_name_or_path}`, "
+                    f"trained with `train_spin_diffusion.py`. Previous iteration: `{base_model}`. Load with {load}.",
+        tags=["spin-diffusion" if args.negative_source == "self" else "diffusion-dpo", f"iteration-{k + 1}"]
+        + (["lora"] if args.use_lora else []),
+        hyperparameters={name: getattr(args, name) for name in (
+            "beta", "learning_rate", "lr_scheduler", "lr_warmup_steps", "max_train_steps", "train_batch_size",
+            "gradient_accumulation_steps", "resolution", "mixed_precision", "use_lora", "rank", "negative_source",
+            "gen_num_inference_steps", "gen_guidance_scale", "seed")},
+        metrics=metrics["mean"], image=None)
+
+
+def resolve_hub_repo(args):
+    """The full repo id base (namespace/name) for pushes; checks the token now, not after hours of training."""
+    from huggingface_hub import whoami
+
+    name = args.hub_model_id or Path(args.output_dir).resolve().name
+    if "/" in name:
+        return name
+    return f"{whoami(token=args.hub_token)['name']}/{name}"
+
+
+def push_iteration(args, state, hub_repo, k, it_dir):
+    """Push iteration k+1 (once). A failure leaves the local iteration as it is; a rerun retries."""
+    from huggingface_hub import create_tag
+
+    key = str(k + 1)
+    if key in state.get("pushed"):
+        return
+    if args.hub_versioning == "repos":
+        repo = push_folder(it_dir, f"{hub_repo}-iter{k + 1}", token=args.hub_token, private=args.hub_private_repo,
+                           commit_message=f"SPIN-Diffusion iteration {k + 1}")
+        where = repo
+    else:
+        repo = push_folder(it_dir, hub_repo, token=args.hub_token, private=args.hub_private_repo,
+                           commit_message=f"SPIN-Diffusion iteration {k + 1}")
+        create_tag(repo, tag=f"iter{k + 1}", token=args.hub_token, exist_ok=True)
+        where = f"{repo}@iter{k + 1}"
+    if args.push_synthetic_dataset and (it_dir / "synthetic").is_dir():
+        push_folder(it_dir / "synthetic", f"{hub_repo}-iter{k + 1}-synthetic", token=args.hub_token,
+                    private=args.hub_private_repo, repo_type="dataset", ignore_patterns=["*.tmp"])
+    state.update(pushed=state.get("pushed") | {key: where})
+    logger.info(f"iteration {k + 1} pushed to {where}")
+
+
+def print_summary(output_dir, num_iterations, state):
+    print("\niteration  steps  loss(mean)  implicit_acc(mean)  weights")
+    for k in range(num_iterations):
+        path = output_dir / f"iter_{k + 1}" / "metrics.json"
+        if path.exists():
+            m = json.loads(path.read_text())
+            where = state.get("pushed").get(str(k + 1), str(path.parent))
+            print(f"{k + 1:>9}  {m['steps']:>5}  {m['mean'].get('loss', float('nan')):>10.4f}  "
+                  f"{m['mean'].get('implicit_acc', float('nan')):>18.3f}  {where}")
+
+
+if __name__ == "__main__":
+    try:
+        main(parse_args())
+    except DataError as e:
+        sys.exit(f"error: {e}")

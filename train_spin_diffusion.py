@@ -313,7 +313,7 @@ def train_iteration(args, accelerator, k, it_dir, unet, reference, store, hf_dat
     for h in hooks:
         h.remove()
     return {"iteration": k + 1, "steps": global_step, "first_step": first, "last_step": logs,
-            "mean": {name: v / counted for name, v in sums.items()}}
+            "mean": {name: v / max(counted, 1) for name, v in sums.items()}}
 
 
 def save_iteration(args, unet, it_dir, k, hub_repo, metrics):

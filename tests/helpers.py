@@ -53,3 +53,21 @@ def assert_same_tensors(a, b, atol=1e-6, rtol=1e-5):
 
 def max_abs_diff(a, b):
     return max(float((a[k].float() - b[k].float()).abs().max()) for k in a)
+
+
+def spin_args(assets, output_dir, *extra):
+    """A fast train_spin_diffusion.py command line on the tiny assets (20 prompts, 2 sampling steps)."""
+    return ["--pretrained_model_name_or_path", str(assets["pipeline"]), "--dataset_name", str(assets["pickapic"]),
+            "--output_dir", str(output_dir), "--resolution", "32", "--train_batch_size", "4",
+            "--learning_rate", "1e-3", "--lr_warmup_steps", "0", "--max_train_steps", "3", "--checkpointing_steps", "1000",
+            "--num_iterations", "2", "--gen_num_inference_steps", "2", "--gen_batch_size", "4", "--gen_shard_size", "8",
+            "--report_to", "none", *map(str, extra)]
+
+
+def run_spin(*argv):
+    import train_spin_diffusion
+
+    reset_accelerate()
+    args = train_spin_diffusion.parse_args(list(argv))
+    train_spin_diffusion.main(args)
+    return args

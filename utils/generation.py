@@ -140,7 +140,7 @@ def generate_opponent_samples(pipeline, captions, store, seed, iteration, batch_
                 out = pipeline(prompts, num_inference_steps=num_inference_steps, guidance_scale=guidance_scale,
                                height=resolution, width=resolution, generator=gens, output_type="latent")
             latents.append(out.images.float().cpu())
-            rows += [{"index": i, "caption": p, "seed": s} for i, p, s in zip(chunk, prompts, seeds)]
+            rows += [{"index": i, "caption": p, "seed": s, "process": process_index} for i, p, s in zip(chunk, prompts, seeds)]
             bar.update(len(chunk))
         store.write_shard(k, torch.cat(latents), rows)
     bar.close()

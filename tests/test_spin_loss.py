@@ -1,0 +1,72 @@
+"""spin_loss against SPIN.md's formula computed by hand, its sign, and one optimizer step's effect."""
+
+import copy
+import math
+
+import pytest
+import torch
+
+from utils.losses import per_sample_mse, spin_loss
+
+
+def by_hand(m_real, m_gen, r_real, r_gen, beta):
+    """-log sigmoid(-beta/2 * delta) = log(1 + exp(beta/2 * delta)), averaged, with plain floats."""
+    deltas = [(a - c) - (b - d) for a, b, c, d in zip(m_real, m_gen, r_real, r_gen)]
+    losses = [math.log1p(math.exp(beta / 2 * x)) for x in deltas]
+    return sum(losses) / len(losses), deltas
+
+
+def test_matches_formula_by_hand_with_half_beta_convention():
+    m_real, m_gen = [0.10, 0.30, 0.25], [0.20, 0.22, 0.40]
+    r_real, r_gen = [0.12, 0.28, 0.25], [0.19, 0.25, 0.41]
+    beta = 500.0
+    loss, logs = spin_loss(*(torch.tensor(v, dtype=torch.float64) for v in (m_real, m_gen, r_real, r_gen)), beta)
+    expected, deltas = by_hand(m_real, m_gen, r_real, r_gen, beta)
+    assert loss.item() == pytest.approx(expected, rel=1e-12)
+    assert logs["implicit_acc"].item() == pytest.approx(sum(d < 0 for d in deltas) / 3)
+    assert logs["reward_margin"].item() == pytest.approx(sum(-beta / 2 * d for d in deltas) / 3)
+    assert logs["model_err_real"].item() == pytest.approx(sum(m_real) / 3)
+    assert logs["ref_err_gen"].item() == pytest.approx(sum(r_gen) / 3)
+    # beta/2 inside: with beta (not beta/2) the value would be different
+    assert expected != pytest.approx(by_hand(m_real, m_gen, r_real, r_gen, 2 * beta)[0])
+
+
+def test_sign_lower_error_on_real_than_reference_gives_lower_loss():
+    ref = torch.tensor([0.2]), torch.tensor([0.2])
+    better, _ = spin_loss(torch.tensor([0.15]), torch.tensor([0.2]), *ref, beta=100.0)  # real error down
+    worse, _ = spin_loss(torch.tensor([0.25]), torch.tensor([0.2]), *ref, beta=100.0)  # real error up
+    tie, logs = spin_loss(torch.tensor([0.2]), torch.tensor([0.2]), *ref, beta=100.0)
+    assert better.item() < math.log(2) < worse.item()
+    assert tie.item() == pytest.approx(math.log(2)) and logs["reward_margin"].item() == 0
+    gen_up, _ = spin_loss(torch.tensor([0.2]), torch.tensor([0.3]), *ref, beta=100.0)  # generated error up: good
+    assert gen_up.item() < math.log(2)
+
+
+def test_one_step_lowers_real_error_relative_to_generated(assets):
+    from diffusers import DDPMScheduler, UNet2DConditionModel
+
+    torch.manual_seed(0)
+    unet = UNet2DConditionModel.from_pretrained(assets["pipeline"], subfolder="unet")
+    reference = copy.deepcopy(unet).requires_grad_(False)
+    sched = DDPMScheduler.from_pretrained(assets["pipeline"], subfolder="scheduler")
+    real, generated = torch.randn(1, 4, 16, 16), torch.randn(1, 4, 16, 16) * 0.5 + 1.0
+    noise, t = torch.randn(1, 4, 16, 16), torch.tensor([400])
+    emb = torch.randn(1, 77, unet.config.cross_attention_dim)
+    x = sched.add_noise(torch.cat([real, generated]), torch.cat([noise, noise]), torch.cat([t, t]))
+
+    def errors(model):
+        return per_sample_mse(model(x, torch.cat([t, t]), emb.repeat(2, 1, 1)).sample, torch.cat([noise, noise]))
+
+    with torch.no_grad():
+        r_real, r_gen = errors(reference).chunk(2)
+        before = errors(unet)
+    opt = torch.optim.SGD(unet.parameters(), lr=1e-3)
+    m_real, m_gen = errors(unet).chunk(2)
+    loss, _ = spin_loss(m_real, m_gen, r_real, r_gen, beta=5000.0)
+    assert loss.item() == pytest.approx(math.log(2), abs=1e-6)  # policy == reference at the start
+    loss.backward()
+    opt.step()
+    with torch.no_grad():
+        after = errors(unet)
+    gap_before, gap_after = (before[0] - before[1]).item(), (after[0] - after[1]).item()
+    assert gap_after < gap_before

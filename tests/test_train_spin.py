@@ -1,0 +1,187 @@
+"""End-to-end SPIN-Diffusion on the tiny assets: two iterations (LoRA and full), the reference of each
+iteration, loading every iteration, Diffusion-DPO mode, and resuming after kills at three points."""
+
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from helpers import max_abs_diff, run_spin, spin_args, tensors
+
+import train_spin_diffusion
+from utils.generation import SyntheticStore
+from utils.models import lora_state_dict
+
+ROOT = Path(__file__).resolve().parent.parent
+LOG2 = math.log(2)
+
+
+def spy_references(monkeypatch):
+    """Record (iteration, policy UNet, Reference) as train_spin_diffusion builds them, before any training."""
+    seen = []
+    real = train_spin_diffusion.load_policy_and_reference
+
+    def spy(args, k, dtype, device):
+        unet, ref = real(args, k, dtype, device)
+        snapshot = {"k": k, "ref": ref, "params": sum(p.numel() for p in unet.parameters())}
+        if ref.copy is not None:
+            snapshot["ref_weights"] = {key: v.detach().clone() for key, v in ref.copy.state_dict().items()}
+        elif ref.adapter is not None:
+            snapshot["ref_weights"] = {key: v.detach().clone() for key, v in lora_state_dict(unet, ref.adapter).items()}
+        seen.append(snapshot)
+        return unet, ref
+
+    monkeypatch.setattr(train_spin_diffusion, "load_policy_and_reference", spy)
+    return seen
+
+
+def metrics(out, k):
+    return json.loads((out / f"iter_{k}" / "metrics.json").read_text())
+
+
+def assert_starts_at_reference(m):
+    """At the first step policy == reference: loss log 2, margin 0 (catches a wrong reference or dtype)."""
+    assert m["first_step"]["loss"] == pytest.approx(LOG2, abs=1e-3)
+    assert abs(m["first_step"]["reward_margin"]) < 1e-3
+
+
+def test_two_lora_iterations(assets, tmp_path, monkeypatch):
+    out = tmp_path / "spin-lora"
+    seen = spy_references(monkeypatch)
+    run_spin(*spin_args(assets, out, "--use_lora"))
+    it1, it2 = tensors(out / "iter_1" / "pytorch_lora_weights.safetensors"), tensors(out / "iter_2" / "pytorch_lora_weights.safetensors")
+    assert all(v.abs().sum() > 0 for k, v in it1.items() if "lora.up" in k)  # iteration 1 trained (B starts at 0)
+    assert max_abs_diff(it1, it2) > 1e-5  # iteration 2 changed it again
+    # Iteration 1's reference is the base (adapters off); iteration 2's is iteration 1's saved adapter.
+    assert seen[0]["ref"].adapter is None and seen[1]["ref"].adapter == "reference"
+    ref2 = {f"unet.{k}": v for k, v in seen[1]["ref_weights"].items()}
+    assert max_abs_diff(ref2, it1) == 0
+    # One UNet: the reference is the policy UNet itself, and the extra adapter is all it adds.
+    assert all(s["ref"].copy is None and s["ref"].unet is not None for s in seen)
+    adapter = sum(v.numel() for v in it1.values())
+    assert seen[1]["params"] - seen[0]["params"] == adapter
+    for k in (1, 2):
+        assert_starts_at_reference(metrics(out, k))
+        synthetic = SyntheticStore(out / f"iter_{k}" / "synthetic", 20, 8)
+        assert synthetic.complete()
+        rows = [json.loads(line) for line in (synthetic.dir / "manifest.jsonl").read_text().splitlines()]
+        assert [r["index"] for r in rows] == list(range(20)) and len({r["seed"] for r in rows}) == 20
+
+    from diffusers import StableDiffusionPipeline
+
+    pipe = StableDiffusionPipeline.from_pretrained(assets["pipeline"], safety_checker=None, requires_safety_checker=False)
+    images = []
+    for k in (1, 2):
+        pipe.load_lora_weights(out / f"iter_{k}", adapter_name=f"iter{k}")
+        pipe.set_adapters(f"iter{k}")
+        images.append(pipe("a cat", num_inference_steps=2, generator=torch.Generator().manual_seed(0), output_type="np").images)
+    assert abs(images[0] - images[1]).max() > 1e-5
+    card = (out / "iter_2" / "README.md").read_text()
+    assert "SPIN-Diffusion iteration 2" in card and "spin-diffusion" in card
+
+
+def test_two_full_iterations(assets, tmp_path, monkeypatch):
+    out = tmp_path / "spin-full"
+    seen = spy_references(monkeypatch)
+    run_spin(*spin_args(assets, out, "--max_train_steps", "2", "--learning_rate", "1e-4"))
+    base, it1, it2 = (tensors(p / "unet") for p in (assets["pipeline"], out / "iter_1", out / "iter_2"))
+    assert max_abs_diff(base, it1) > 1e-6 and max_abs_diff(it1, it2) > 1e-6
+    ref2 = {f"diffusion_pytorch_model.safetensors:{k}": v for k, v in seen[1]["ref_weights"].items()}
+    assert max_abs_diff(ref2, it1) == 0  # iteration 2's reference is iteration 1's saved UNet
+    for k in (1, 2):
+        assert_starts_at_reference(metrics(out, k))
+        from diffusers import StableDiffusionPipeline
+
+        pipe = StableDiffusionPipeline.from_pretrained(out / f"iter_{k}")
+        assert pipe("a cat", num_inference_steps=2, output_type="np").images.shape == (1, 32, 32, 3)
+
+
+def test_dpo_mode_trains_against_the_dataset_loser(assets, tmp_path, monkeypatch):
+    out = tmp_path / "dpo"
+    negatives = []
+    real_encode = train_spin_diffusion.encode_images
+
+    def spy(vae, batch, generator, dtype):
+        if set(batch) == {"pixel_values"}:  # the negative's call: only the loser pixels are passed
+            negatives.append(batch["pixel_values"].float())
+        return real_encode(vae, batch, generator, dtype)
+
+    monkeypatch.setattr(train_spin_diffusion, "encode_images", spy)
+    run_spin(*spin_args(assets, out, "--use_lora", "--negative_source", "dataset", "--num_iterations", "3"))
+    assert sorted(p.name for p in out.glob("iter_*")) == ["iter_1"]  # one iteration, whatever --num_iterations says
+    assert not (out / "iter_1" / "synthetic").exists()
+    assert len(negatives) == 3
+    for px in negatives:  # the tiny Pick-a-Pic losers are dark and blue, winners bright and red
+        red, blue = px[:, 0].mean(dim=(1, 2)), px[:, 2].mean(dim=(1, 2))
+        assert (blue > red).all()
+    assert_starts_at_reference(metrics(out, 1))
+    assert "diffusion-dpo" in (out / "iter_1" / "README.md").read_text()
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(assets, tmp_path_factory):
+    out = tmp_path_factory.mktemp("spin-straight")
+    run_spin(*spin_args(assets, out, "--use_lora", "--max_train_steps", "4", "--checkpointing_steps", "2"))
+    return tensors(out / "iter_2" / "pytorch_lora_weights.safetensors")
+
+
+class Killed(Exception):
+    pass
+
+
+def kill_on(monkeypatch, obj, name, when):
+    """Make obj.name raise Killed (after doing its work, if `after`) the first time `when(*args)` holds."""
+    real = getattr(obj, name)
+
+    def wrapper(*args, **kwargs):
+        result = real(*args, **kwargs)
+        if when(*args, **kwargs):
+            raise Killed(name)
+        return result
+
+    monkeypatch.setattr(obj, name, wrapper)
+
+
+def shard_mtimes(out):
+    return {p: p.stat().st_mtime_ns for p in out.glob("iter_*/synthetic/shard-*.safetensors")}
+
+
+@pytest.mark.parametrize("where", ["generation", "training_checkpoint", "between_iterations"])
+def test_killed_then_rerun_equals_uninterrupted(assets, tmp_path, monkeypatch, uninterrupted, where):
+    out = tmp_path / where
+    argv = spin_args(assets, out, "--use_lora", "--max_train_steps", "4", "--checkpointing_steps", "2")
+    with monkeypatch.context() as m:
+        if where == "generation":  # after 2 of iteration 2's 3 shards
+            kill_on(m, SyntheticStore, "write_shard", lambda self, k, *a: "iter_2" in str(self.dir) and k == 1)
+        elif where == "training_checkpoint":  # iteration 2, right after checkpoint-2
+            kill_on(m, train_spin_diffusion, "save_checkpoint", lambda acc, d, step, *a: "iter_2" in str(d) and step == 2)
+        else:  # iteration 1 saved, iteration 2 not started
+            kill_on(m, train_spin_diffusion, "load_policy_and_reference", lambda args, k, *a: k == 1)
+        with pytest.raises(Killed):
+            run_spin(*argv)
+    before = shard_mtimes(out)
+    state = json.loads((out / "spin_state.json").read_text())
+    assert state["done"] == [1] and state["iteration"] == 2
+    run_spin(*argv)  # the same command again
+    after = shard_mtimes(out)
+    assert all(after[p] == t for p, t in before.items()), "finished shards must not be regenerated"
+    final = tensors(out / "iter_2" / "pytorch_lora_weights.safetensors")
+    assert max_abs_diff(final, uninterrupted) < 1e-5
+
+
+def test_two_process_cpu_run_generates_each_prompt_once(assets, tmp_path):
+    out = tmp_path / "ddp"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29533",
+           str(ROOT / "train_spin_diffusion.py"),
+           *spin_args(assets, out, "--use_lora", "--num_iterations", "1", "--train_batch_size", "2", "--gen_shard_size", "4")]
+    env = dict(os.environ, ACCELERATE_USE_CPU="1", OMP_NUM_THREADS="1")
+    proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = [json.loads(line) for line in (out / "iter_1" / "synthetic" / "manifest.jsonl").read_text().splitlines()]
+    assert sorted(r["index"] for r in rows) == list(range(20))
+    assert {r["process"] for r in rows} == {0, 1}
+    assert metrics(out, 1)["steps"] == 3 and (out / "iter_1" / "pytorch_lora_weights.safetensors").exists()

@@ -33,7 +33,7 @@ from utils.hub import push_folder, write_model_card
 from utils.losses import (diffusion_target, min_snr_weights, per_sample_mse, sample_noise_and_timesteps, sft_loss,
                           step_generator)
 from utils.models import (add_lora, encode_images, encode_prompt, freeze, load_sd_components, make_optimizer,
-                          save_lora, trainable_parameters, vae_latent_params, weight_dtype)
+                          save_lora, sd_pipeline, trainable_parameters, vae_latent_params, weight_dtype)
 
 logger = get_logger(__name__)
 
@@ -61,6 +61,8 @@ def main(args):
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
     if args.allow_tf32:
         torch.backends.cuda.matmul.allow_tf32 = True
+    if args.scale_lr:  # before saving the args, so training_args.json and the card show the lr really used
+        args.learning_rate *= args.gradient_accumulation_steps * args.train_batch_size * accelerator.num_processes
     if accelerator.is_main_process:
         output_dir.mkdir(parents=True, exist_ok=True)
         save_args(args, output_dir / "training_args.json")
@@ -101,9 +103,9 @@ def main(args):
     else:
         train_set = TrainDataset(hf_dataset, spec, tokenizer, args.resolution, args.center_crop, args.random_flip, args.seed)
         if args.cache_latents:
-            key = LatentCache.make_key(model=args.pretrained_model_name_or_path, revision=args.revision, data=args.dataset_name,
-                                       split=args.dataset_split, n=len(train_set), res=args.resolution,
-                                       crop=args.center_crop, flip=args.random_flip, seed=args.seed)
+            key = LatentCache.make_key(model=args.pretrained_model_name_or_path, revision=args.revision, variant=args.variant,
+                                       data=getattr(hf_dataset, "_fingerprint", args.dataset_name), spec=spec, n=len(train_set),
+                                       res=args.resolution, crop=args.center_crop, flip=args.random_flip, seed=args.seed)
             cache = LatentCache(output_dir / "latent_cache", len(train_set), key)
             cache.build(train_set, lambda px: vae_latent_params(vae, px), args.train_batch_size,
                         accelerator.process_index, accelerator.num_processes, accelerator.is_local_main_process)
@@ -114,8 +116,6 @@ def main(args):
         train_set, batch_size=args.train_batch_size, sampler=sampler, collate_fn=collate,
         num_workers=args.dataloader_num_workers)
 
-    if args.scale_lr:
-        args.learning_rate *= args.gradient_accumulation_steps * args.train_batch_size * accelerator.num_processes
     optimizer = make_optimizer(trainable_parameters(unet), args.learning_rate, (args.adam_beta1, args.adam_beta2),
                                args.adam_weight_decay, args.adam_epsilon, args.use_8bit_adam)
     if args.streaming:  # already split by node; accelerate must not shard it again
@@ -150,7 +150,7 @@ def main(args):
     logger.info(f"training: {max_train_steps} optimizer steps, {total_batch} images per step, "
                 f"{'LoRA rank ' + str(args.rank) if args.use_lora else 'full UNet'}")
     progress = tqdm(range(max_train_steps), initial=global_step, desc="sft", disable=not accelerator.is_local_main_process)
-    skipped_images, logs = 0, {}
+    skipped_images, logs, window_loss, window_batches = 0, {}, 0.0, 0
     # 5. The loop: plain denoising loss on the real images.
     for epoch in range(first_epoch, num_epochs):
         if global_step >= max_train_steps:
@@ -163,8 +163,6 @@ def main(args):
         for batch in loader:
             micro_step += 1
             skipped_images += batch["num_skipped"]
-            if batch["num_examples"] == 0:
-                continue
             batch = {k: v.to(accelerator.device) if torch.is_tensor(v) else v for k, v in batch.items()}
             gen = step_generator(args.seed, micro_step, accelerator.process_index, accelerator.device)
             with accelerator.accumulate(unet):
@@ -178,6 +176,7 @@ def main(args):
                 weights = min_snr_weights(noise_scheduler, timesteps, args.snr_gamma) if args.snr_gamma else None
                 loss = sft_loss(per_sample_mse(pred, target), weights)
                 accelerator.backward(loss)
+                window_loss, window_batches = window_loss + loss.detach(), window_batches + 1
                 grad_norm = None
                 if accelerator.sync_gradients and args.max_grad_norm:
                     grad_norm = accelerator.clip_grad_norm_(trainable_parameters(unet), args.max_grad_norm)
@@ -190,7 +189,9 @@ def main(args):
             global_step += 1
             if ema_unet is not None:
                 ema_unet.step(unet.parameters())
-            logs = {"loss": accelerator.reduce(loss.detach(), "mean").item(), "lr": lr_scheduler.get_last_lr()[0]}
+            # the loss averaged over the accumulation window and the processes: one sync per optimizer step
+            logs = {"loss": accelerator.reduce(window_loss / window_batches, "mean").item(), "lr": lr_scheduler.get_last_lr()[0]}
+            window_loss, window_batches = 0.0, 0
             if grad_norm is not None:
                 logs["grad_norm"] = float(grad_norm)
             if skipped_images:
@@ -206,8 +207,10 @@ def main(args):
             if global_step >= max_train_steps:
                 break
     progress.close()
+    skipped_images = int(accelerator.reduce(torch.tensor(skipped_images, device=accelerator.device), "sum"))
     if skipped_images:
-        logger.warning(f"skipped {skipped_images} images that could not be decoded")
+        logger.warning(f"replaced {skipped_images} undecodable images by the next good ones "
+                       "(counted each time they came up, summed over processes)")
 
     # 6. Save the result (diffusers pipeline or LoRA weights), a sample grid, the model card; push.
     accelerator.wait_for_everyone()
@@ -233,6 +236,7 @@ def main(args):
             hyperparameters={k: getattr(args, k) for k in (
                 "learning_rate", "lr_scheduler", "lr_warmup_steps", "train_batch_size", "gradient_accumulation_steps",
                 "resolution", "mixed_precision", "use_8bit_adam", "use_lora", "rank", "snr_gamma", "use_ema", "seed")}
+            | {"prediction_type": noise_scheduler.config.prediction_type}
             | {"max_train_steps": max_train_steps, "images_per_step": total_batch},
             metrics={"final_loss": logs["loss"]} if "loss" in logs else None)
         if args.push_to_hub:
@@ -244,34 +248,28 @@ def main(args):
 
 def save_result(args, unet, ema_unet, vae, text_encoder, tokenizer):
     """Write the LoRA weights or the full pipeline into output_dir; return a pipeline for the sample grid."""
-    from diffusers import StableDiffusionPipeline
-
-    kw = dict(revision=args.revision, variant=args.variant, cache_dir=args.cache_dir, safety_checker=None,
-              requires_safety_checker=False)
+    kw = dict(prediction_type=args.prediction_type, revision=args.revision, variant=args.variant, cache_dir=args.cache_dir)
     if args.use_lora:
         save_lora(unet, args.output_dir)
-        pipeline = StableDiffusionPipeline.from_pretrained(args.pretrained_model_name_or_path, **kw)
+        pipeline = sd_pipeline(args.pretrained_model_name_or_path, **kw)
         pipeline.load_lora_weights(args.output_dir)
         return pipeline
     if ema_unet is not None:
         ema_unet.copy_to(unet.parameters())
-    pipeline = StableDiffusionPipeline.from_pretrained(args.pretrained_model_name_or_path, unet=unet, **kw)
+    pipeline = sd_pipeline(args.pretrained_model_name_or_path, unet=unet, **kw)
     pipeline.save_pretrained(args.output_dir, safe_serialization=True)
     return pipeline
 
 
 def run_validation(args, accelerator, unet, vae, text_encoder, tokenizer, ema_unet, dtype, step):
     """Render the validation prompts with the current weights (the EMA weights when kept) and log them."""
-    from diffusers import StableDiffusionPipeline
-
     model = accelerator.unwrap_model(unet)
     if ema_unet is not None:
         ema_unet.store(model.parameters())
         ema_unet.copy_to(model.parameters())
-    pipeline = StableDiffusionPipeline.from_pretrained(
-        args.pretrained_model_name_or_path, unet=model, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer,
-        revision=args.revision, variant=args.variant, cache_dir=args.cache_dir, safety_checker=None,
-        requires_safety_checker=False, torch_dtype=dtype).to(accelerator.device)
+    pipeline = sd_pipeline(args.pretrained_model_name_or_path, args.prediction_type, unet=model, vae=vae,
+                           text_encoder=text_encoder, tokenizer=tokenizer, revision=args.revision, variant=args.variant,
+                           cache_dir=args.cache_dir, torch_dtype=dtype).to(accelerator.device)
     pipeline.set_progress_bar_config(disable=True)
     images = render(pipeline, args.validation_prompts, args.seed, args.validation_num_inference_steps,
                     resolution=args.resolution, autocast_dtype=dtype if dtype != torch.float32 else None)

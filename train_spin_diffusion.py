@@ -37,7 +37,7 @@ from utils.generation import SyntheticStore, generate_opponent_samples
 from utils.hub import push_folder, write_model_card
 from utils.losses import diffusion_target, min_snr_weights, per_sample_mse, sample_noise_and_timesteps, spin_loss, step_generator
 from utils.models import (Reference, add_lora, encode_images, encode_prompt, freeze, load_lora, load_sd_components,
-                          load_unet, make_optimizer, save_lora, trainable_parameters, weight_dtype)
+                          load_unet, make_optimizer, save_lora, sd_pipeline, trainable_parameters, weight_dtype)
 
 logger = get_logger(__name__)
 LOGGED = ("loss", "implicit_acc", "reward_margin", "model_err_real", "model_err_gen", "ref_err_real", "ref_err_gen")
@@ -91,6 +91,8 @@ def main(args):
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
     if args.allow_tf32:
         torch.backends.cuda.matmul.allow_tf32 = True
+    if args.scale_lr:  # before saving the args, so training_args.json and the cards show the lr really used
+        args.learning_rate *= args.gradient_accumulation_steps * args.train_batch_size * accelerator.num_processes
     if accelerator.is_main_process:
         output_dir.mkdir(parents=True, exist_ok=True)
         save_args(args, output_dir / "training_args.json")
@@ -192,11 +194,10 @@ def load_policy_and_reference(args, k, dtype, device):
 
 
 def opponent_pipeline(args, unet, vae, text_encoder, tokenizer, device):
-    from diffusers import DDIMScheduler, StableDiffusionPipeline
+    from diffusers import DDIMScheduler
 
-    pipeline = StableDiffusionPipeline.from_pretrained(
-        args.pretrained_model_name_or_path, unet=unet, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer,
-        revision=args.revision, cache_dir=args.cache_dir, safety_checker=None, requires_safety_checker=False)
+    pipeline = sd_pipeline(args.pretrained_model_name_or_path, args.prediction_type, unet=unet, vae=vae,
+                           text_encoder=text_encoder, tokenizer=tokenizer, revision=args.revision, cache_dir=args.cache_dir)
     if args.gen_scheduler == "ddim":
         pipeline.scheduler = DDIMScheduler.from_config(pipeline.scheduler.config)
     pipeline.set_progress_bar_config(disable=True)
@@ -219,9 +220,7 @@ def train_iteration(args, accelerator, k, it_dir, unet, reference, store, hf_dat
     sampler = EpochSampler(len(train_set), seed=args.seed + k)
     train_dataloader = torch.utils.data.DataLoader(train_set, batch_size=args.train_batch_size, sampler=sampler,
                                                    collate_fn=collate, num_workers=args.dataloader_num_workers)
-    lr = args.learning_rate * (args.gradient_accumulation_steps * args.train_batch_size * accelerator.num_processes
-                               if args.scale_lr else 1)
-    optimizer = make_optimizer(trainable_parameters(unet), lr, (args.adam_beta1, args.adam_beta2),
+    optimizer = make_optimizer(trainable_parameters(unet), args.learning_rate, (args.adam_beta1, args.adam_beta2),
                                args.adam_weight_decay, args.adam_epsilon, args.use_8bit_adam)
     unet, optimizer, train_dataloader = accelerator.prepare(unet, optimizer, train_dataloader)
     max_train_steps = args.max_train_steps
@@ -241,7 +240,8 @@ def train_iteration(args, accelerator, k, it_dir, unet, reference, store, hf_dat
         logger.info(f"iteration {k + 1}: resumed from {checkpoint} at step {global_step}")
 
     T = noise_scheduler.config.num_train_timesteps
-    sums, first, logs, counted = {}, None, {}, 0
+    sums, first, logs, counted, skipped_images = {}, None, {}, 0, 0
+    window, window_batches = 0.0, 0
     progress = tqdm(range(max_train_steps), initial=global_step, desc=f"train (iteration {k + 1})",
                     disable=not accelerator.is_local_main_process)
     for epoch in range(first_epoch, num_epochs):
@@ -252,8 +252,7 @@ def train_iteration(args, accelerator, k, it_dir, unet, reference, store, hf_dat
         unet.train()
         for batch in loader:
             micro_step += 1
-            if batch["num_examples"] == 0:
-                continue
+            skipped_images += batch["num_skipped"]
             gen = step_generator(args.seed + k, micro_step, accelerator.process_index, accelerator.device)
             with accelerator.accumulate(unet):
                 # (real, negative) latents, one shared t per pair, shared noise unless --no_share_noise.
@@ -280,6 +279,7 @@ def train_iteration(args, accelerator, k, it_dir, unet, reference, store, hf_dat
                 r_real, r_gen = ref_err.chunk(2)
                 loss, step_logs = spin_loss(m_real, m_gen, r_real, r_gen, args.beta)
                 accelerator.backward(loss)
+                window, window_batches = window + torch.stack([step_logs[name] for name in LOGGED]), window_batches + 1
                 grad_norm = None
                 if accelerator.sync_gradients and args.max_grad_norm:
                     grad_norm = accelerator.clip_grad_norm_(trainable_parameters(unet), args.max_grad_norm)
@@ -292,14 +292,17 @@ def train_iteration(args, accelerator, k, it_dir, unet, reference, store, hf_dat
             global_step += 1
             if ema_unet is not None:
                 ema_unet.step(unet.parameters())
-            values = accelerator.reduce(torch.stack([step_logs[name] for name in LOGGED]), "mean").tolist()
-            logs = dict(zip(LOGGED, values)) | {"lr": lr_scheduler.get_last_lr()[0]}
+            # averaged over the accumulation window and the processes: one sync per optimizer step
+            values = accelerator.reduce(window / window_batches, "mean").tolist()
+            window, window_batches = 0.0, 0
+            logs = dict(zip(LOGGED, values)) | {"lr": lr_scheduler.get_last_lr()[0], "skipped_images": skipped_images}
             if grad_norm is not None:
                 logs["grad_norm"] = float(grad_norm)
             first = first or dict(logs, step=global_step)
             counted += 1
             for name, v in logs.items():
-                sums[name] = sums.get(name, 0.0) + v
+                if name != "skipped_images":
+                    sums[name] = sums.get(name, 0.0) + v
             progress.update(1)
             progress.set_postfix(loss=f"{logs['loss']:.4f}", acc=f"{logs['implicit_acc']:.2f}", lr=f"{logs['lr']:.2e}")
             accelerator.log({f"{name}": v for name, v in logs.items()} | {"iteration": k + 1}, step=k * max_train_steps + global_step)
@@ -319,15 +322,12 @@ def train_iteration(args, accelerator, k, it_dir, unet, reference, store, hf_dat
 def save_iteration(args, unet, it_dir, k, hub_repo, metrics):
     """theta_{k+1} into iter_{k+1}/: LoRA weights (relative to the base model) or a full pipeline, plus the card,
     the args and the metrics."""
-    from diffusers import StableDiffusionPipeline
-
     it_dir.mkdir(parents=True, exist_ok=True)
     if args.use_lora:
         save_lora(unet, it_dir)
     else:
-        StableDiffusionPipeline.from_pretrained(
-            args.pretrained_model_name_or_path, unet=unet, revision=args.revision, cache_dir=args.cache_dir,
-            safety_checker=None, requires_safety_checker=False).save_pretrained(it_dir, safe_serialization=True)
+        sd_pipeline(args.pretrained_model_name_or_path, args.prediction_type, unet=unet, revision=args.revision,
+                    variant=args.variant, cache_dir=args.cache_dir).save_pretrained(it_dir, safe_serialization=True)
     save_args(args, it_dir / "training_args.json")
     (it_dir / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
     method = "Diffusion-DPO" if args.negative_source == "dataset" else "SPIN-Diffusion"
@@ -347,7 +347,7 @@ def save_iteration(args, unet, it_dir, k, hub_repo, metrics):
         hyperparameters={name: getattr(args, name) for name in (
             "beta", "learning_rate", "lr_scheduler", "lr_warmup_steps", "max_train_steps", "train_batch_size",
             "gradient_accumulation_steps", "resolution", "mixed_precision", "use_lora", "rank", "negative_source",
-            "gen_num_inference_steps", "gen_guidance_scale", "seed")},
+            "gen_num_inference_steps", "gen_guidance_scale", "prediction_type", "seed")},
         metrics=metrics["mean"], image=None)
 
 
@@ -355,10 +355,9 @@ def resolve_hub_repo(args):
     """The full repo id base (namespace/name) for pushes; checks the token now, not after hours of training."""
     from huggingface_hub import whoami
 
+    user = whoami(token=args.hub_token)["name"]  # a bad or missing token fails here
     name = args.hub_model_id or Path(args.output_dir).resolve().name
-    if "/" in name:
-        return name
-    return f"{whoami(token=args.hub_token)['name']}/{name}"
+    return name if "/" in name else f"{user}/{name}"
 
 
 def push_iteration(args, state, hub_repo, k, it_dir):

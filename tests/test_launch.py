@@ -28,4 +28,5 @@ def test_accelerate_launch_bad_dataset_fails_fast_with_message(assets, tmp_path)
     proc = subprocess.run(cmd, cwd=tmp_path, env=dict(os.environ), capture_output=True, text=True, timeout=600)
     assert proc.returncode != 0
     assert f"error: --dataset_name {tmp_path / 'missing.parquet'}: no such file or folder" in proc.stderr
-    assert "Traceback" not in proc.stderr.split("error: --dataset_name")[0][-2000:] or "DataError" not in proc.stderr
+    # a message for the user, not our stack trace (accelerate's launcher adds its own for the exit status)
+    assert "DataError" not in proc.stderr and "train_sft.py\", line" not in proc.stderr

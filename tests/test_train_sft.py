@@ -126,6 +126,7 @@ def test_bf16_lora_run(assets, tmp_path):
     run_sft(*sft_args(assets, out, "--use_lora", "--mixed_precision", "bf16", "--max_train_steps", "2"))
     lora = tensors(out / "pytorch_lora_weights.safetensors")
     assert all(torch.isfinite(v.float()).all() for v in lora.values())
+    assert all(v.abs().sum() > 0 for k, v in lora.items() if "lora.up" in k)  # it trained
 
 
 def test_latent_cache_gives_same_result_as_encoding_every_step(assets, tmp_path):
@@ -142,7 +143,14 @@ def test_plain_image_caption_dataset(assets, tmp_path):
     out = tmp_path / "captions"
     run_sft(*sft_args(assets, out, "--use_lora", "--max_train_steps", "2", "--image_column", "image",
                       "--caption_column", "text", dataset=assets["captions"]))
-    assert (out / "pytorch_lora_weights.safetensors").exists()
+    assert all(v.abs().sum() > 0 for k, v in tensors(out / "pytorch_lora_weights.safetensors").items() if "lora.up" in k)
+
+
+def test_v_prediction_is_saved_with_the_pipeline(assets, tmp_path):
+    out = tmp_path / "vpred"
+    run_sft(*sft_args(assets, out, "--prediction_type", "v_prediction", "--snr_gamma", "5", "--max_train_steps", "1"))
+    assert json.loads((out / "scheduler" / "scheduler_config.json").read_text())["prediction_type"] == "v_prediction"
+    assert "`prediction_type` | `v_prediction`" in (out / "README.md").read_text()
 
 
 def test_yaml_config_with_command_line_override(assets, tmp_path):

@@ -8,6 +8,7 @@ in `validate_training_args`, so a bad command line fails in a second, not after 
 import argparse
 import json
 import os
+import re
 from pathlib import Path
 
 import yaml
@@ -74,7 +75,7 @@ def add_training_args(parser):
     g.add_argument("--learning_rate", type=float, default=1e-5)
     g.add_argument("--scale_lr", action="store_true", help="Multiply the learning rate by batch size x accumulation x processes.")
     g.add_argument("--lr_scheduler", type=str, default="constant",
-                   help='One of "linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup".')
+                   choices=["linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup"])
     g.add_argument("--lr_warmup_steps", type=int, default=0)
     g.add_argument("--use_8bit_adam", action="store_true", help="bitsandbytes 8-bit AdamW (saves ~75%% of optimizer memory).")
     g.add_argument("--adam_beta1", type=float, default=0.9)
@@ -145,11 +146,13 @@ def validate_training_args(parser, args):
         parser.error("--streaming and --unique_prompts conflict: deduplication needs the whole caption column")
     if args.validation_steps is not None and not args.validation_prompts:
         parser.error("--validation_steps needs --validation_prompts")
-    for name in ("train_batch_size", "gradient_accumulation_steps", "num_train_epochs", "resolution", "rank"):
+    for name in ("train_batch_size", "gradient_accumulation_steps", "num_train_epochs", "resolution", "rank",
+                 "checkpointing_steps"):
         if getattr(args, name) < 1:
             parser.error(f"--{name} must be >= 1, got {getattr(args, name)}")
-    if args.max_train_steps is not None and args.max_train_steps < 1:
-        parser.error(f"--max_train_steps must be >= 1, got {args.max_train_steps}")
+    for name in ("max_train_steps", "max_train_samples", "validation_steps"):
+        if getattr(args, name) is not None and getattr(args, name) < 1:
+            parser.error(f"--{name} must be >= 1, got {getattr(args, name)}")
     if args.checkpoints_total_limit is not None and args.checkpoints_total_limit < 1:
         parser.error("--checkpoints_total_limit must be >= 1")
     if args.resolution % 8 != 0:
@@ -162,6 +165,9 @@ def validate_training_args(parser, args):
         if not path.is_dir() and not (Path(args.output_dir) / path).is_dir():
             parser.error(f"--resume_from_checkpoint {args.resume_from_checkpoint}: no such checkpoint folder "
                          f"(give a path, a checkpoint-N name inside --output_dir, or 'latest')")
+        if not re.fullmatch(r"checkpoint-\d+", path.name):
+            parser.error(f"--resume_from_checkpoint {args.resume_from_checkpoint}: not a checkpoint-N folder written by "
+                         f"--checkpointing_steps")
     if args.lora_alpha is None:
         args.lora_alpha = args.rank
     return args

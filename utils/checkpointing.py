@@ -53,11 +53,11 @@ def prune_checkpoints(output_dir, total_limit, keep_room_for=1):
 
 
 def save_checkpoint(accelerator, output_dir, step, total_limit=None):
-    """Save `checkpoint-{step}` atomically (written under a temporary name, then renamed), after pruning."""
+    """Save `checkpoint-{step}` atomically (written under a temporary name, then renamed), then prune the
+    oldest beyond `total_limit`: a kill at any moment leaves at least the previous complete checkpoint."""
     final = Path(output_dir) / f"checkpoint-{step}"
     tmp = Path(output_dir) / f"checkpoint-{step}.partial"
     if accelerator.is_main_process:
-        prune_checkpoints(output_dir, total_limit)
         shutil.rmtree(tmp, ignore_errors=True)
     accelerator.wait_for_everyone()
     accelerator.save_state(str(tmp))
@@ -65,6 +65,7 @@ def save_checkpoint(accelerator, output_dir, step, total_limit=None):
     if accelerator.is_main_process:
         shutil.rmtree(final, ignore_errors=True)
         os.replace(tmp, final)
+        prune_checkpoints(output_dir, total_limit, keep_room_for=0)  # only once the new one is complete
     accelerator.wait_for_everyone()
     return final
 

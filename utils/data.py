@@ -204,8 +204,8 @@ def tokenize(tokenizer, captions):
 
 
 class TrainDataset(torch.utils.data.Dataset):
-    """Map-style training examples: {"pixel_values" or "latent_params", "input_ids"}; a row whose image
-    does not decode gives {"skipped": True} and the collate function drops and counts it."""
+    """Map-style training examples: {"pixel_values" or "latent_params", "input_ids", "num_skipped"}; a row
+    whose image does not decode is replaced by the next decodable one and counted (`with_replacement`)."""
 
     def __init__(self, ds, spec, tokenizer, resolution, center_crop=False, random_flip=False, seed=0, latent_cache=None):
         self.ds, self.spec, self.tokenizer = ds, spec, tokenizer
@@ -225,12 +225,16 @@ class TrainDataset(torch.utils.data.Dataset):
         return row[self.spec["image"]]
 
     def __getitem__(self, index):
+        return with_replacement(self.example, index, len(self))
+
+    def example(self, index):
+        """The training example of row `index`, or None if its image does not decode."""
         if self.latent_cache is None:
             return self.example_from_row(self.ds[index], index)
         flip = self.random_flip and sample_rng(self.seed, self.epoch, index).random() < 0.5
         params = self.latent_cache.get(index, flip)
         if params is None:
-            return {"skipped": True}
+            return None
         caption = caption_of(self.ds[index][self.spec["caption"]])
         return {"latent_params": params, "input_ids": tokenize(self.tokenizer, [caption])[0]}
 
@@ -248,8 +252,21 @@ class TrainDataset(torch.utils.data.Dataset):
     def example_from_row(self, row, index):
         pixels = self.pixels(self.image_value(row), index)
         if pixels is None:
-            return {"skipped": True}
+            return None
         return {"pixel_values": pixels, "input_ids": tokenize(self.tokenizer, [caption_of(row[self.spec["caption"]])])[0]}
+
+
+def with_replacement(make, index, length):
+    """`make(i)` -> example or None. The example of `index`, or, when its image does not decode, the next
+    decodable one (wrapping around), with `num_skipped` = 1 if row `index` itself was bad (so an epoch counts
+    each bad row once). Batches stay full: the run makes exactly the optimizer steps asked for and resumes
+    at the right batch."""
+    for attempt in range(length):
+        example = make((index + attempt) % length)
+        if example is not None:
+            example["num_skipped"] = int(attempt > 0)
+            return example
+    raise DataError("no image in the training data could be decoded")
 
 
 class PairDataset(torch.utils.data.Dataset):
@@ -267,15 +284,18 @@ class PairDataset(torch.utils.data.Dataset):
         self.base.set_epoch(epoch)
 
     def __getitem__(self, index):
-        example = self.base[index]
-        if example.get("skipped"):
-            return example
+        return with_replacement(self.example, index, len(self))
+
+    def example(self, index):
+        example = self.base.example(index)
+        if example is None:
+            return None
         if self.store is not None:
             example["gen_latents"] = self.store.get(index)
             return example
         loser = self.base.pixels(winner_and_loser(self.base.ds[index], self.base.spec)[1], index)
         if loser is None:
-            return {"skipped": True}
+            return None
         example["loser_pixel_values"] = loser
         return example
 
@@ -294,17 +314,22 @@ class StreamingTrainDataset(torch.utils.data.IterableDataset):
         self.ds.set_epoch(epoch)
 
     def __iter__(self):
+        skipped = 0
         for i, row in enumerate(self.ds):
-            yield self.item.example_from_row(row, i)
+            example = self.item.example_from_row(row, i)
+            if example is None:  # undecodable: the stream simply moves on; counted on the next example
+                skipped += 1
+                continue
+            example["num_skipped"], skipped = skipped, 0
+            yield example
 
 
 def collate(examples):
-    """Stack the good examples; `num_skipped` counts the undecodable ones (the batch may be smaller)."""
-    good = [e for e in examples if not e.get("skipped")]
-    batch = {"num_skipped": len(examples) - len(good), "num_examples": len(good)}
+    """Stack examples into a batch; `num_skipped` counts the undecodable rows that were replaced."""
+    batch = {"num_skipped": sum(e["num_skipped"] for e in examples)}
     for key in ("pixel_values", "latent_params", "input_ids", "gen_latents", "loser_pixel_values"):
-        if good and key in good[0]:
-            batch[key] = torch.stack([e[key] for e in good])
+        if key in examples[0]:
+            batch[key] = torch.stack([e[key] for e in examples])
     return batch
 
 

@@ -3,8 +3,9 @@ else HF_TOKEN or the cached login; the token is never written anywhere."""
 
 from pathlib import Path
 
-# Never uploaded: resumable training state, logs and caches stay local.
-PUSH_IGNORE = ["checkpoint-*", "checkpoint-*/**", "logs/**", "latent_cache/**", "*.partial/**", "spin_state.json"]
+# Never uploaded with a model: resumable training state, logs, caches and SPIN samples stay local
+# (fnmatch patterns: "*" also matches "/").
+PUSH_IGNORE = ["checkpoint-*", "logs/*", "latent_cache/*", "synthetic/*", "*.partial/*", "spin_state.json"]
 
 
 def write_model_card(output_dir, *, base_model, dataset, title, description, tags, hyperparameters,

@@ -164,3 +164,14 @@ class Reference:
             return self.unet(sample, timesteps, encoder_hidden_states, return_dict=False)[0]
         finally:
             self.unet.set_adapter(self.trainable_adapter)
+
+
+def sd_pipeline(name, prediction_type=None, **kwargs):
+    """`StableDiffusionPipeline.from_pretrained` without the safety checker, its scheduler set to the prediction
+    type the UNet was trained for (so samples, and a saved pipeline's scheduler config, match the weights)."""
+    from diffusers import StableDiffusionPipeline
+
+    pipeline = StableDiffusionPipeline.from_pretrained(name, safety_checker=None, requires_safety_checker=False, **kwargs)
+    if prediction_type is not None:
+        pipeline.scheduler.register_to_config(prediction_type=prediction_type)
+    return pipeline

@@ -8,15 +8,22 @@ OUT=demo_output
 ASSETS=$OUT/assets
 LAUNCH="accelerate launch --num_processes 1 --num_machines 1 --mixed_precision no --dynamo_backend no"
 
-echo "== 1/3 building tiny assets in $ASSETS"
+echo "== 1/4 building tiny assets in $ASSETS"
 python examples/make_tiny_assets.py --output_dir "$ASSETS"
 
-echo "== 2/3 SFT with LoRA on the Pick-a-Pic winners (train_sft.py)"
+echo "== 2/4 SFT with LoRA on the Pick-a-Pic winners (train_sft.py)"
 rm -rf "$OUT/sft-lora"
 $LAUNCH train_sft.py --config examples/demo_sft.yaml \
   --pretrained_model_name_or_path "$ASSETS/tiny-sd" --dataset_name "$ASSETS/pickapic.parquet" \
   --output_dir "$OUT/sft-lora"
 
-echo "== 3/3 loading the result with StableDiffusionPipeline + load_lora_weights"
+echo "== 3/4 loading the result with StableDiffusionPipeline + load_lora_weights"
 python examples/sample_grid.py --base "$ASSETS/tiny-sd" --lora "$OUT/sft-lora" --output "$OUT/sft-lora-samples.png"
+
+echo "== 4/4 SPIN-Diffusion, 2 iterations with LoRA (train_spin_diffusion.py)"
+rm -rf "$OUT/spin-lora"
+$LAUNCH train_spin_diffusion.py --config examples/demo_spin.yaml \
+  --pretrained_model_name_or_path "$ASSETS/tiny-sd" --dataset_name "$ASSETS/pickapic.parquet" \
+  --output_dir "$OUT/spin-lora"
+python examples/sample_grid.py --base "$ASSETS/tiny-sd" --lora "$OUT/spin-lora/iter_2" --output "$OUT/spin-iter2-samples.png"
 echo "demo done: see $OUT/"

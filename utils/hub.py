@@ -57,3 +57,22 @@ def push_folder(folder, repo_id, token=None, private=False, commit_message="Uplo
     upload_folder(repo_id=repo_id, folder_path=str(folder), token=token, commit_message=commit_message,
                   ignore_patterns=ignore_patterns, revision=revision, repo_type=repo_type)
     return repo_id
+
+
+def resolve_file(location, default_filename=None, revision=None, token=None):
+    """A local path for `location`: a local file, a local folder (+ `default_filename`), or a Hub repo id with
+    an optional `:filename` (`xswu/HPSv2:HPS_v2.1_compressed.pt`), downloaded through the Hub cache."""
+    from huggingface_hub import hf_hub_download
+
+    path = Path(location).expanduser()
+    if path.is_file():
+        return path
+    if path.is_dir():
+        if default_filename is None or not (path / default_filename).is_file():
+            raise FileNotFoundError(f"{location}: no {default_filename} in this folder")
+        return path / default_filename
+    repo_id, _, filename = location.partition(":")
+    filename = filename or default_filename
+    if not filename:
+        raise FileNotFoundError(f"{location}: not a local file; as a Hub repo it needs ':filename'")
+    return Path(hf_hub_download(repo_id, filename, revision=revision, token=token))

@@ -1,0 +1,206 @@
+#!/usr/bin/env python
+"""Evaluate text-to-image models as the SPIN-Diffusion paper does: every model renders the same prompts with
+the same seed per prompt, four reward models score the images (PickScore, HPSv2, ImageReward, Aesthetic),
+and the report gives means, medians and win rates against a baseline with bootstrap 95% CIs.
+
+    accelerate launch evaluate.py --prompts pickapic_test_unique \\
+        --model sd15=runwayml/stable-diffusion-v1-5 \\
+        --model spin-iter1=UCLA-AGI/SPIN-Diffusion-iter1 --model spin-iter3=UCLA-AGI/SPIN-Diffusion-iter3 \\
+        --base_model runwayml/stable-diffusion-v1-5 --baseline sd15 --output_dir eval-spin
+
+A model is a diffusers pipeline, a UNet-only repo/folder (on --base_model) or LoRA weights (on --base_model),
+local or on the Hub, with an optional @revision. Images are saved per model and reused by a rerun.
+"""
+
+import argparse
+import json
+import re
+import sys
+from pathlib import Path
+
+import torch
+from accelerate import PartialState
+from PIL import Image
+from tqdm.auto import tqdm
+
+from scorers import METRICS, load_scorer
+from utils.evaluation import (EvalError, PROMPT_SETS, load_pipeline, load_prompts, markdown_report, plot_radar,
+                              plot_win_rates, resolve_model, summarize)
+from utils.generation import make_grid, prompt_seed
+from utils.models import WEIGHT_DTYPES
+
+
+def parse_args(input_args=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    g = p.add_argument_group("models")
+    g.add_argument("--model", action="append", default=[], metavar="NAME=SPEC",
+                   help="Repeatable. SPEC: Hub repo id or local folder, optionally @revision: a pipeline, a UNet or a LoRA.")
+    g.add_argument("--base_model", default="runwayml/stable-diffusion-v1-5", help="Base pipeline for UNet-only and LoRA models.")
+    g.add_argument("--baseline", default=None, help="NAME of the model win rates are computed against (default: the first).")
+    g.add_argument("--hub_token", default=None, help="Hub token (default: HF_TOKEN or the cached login).")
+    g = p.add_argument_group("prompts")
+    g.add_argument("--prompts", default="pickapic_test_unique",
+                   help=f"One of {sorted(PROMPT_SETS)}, or a .txt (one prompt per line), .parquet, .csv or .json file.")
+    g.add_argument("--prompt_column", default=None, help="Column of a prompt file (default: prompt, caption, Prompt or text).")
+    g.add_argument("--max_prompts", type=int, default=None)
+    g = p.add_argument_group("generation")
+    g.add_argument("--num_inference_steps", type=int, default=50)
+    g.add_argument("--guidance_scale", type=float, default=7.5)
+    g.add_argument("--num_images_per_prompt", type=int, default=1)
+    g.add_argument("--resolution", type=int, default=512)
+    g.add_argument("--seed", type=int, default=0, help="Image j of prompt i uses seed f(seed, i, j), the same for every model.")
+    g.add_argument("--batch_size", type=int, default=8, help="Prompts per generation batch.")
+    g.add_argument("--mixed_precision", choices=["no", "fp16", "bf16"], default="no", help="Generation dtype.")
+    g = p.add_argument_group("scoring")
+    g.add_argument("--metrics", default=",".join(METRICS), help=f"Comma-separated subset of {','.join(METRICS)}.")
+    g.add_argument("--score_batch_size", type=int, default=16)
+    g.add_argument("--pickscore_model", default=None, help="Default yuvalkirstain/PickScore_v1.")
+    g.add_argument("--pickscore_processor", default=None, help="Default laion/CLIP-ViT-H-14-laion2B-s32B-b79K.")
+    g.add_argument("--hps_checkpoint", default=None, help="Default xswu/HPSv2 (HPS_v2_compressed.pt or HPS_v2.1_compressed.pt).")
+    g.add_argument("--hps_version", choices=["v2.0", "v2.1"], default="v2.1", help="v2.0 and v2.1 scores are not comparable.")
+    g.add_argument("--hps_processor", default=None, help="Tokenizer and ViT-H-14 config for HPS (default laion/CLIP-ViT-H-14-laion2B-s32B-b79K).")
+    g.add_argument("--imagereward_checkpoint", default=None, help="Default THUDM/ImageReward (ImageReward.pt + med_config.json).")
+    g.add_argument("--imagereward_tokenizer", default=None, help="Default bert-base-uncased.")
+    g.add_argument("--aesthetic_head", default=None, help="LAION sac+logos+ava1-l14-linearMSE.pth (file, folder or repo:file).")
+    g.add_argument("--aesthetic_clip_model", default=None, help="Default openai/clip-vit-large-patch14.")
+    g = p.add_argument_group("report")
+    g.add_argument("--output_dir", default="eval")
+    g.add_argument("--grid_prompts", type=int, default=8, help="Prompts (rows) in the image grid.")
+    g.add_argument("--bootstrap_resamples", type=int, default=1000)
+    g.add_argument("--push_results_to_hub", action="store_true", help="Add the metrics to the model cards of Hub models (model-index).")
+    args = p.parse_args(input_args)
+
+    if not args.model:
+        p.error("give at least one --model NAME=SPEC")
+    args.metrics = [m.strip() for m in args.metrics.split(",") if m.strip()]
+    unknown = [m for m in args.metrics if m not in METRICS]
+    if unknown or not args.metrics:
+        p.error(f"--metrics: unknown metric(s) {unknown}; choose from {','.join(METRICS)}")
+    names = [m.partition("=")[0] for m in args.model]
+    bad = [n for n in names if not re.fullmatch(r"[A-Za-z0-9_.+-]+", n)]
+    if bad:
+        p.error(f"--model names must be letters, digits, _ . + -: {bad}")
+    if len(set(names)) != len(names):
+        p.error(f"--model names must be unique: {names}")
+    args.baseline = args.baseline or names[0]
+    if args.baseline not in names:
+        p.error(f"--baseline {args.baseline} is not among the models {names}")
+    for name in ("num_inference_steps", "num_images_per_prompt", "resolution", "batch_size", "score_batch_size"):
+        if getattr(args, name) < 1:
+            p.error(f"--{name} must be >= 1")
+    if args.mixed_precision == "fp16" and not torch.cuda.is_available():
+        p.error("--mixed_precision fp16 needs a GPU; use bf16 or no")
+    return args
+
+
+def main(args):
+    state = PartialState()
+    out = Path(args.output_dir)
+    # 1. Everything that can be wrong is checked before generating anything.
+    specs = [resolve_model(m, args.hub_token) for m in args.model]
+    needs_base = [s.name for s in specs if s.kind != "pipeline"]
+    if needs_base:
+        resolve_model(f"base={args.base_model}", args.hub_token)
+    prompts = load_prompts(args.prompts, args.prompt_column, args.max_prompts, args.hub_token)
+    n_img = args.num_images_per_prompt
+    if state.is_main_process:
+        out.mkdir(parents=True, exist_ok=True)
+        print(f"{len(prompts)} prompts x {n_img} image(s) x {len(specs)} models; "
+              + ", ".join(f"{s.name}: {s.kind}" for s in specs))
+
+    # 2. Generation: same seed per (prompt, image) for every model; existing images are kept.
+    dtype = WEIGHT_DTYPES.get(args.mixed_precision, torch.float32)
+    for spec in specs:
+        folder = out / "images" / spec.name
+        folder.mkdir(parents=True, exist_ok=True)
+        todo = [i for i in range(state.process_index, len(prompts), state.num_processes)
+                if not all(image_path(folder, i, j).exists() for j in range(n_img))]
+        if not todo:
+            continue
+        pipe = load_pipeline(spec, args.base_model, dtype, state.device, args.hub_token)
+        bar = tqdm(total=len(todo) * n_img, desc=f"generating {spec.name}", unit="img", disable=not state.is_local_main_process)
+        for start in range(0, len(todo), args.batch_size):
+            chunk = todo[start:start + args.batch_size]
+            jobs = [(i, j) for i in chunk for j in range(n_img)]
+            gens = [torch.Generator(device=state.device).manual_seed(prompt_seed(args.seed, i * n_img + j)) for i, j in jobs]
+            with torch.no_grad():
+                images = pipe([prompts[i] for i, _ in jobs], num_inference_steps=args.num_inference_steps,
+                              guidance_scale=args.guidance_scale, height=args.resolution, width=args.resolution,
+                              generator=gens).images
+            for (i, j), image in zip(jobs, images):
+                image.save(image_path(folder, i, j))
+            bar.update(len(jobs))
+        bar.close()
+        del pipe
+    state.wait_for_everyone()
+    if not state.is_main_process:
+        return None
+
+    # 3. Scoring: one reward model in memory at a time.
+    names = [s.name for s in specs]
+    raw = {name: {} for name in names}  # name -> metric -> per-image scores (prompt-major)
+    locations = {k: getattr(args, k) for k in ("pickscore_model", "pickscore_processor", "hps_checkpoint", "hps_version",
+                                               "hps_processor", "imagereward_checkpoint", "imagereward_tokenizer",
+                                               "aesthetic_head", "aesthetic_clip_model")}
+    jobs = [(i, j) for i in range(len(prompts)) for j in range(n_img)]
+    for metric in args.metrics:
+        scorer = load_scorer(metric, device=state.device, batch_size=args.score_batch_size, **locations)
+        for name in tqdm(names, desc=f"scoring {metric}"):
+            images = [Image.open(image_path(out / "images" / name, i, j)).convert("RGB") for i, j in jobs]
+            raw[name][metric] = [float(s) for s in scorer.score(images, [prompts[i] for i, _ in jobs])]
+        del scorer
+
+    # 4. Report.
+    per_prompt = []
+    for i, prompt in enumerate(prompts):
+        scores = {name: {k: sum(raw[name][k][i * n_img:(i + 1) * n_img]) / n_img for k in args.metrics} for name in names}
+        per_prompt.append({"prompt": prompt, "seed": prompt_seed(args.seed, i * n_img), "scores": scores})
+    summary = summarize(per_prompt, names, args.metrics, args.baseline, args.bootstrap_resamples, args.seed)
+    results = {"baseline": args.baseline, "prompts": args.prompts, "num_prompts": len(prompts),
+               "num_images_per_prompt": n_img, "models": {s.name: vars(s) for s in specs}, "metrics": args.metrics,
+               "generation": {k: getattr(args, k) for k in ("num_inference_steps", "guidance_scale", "resolution", "seed", "mixed_precision")},
+               "summary": summary, "per_prompt": per_prompt}
+    (out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
+    prompts_name = Path(args.prompts).stem if Path(args.prompts).is_file() else args.prompts
+    md = markdown_report(summary, names, args.metrics, args.baseline, prompts_name, len(prompts))
+    (out / "results.md").write_text(md)
+    plot_radar(summary, names, args.metrics, out / "radar.png")
+    plot_win_rates(summary, names, args.metrics, out / "win_rates.png")
+    grid = [Image.open(image_path(out / "images" / name, i, 0)) for i in range(min(args.grid_prompts, len(prompts))) for name in names]
+    make_grid(grid, cols=len(names)).save(out / "grid.png")
+    print(md)
+    print(f"wrote {out / 'results.json'}, results.md, radar.png, win_rates.png, grid.png (columns: {', '.join(names)})")
+    if args.push_results_to_hub:
+        push_results(specs, summary, args.metrics, prompts_name, args.hub_token)
+    return results
+
+
+def image_path(folder, i, j):
+    return folder / f"{i:05d}_{j}.png"
+
+
+def push_results(specs, summary, metrics, prompts_name, token):
+    """Add this evaluation to the model-index of every Hub model's card (local models are skipped)."""
+    from huggingface_hub import EvalResult, ModelCard, ModelCardData
+
+    for spec in specs:
+        if not spec.is_hub:
+            continue
+        try:
+            card = ModelCard.load(spec.location, token=token)
+        except Exception:
+            card = ModelCard(f"---\n{ModelCardData().to_yaml()}\n---\n\n# {spec.location}\n")
+        card.data.model_name = card.data.model_name or spec.location.split("/")[-1]
+        keep = [r for r in (card.data.eval_results or []) if r.dataset_name != prompts_name]
+        card.data.eval_results = keep + [
+            EvalResult(task_type="text-to-image", dataset_type=prompts_name, dataset_name=prompts_name, metric_type=k,
+                       metric_name=f"{k} (mean)", metric_value=round(summary[spec.name][k]["mean"], 6)) for k in metrics]
+        card.push_to_hub(spec.location, token=token, commit_message=f"Add {prompts_name} evaluation (evaluate.py)")
+        print(f"results added to the model card of {spec.location}")
+
+
+if __name__ == "__main__":
+    try:
+        main(parse_args())
+    except EvalError as e:
+        sys.exit(f"error: {e}")

@@ -1,0 +1,119 @@
+"""evaluate.py: model specs of every kind load (pipeline, UNet-only + base, LoRA + base, Hub repo @revision),
+and bad input stops with a clear message before any generation."""
+
+import shutil
+
+import pytest
+import torch
+from helpers import run_sft
+
+import evaluate
+from hub_server import TEST_TOKEN, hub_online
+from utils.evaluation import EvalError, load_pipeline, load_prompts, resolve_model
+
+
+def render(pipe):
+    return pipe("a cat", num_inference_steps=2, height=32, width=32, generator=torch.Generator().manual_seed(0),
+                output_type="np").images
+
+
+@pytest.fixture(scope="module")
+def lora_out(assets, tmp_path_factory):
+    from helpers import sft_args
+
+    out = tmp_path_factory.mktemp("eval-lora")
+    run_sft(*sft_args(assets, out, "--use_lora", "--max_train_steps", "2"))
+    return out
+
+
+def test_pipeline_unet_and_lora_specs_load(assets, tmp_path, lora_out):
+    base = str(assets["pipeline"])
+    unet_only = tmp_path / "unet-only"  # laid out like UCLA-AGI/SPIN-Diffusion-iterN: unet/ and nothing else
+    shutil.copytree(assets["pipeline"] / "unet", unet_only / "unet")
+    root_unet = tmp_path / "root-unet"  # a UNet saved with save_pretrained at the folder's root
+    shutil.copytree(assets["pipeline"] / "unet", root_unet)
+    kinds = {}
+    for arg in (f"full={base}", f"unet={unet_only}", f"rootunet={root_unet}", f"lora={lora_out}"):
+        spec = resolve_model(arg)
+        kinds[spec.name] = spec.kind
+        pipe = load_pipeline(spec, base, torch.float32, "cpu")
+        kinds[spec.name + "_img"] = render(pipe)
+    assert (kinds["full"], kinds["unet"], kinds["rootunet"], kinds["lora"]) == ("pipeline", "unet", "unet", "lora")
+    assert abs(kinds["full_img"] - kinds["unet_img"]).max() < 1e-6  # same UNet on the same base
+    assert abs(kinds["full_img"] - kinds["lora_img"]).max() > 1e-5  # the LoRA changes the result
+
+
+def test_hub_repo_with_revision(assets, tmp_path, hub_server, monkeypatch):
+    from huggingface_hub import HfApi
+
+    monkeypatch.setenv("HF_TOKEN", TEST_TOKEN)
+    with hub_online():
+        api = HfApi(token=TEST_TOKEN)
+        repo = api.create_repo("test-user/eval-rev", exist_ok=True).repo_id
+        api.upload_folder(repo_id=repo, folder_path=str(assets["pipeline"] / "unet"), path_in_repo="unet")
+        api.create_tag(repo, tag="v1")
+        from diffusers import UNet2DConditionModel  # main moves on: a different UNet after the tag
+
+        changed = UNet2DConditionModel.from_pretrained(assets["pipeline"], subfolder="unet")
+        with torch.no_grad():
+            changed.conv_in.bias += 0.5
+        changed.save_pretrained(tmp_path / "changed" / "unet")
+        api.upload_folder(repo_id=repo, folder_path=str(tmp_path / "changed"))
+        spec = resolve_model(f"hubunet={repo}@v1")
+        assert (spec.kind, spec.revision, spec.is_hub) == ("unet", "v1", True)
+        at_v1 = render(load_pipeline(spec, str(assets["pipeline"]), torch.float32, "cpu"))
+        at_main = render(load_pipeline(resolve_model(f"hubmain={repo}"), str(assets["pipeline"]), torch.float32, "cpu"))
+    local = render(load_pipeline(resolve_model(f"full={assets['pipeline']}"), str(assets["pipeline"]), torch.float32, "cpu"))
+    assert abs(at_v1 - local).max() < 1e-6 and abs(at_main - local).max() > 1e-4
+
+
+@pytest.fixture
+def no_generation(monkeypatch):
+    def boom(*a, **k):
+        raise AssertionError("a model was loaded for generation before the bad input was reported")
+    monkeypatch.setattr(evaluate, "load_pipeline", boom)
+
+
+def eval_args(assets, tmp_path, *extra, prompts=None):
+    if prompts is None:
+        prompts = tmp_path / "prompts.txt"
+        prompts.write_text("a red fox\na blue car\n")
+    return ["--model", f"a={assets['pipeline']}", "--prompts", str(prompts), "--output_dir", str(tmp_path / "eval"),
+            "--resolution", "32", "--num_inference_steps", "2", *extra]
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--metrics", "pickscore,clipscore"], "unknown metric(s) ['clipscore']"),
+    (["--baseline", "zzz"], "--baseline zzz is not among the models"),
+    (["--model", "a=elsewhere/x"], "--model names must be unique"),
+])
+def test_bad_flags(assets, tmp_path, capsys, no_generation, extra, message):
+    with pytest.raises(SystemExit):
+        evaluate.main(evaluate.parse_args(eval_args(assets, tmp_path, *extra)))
+    assert message in capsys.readouterr().err
+
+
+def test_model_that_does_not_load_and_empty_prompts(assets, tmp_path, no_generation):
+    with pytest.raises(EvalError, match="no such folder"):
+        evaluate.main(evaluate.parse_args(eval_args(assets, tmp_path, "--model", f"b={tmp_path / 'nothing'}")))
+    not_a_model = tmp_path / "not-a-model"
+    not_a_model.mkdir()
+    (not_a_model / "hello.txt").write_text("hi")
+    with pytest.raises(EvalError, match="neither a diffusers pipeline"):
+        evaluate.main(evaluate.parse_args(eval_args(assets, tmp_path, "--model", f"b={not_a_model}")))
+    empty = tmp_path / "empty.txt"
+    empty.write_text("\n  \n")
+    with pytest.raises(EvalError, match="no prompts found"):
+        evaluate.main(evaluate.parse_args(eval_args(assets, tmp_path, prompts=empty)))
+
+
+def test_prompt_files(tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    path = tmp_path / "p.parquet"
+    pq.write_table(pa.table({"id": [1, 2, 3], "caption": ["x", "y", "z"]}), path)
+    assert load_prompts(str(path)) == ["x", "y", "z"]
+    assert load_prompts(str(path), max_prompts=2) == ["x", "y"]
+    with pytest.raises(EvalError, match="no column"):
+        load_prompts(str(path), prompt_column="text")

@@ -1,0 +1,260 @@
+"""Evaluation pieces: model specs (full pipeline, UNet-only + base, LoRA + base; local or Hub, @revision),
+prompt sets, win rates with bootstrap confidence intervals, and the report (markdown, plots, grid)."""
+
+import json
+import random
+import statistics
+from dataclasses import dataclass
+from pathlib import Path
+
+PROMPT_SETS = {
+    # name: (Hub dataset repo, how to read it)
+    "pickapic_test_unique": ("yuvalkirstain/pickapic_v2", "split test_unique, column caption"),
+    "parti": ("nateraw/parti-prompts", "split train, column Prompt"),
+    "hpsv2": ("zhwang/HPDv2", "benchmark/{anime,concept-art,paintings,photo}.json, 800 each"),
+}
+HPS_STYLES = ("anime", "concept-art", "paintings", "photo")
+
+
+class EvalError(ValueError):
+    """Bad evaluation input, reported before any generation."""
+
+
+# ----------------------------------------------------------------------------- models
+
+
+@dataclass
+class ModelSpec:
+    name: str
+    location: str
+    revision: str | None
+    kind: str  # "pipeline" | "unet" | "lora"
+    unet_subfolder: str | None = None
+
+    @property
+    def is_hub(self):
+        return not Path(self.location).exists()
+
+
+def parse_model_arg(arg):
+    """NAME=SPEC where SPEC is a local path or Hub repo id, optionally followed by @revision."""
+    name, sep, spec = arg.partition("=")
+    if not sep or not name or not spec:
+        raise EvalError(f"--model {arg!r}: expected NAME=PATH_OR_REPO[@REVISION]")
+    location, _, revision = spec.partition("@")
+    return name, location, revision or None
+
+
+def list_files(location, revision=None, token=None):
+    """Relative file paths of a local folder or a Hub model repo (at `revision`)."""
+    path = Path(location).expanduser()
+    if path.is_dir():
+        return [str(p.relative_to(path)) for p in path.rglob("*") if p.is_file()]
+    if path.exists() or location.startswith((".", "/", "~")) or location.count("/") > 1:
+        raise EvalError(f"{location}: no such folder")
+    from huggingface_hub import list_repo_files
+
+    try:
+        return list_repo_files(location, revision=revision, token=token)
+    except Exception as e:
+        raise EvalError(f"{location}{'@' + revision if revision else ''}: cannot list the repo ({type(e).__name__}: {e})") from e
+
+
+def detect_kind(files):
+    """What a folder/repo holds: a diffusers pipeline, LoRA weights, or a UNet (at the root or in unet/)."""
+    names = set(files)
+    if "model_index.json" in names:
+        return "pipeline", None
+    if any(f.endswith("pytorch_lora_weights.safetensors") or f.endswith("pytorch_lora_weights.bin") for f in names):
+        return "lora", None
+    if "unet/config.json" in names:
+        return "unet", "unet"
+    if "config.json" in names and any(f.startswith("diffusion_pytorch_model") for f in names):
+        return "unet", None
+    return None, None
+
+
+def resolve_model(arg, token=None):
+    name, location, revision = parse_model_arg(arg)
+    kind, sub = detect_kind(list_files(location, revision, token))
+    if kind is None:
+        raise EvalError(f"--model {arg}: neither a diffusers pipeline (model_index.json), a UNet (unet/config.json or "
+                        f"config.json + weights) nor LoRA weights (pytorch_lora_weights.safetensors)")
+    return ModelSpec(name, location, revision, kind, sub)
+
+
+def load_pipeline(spec, base_model, dtype, device, token=None):
+    """A StableDiffusionPipeline for `spec`: the pipeline itself, the base with this UNet, or the base + LoRA."""
+    from diffusers import UNet2DConditionModel
+
+    from .models import sd_pipeline
+
+    if spec.kind == "pipeline":
+        pipe = sd_pipeline(spec.location, revision=spec.revision, torch_dtype=dtype, token=token)
+    elif spec.kind == "unet":
+        unet = UNet2DConditionModel.from_pretrained(spec.location, subfolder=spec.unet_subfolder, revision=spec.revision,
+                                                    torch_dtype=dtype, token=token)
+        pipe = sd_pipeline(base_model, unet=unet, torch_dtype=dtype, token=token)
+    else:
+        pipe = sd_pipeline(base_model, torch_dtype=dtype, token=token)
+        pipe.load_lora_weights(spec.location, revision=spec.revision, token=token)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe.to(device)
+
+
+# ----------------------------------------------------------------------------- prompts
+
+
+def load_prompts(source, prompt_column=None, max_prompts=None, token=None):
+    """Prompts from a named benchmark (PROMPT_SETS) or a local .txt (one per line), .parquet, .csv or .json(l)."""
+    path = Path(source).expanduser()
+    if path.is_file():
+        if path.suffix.lower() == ".txt":
+            prompts = [line.strip() for line in path.read_text().splitlines() if line.strip()]
+        else:
+            prompts = _column_prompts(path, prompt_column)
+    elif source == "hpsv2":
+        from huggingface_hub import hf_hub_download
+
+        prompts = []
+        for style in HPS_STYLES:
+            f = hf_hub_download(PROMPT_SETS["hpsv2"][0], f"benchmark/{style}.json", repo_type="dataset", token=token)
+            prompts += json.loads(Path(f).read_text())
+    elif source in ("pickapic_test_unique", "parti"):
+        import datasets
+
+        repo = PROMPT_SETS[source][0]
+        split, column = ("test_unique", "caption") if source == "pickapic_test_unique" else ("train", "Prompt")
+        ds = datasets.load_dataset(repo, split=split, streaming=True, token=token).select_columns([column])
+        prompts = [row[column] for row in ds]
+    else:
+        raise EvalError(f"--prompts {source}: not a file and not one of {sorted(PROMPT_SETS)}")
+    prompts = [str(p) for p in prompts if p is not None and str(p).strip()]
+    if max_prompts:
+        prompts = prompts[:max_prompts]
+    if not prompts:
+        raise EvalError(f"--prompts {source}: no prompts found")
+    return prompts
+
+
+def _column_prompts(path, column):
+    import datasets
+
+    builder = {".parquet": "parquet", ".csv": "csv", ".json": "json", ".jsonl": "json"}.get(path.suffix.lower())
+    if builder is None:
+        raise EvalError(f"--prompts {path}: unsupported file type (use .txt, .parquet, .csv, .json or .jsonl)")
+    ds = datasets.load_dataset(builder, data_files=str(path), split="train")
+    candidates = [column] if column else ["prompt", "caption", "Prompt", "text"]
+    found = next((c for c in candidates if c in ds.column_names), None)
+    if found is None:
+        raise EvalError(f"--prompts {path}: no column {candidates if column else 'named prompt/caption/Prompt/text'} "
+                        f"(columns: {ds.column_names}); pass --prompt_column")
+    return ds[found]
+
+
+# ----------------------------------------------------------------------------- statistics
+
+
+def win_rate(model_scores, baseline_scores):
+    """Share of prompts where the model scores higher than the baseline (a tie counts one half)."""
+    wins = [1.0 if m > b else 0.5 if m == b else 0.0 for m, b in zip(model_scores, baseline_scores)]
+    return sum(wins) / len(wins)
+
+
+def bootstrap_ci(values_fn, n, resamples=1000, seed=0, level=0.95):
+    """Percentile bootstrap CI of a statistic: `values_fn(indices)` computes it on a resample of prompt indices."""
+    rng = random.Random(seed)
+    stats = sorted(values_fn([rng.randrange(n) for _ in range(n)]) for _ in range(resamples))
+    lo, hi = stats[int((1 - level) / 2 * resamples)], stats[min(resamples - 1, int((1 + level) / 2 * resamples))]
+    return [lo, hi]
+
+
+def summarize(per_prompt, models, metrics, baseline, resamples=1000, seed=0):
+    """{model: {metric: {mean, median, win_rate, win_rate_ci}, "average": {win_rate, win_rate_ci}}}."""
+    n = len(per_prompt)
+    col = {(m, k): [p["scores"][m][k] for p in per_prompt] for m in models for k in metrics}
+    out = {}
+    for m in models:
+        out[m] = {}
+        for k in metrics:
+            xs, bs = col[(m, k)], col[(baseline, k)]
+            out[m][k] = {
+                "mean": statistics.fmean(xs), "median": statistics.median(xs), "win_rate": win_rate(xs, bs),
+                "win_rate_ci": bootstrap_ci(lambda idx: win_rate([xs[i] for i in idx], [bs[i] for i in idx]), n, resamples, seed),
+            }
+
+        def average(idx, m=m):
+            return statistics.fmean(win_rate([col[(m, k)][i] for i in idx], [col[(baseline, k)][i] for i in idx]) for k in metrics)
+
+        out[m]["average"] = {"win_rate": average(range(n)), "win_rate_ci": bootstrap_ci(average, n, resamples, seed)}
+    return out
+
+
+# ----------------------------------------------------------------------------- report
+
+
+def markdown_report(summary, models, metrics, baseline, prompts_name, n_prompts):
+    def table(title, cell):
+        head = "| model | " + " | ".join(metrics) + " |\n|---|" + "---|" * len(metrics) + "\n"
+        rows = "".join(f"| {m} | " + " | ".join(cell(m, k) for k in metrics) + " |\n" for m in models)
+        return f"### {title}\n\n{head}{rows}\n"
+
+    md = f"# Evaluation on {prompts_name} ({n_prompts} prompts)\n\nBaseline for win rates: `{baseline}`.\n\n"
+    md += table("Mean", lambda m, k: f"{summary[m][k]['mean']:.4f}")
+    md += table("Median", lambda m, k: f"{summary[m][k]['median']:.4f}")
+    md += table(f"Win rate against {baseline} (95% bootstrap CI)", lambda m, k: _rate(summary[m][k]))
+    md += "| model | average win rate |\n|---|---|\n" + "".join(f"| {m} | {_rate(summary[m]['average'])} |\n" for m in models)
+    return md
+
+
+def _rate(entry):
+    lo, hi = entry["win_rate_ci"]
+    return f"{100 * entry['win_rate']:.1f}% [{100 * lo:.1f}, {100 * hi:.1f}]"
+
+
+def plot_radar(summary, models, metrics, path):
+    """Radar chart of each model's win rate per metric (all on the same 0-1 scale)."""
+    import math
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    angles = [2 * math.pi * i / len(metrics) for i in range(len(metrics))] + [0.0]
+    fig = plt.figure(figsize=(6, 6))
+    ax = fig.add_subplot(polar=True)
+    for m in models:
+        values = [summary[m][k]["win_rate"] for k in metrics]
+        ax.plot(angles, values + values[:1], label=m)
+        ax.fill(angles, values + values[:1], alpha=0.1)
+    ax.set_xticks(angles[:-1], metrics)
+    ax.set_ylim(0, 1)
+    ax.set_title("win rate against the baseline")
+    ax.legend(loc="upper right", bbox_to_anchor=(1.3, 1.1))
+    fig.savefig(path, dpi=100, bbox_inches="tight")
+    plt.close(fig)
+
+
+def plot_win_rates(summary, models, metrics, path):
+    """Grouped bars of win rates with their 95% CIs, one group per metric plus the average."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    groups = list(metrics) + ["average"]
+    width = 0.8 / max(1, len(models))
+    fig, ax = plt.subplots(figsize=(1.6 * len(groups) + 2, 4))
+    for j, m in enumerate(models):
+        rates = [summary[m][g]["win_rate"] for g in groups]
+        err = [[r - summary[m][g]["win_rate_ci"][0] for r, g in zip(rates, groups)],
+               [summary[m][g]["win_rate_ci"][1] - r for r, g in zip(rates, groups)]]
+        ax.bar([i + j * width for i in range(len(groups))], rates, width, yerr=err, capsize=3, label=m)
+    ax.axhline(0.5, color="gray", linestyle="--", linewidth=1)
+    ax.set_xticks([i + width * (len(models) - 1) / 2 for i in range(len(groups))], groups)
+    ax.set_ylim(0, 1)
+    ax.set_ylabel("win rate")
+    ax.legend(loc="upper left", bbox_to_anchor=(1.0, 1.0))
+    fig.savefig(path, dpi=100, bbox_inches="tight")
+    plt.close(fig)

@@ -24,8 +24,17 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from scorers import METRICS, load_scorer
-from utils.evaluation import (EvalError, PROMPT_SETS, load_pipeline, load_prompts, markdown_report, plot_radar,
-                              plot_win_rates, resolve_model, summarize)
+from utils.evaluation import (
+    PROMPT_SETS,
+    EvalError,
+    load_pipeline,
+    load_prompts,
+    markdown_report,
+    plot_radar,
+    plot_win_rates,
+    resolve_model,
+    summarize,
+)
 from utils.generation import make_grid, prompt_seed
 from utils.models import WEIGHT_DTYPES
 

@@ -9,31 +9,52 @@ The output folder loads with `StableDiffusionPipeline.from_pretrained(output_dir
 `pipe.load_lora_weights(output_dir)` (LoRA).
 """
 
-import logging
 import math
-import os
 import sys
 from pathlib import Path
 
 import torch
-from accelerate import Accelerator
 from accelerate.logging import get_logger
-from accelerate.utils import ProjectConfiguration, set_seed
+from accelerate.utils import set_seed
 from diffusers.optimization import get_scheduler
 from tqdm.auto import tqdm
 
-from utils.args import (add_data_args, add_hub_args, add_model_args, add_training_args, make_parser,
-                        parse_with_config, save_args, tracker_config, validate_training_args)
-from utils.checkpointing import (register_checkpoint_hooks, resolve_resume_checkpoint, resume_position, save_checkpoint,
-                                 step_of)
-from utils.data import (DataError, EpochSampler, LatentCache, StreamingTrainDataset, TrainDataset, caption_of, collate,
-                        load_training_dataset, set_epoch)
+from utils.args import (
+    add_data_args,
+    add_hub_args,
+    add_model_args,
+    add_training_args,
+    make_parser,
+    parse_with_config,
+    tracker_config,
+    validate_training_args,
+)
+from utils.checkpointing import register_checkpoint_hooks, resolve_resume_checkpoint, resume_position, save_checkpoint, step_of
+from utils.data import (
+    DataError,
+    EpochSampler,
+    LatentCache,
+    StreamingTrainDataset,
+    TrainDataset,
+    caption_of,
+    collate,
+    load_training_dataset,
+    set_epoch,
+)
 from utils.generation import log_images, make_grid, render
 from utils.hub import push_folder, write_model_card
-from utils.losses import (diffusion_target, min_snr_weights, per_sample_mse, sample_noise_and_timesteps, sft_loss,
-                          step_generator)
-from utils.models import (add_lora, encode_images, encode_prompt, freeze, load_sd_components, make_optimizer,
-                          save_lora, sd_pipeline, trainable_parameters, vae_latent_params, weight_dtype)
+from utils.losses import diffusion_target, min_snr_weights, per_sample_mse, sample_noise_and_timesteps, sft_loss, step_generator
+from utils.models import (
+    add_lora,
+    encode_images,
+    encode_prompt,
+    make_optimizer,
+    save_lora,
+    sd_pipeline,
+    trainable_parameters,
+    vae_latent_params,
+)
+from utils.training import init_run, load_frozen_components
 
 logger = get_logger(__name__)
 
@@ -52,20 +73,7 @@ def parse_args(input_args=None):
 
 def main(args):
     output_dir = Path(args.output_dir)
-    accelerator = Accelerator(
-        gradient_accumulation_steps=args.gradient_accumulation_steps,
-        mixed_precision=args.mixed_precision,
-        log_with=None if args.report_to == "none" else args.report_to,
-        project_config=ProjectConfiguration(project_dir=str(output_dir), logging_dir=str(output_dir / args.logging_dir)),
-    )
-    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
-    if args.allow_tf32:
-        torch.backends.cuda.matmul.allow_tf32 = True
-    if args.scale_lr:  # before saving the args, so training_args.json and the card show the lr really used
-        args.learning_rate *= args.gradient_accumulation_steps * args.train_batch_size * accelerator.num_processes
-    if accelerator.is_main_process:
-        output_dir.mkdir(parents=True, exist_ok=True)
-        save_args(args, output_dir / "training_args.json")
+    accelerator = init_run(args)
 
     # 1. Data first: a bad path, column or empty split fails here, before any model is loaded.
     hf_dataset, spec = load_training_dataset(args, accelerator.num_processes, accelerator.process_index)
@@ -74,12 +82,7 @@ def main(args):
 
     # 2. Models: only the UNet trains; VAE and text encoder are frozen in the compute dtype.
     set_seed(args.seed)
-    tokenizer, text_encoder, vae, unet, noise_scheduler = load_sd_components(
-        args.pretrained_model_name_or_path, args.revision, args.variant, args.prediction_type, args.cache_dir)
-    dtype = weight_dtype(accelerator.mixed_precision)
-    freeze(text_encoder, vae)
-    text_encoder.to(accelerator.device, dtype)
-    vae.to(accelerator.device, dtype)
+    tokenizer, text_encoder, vae, unet, noise_scheduler, dtype = load_frozen_components(args, accelerator)
     ema_unet = None
     if args.use_lora:
         add_lora(unet, args.rank, args.lora_alpha, args.lora_target_modules.split(","))

@@ -16,28 +16,52 @@ Rerunning the same command resumes: finished generation shards, checkpoints and 
 """
 
 import json
-import logging
 import math
 import sys
 from pathlib import Path
 
 import torch
-from accelerate import Accelerator
 from accelerate.logging import get_logger
-from accelerate.utils import ProjectConfiguration, set_seed
+from accelerate.utils import set_seed
 from diffusers.optimization import get_scheduler
 from tqdm.auto import tqdm
 
-from utils.args import (add_data_args, add_hub_args, add_model_args, add_training_args, make_parser,
-                        parse_with_config, save_args, tracker_config, validate_training_args)
-from utils.checkpointing import (RunState, register_checkpoint_hooks, resolve_resume_checkpoint, resume_position,
-                                 save_checkpoint, step_of)
+from utils.args import (
+    add_data_args,
+    add_hub_args,
+    add_model_args,
+    add_training_args,
+    make_parser,
+    parse_with_config,
+    save_args,
+    tracker_config,
+    validate_training_args,
+)
+from utils.checkpointing import (
+    RunState,
+    register_checkpoint_hooks,
+    resolve_resume_checkpoint,
+    resume_position,
+    save_checkpoint,
+    step_of,
+)
 from utils.data import DataError, EpochSampler, PairDataset, TrainDataset, caption_of, collate, load_training_dataset, set_epoch
 from utils.generation import SyntheticStore, generate_opponent_samples
 from utils.hub import push_folder, write_model_card
 from utils.losses import diffusion_target, min_snr_weights, per_sample_mse, sample_noise_and_timesteps, spin_loss, step_generator
-from utils.models import (Reference, add_lora, encode_images, encode_prompt, freeze, load_lora, load_sd_components,
-                          load_unet, make_optimizer, save_lora, sd_pipeline, trainable_parameters, weight_dtype)
+from utils.models import (
+    Reference,
+    add_lora,
+    encode_images,
+    encode_prompt,
+    load_lora,
+    load_unet,
+    make_optimizer,
+    save_lora,
+    sd_pipeline,
+    trainable_parameters,
+)
+from utils.training import init_run, load_frozen_components
 
 logger = get_logger(__name__)
 LOGGED = ("loss", "implicit_acc", "reward_margin", "model_err_real", "model_err_gen", "ref_err_real", "ref_err_gen")
@@ -82,20 +106,7 @@ def parse_args(input_args=None):
 
 def main(args):
     output_dir = Path(args.output_dir)
-    accelerator = Accelerator(
-        gradient_accumulation_steps=args.gradient_accumulation_steps,
-        mixed_precision=args.mixed_precision,
-        log_with=None if args.report_to == "none" else args.report_to,
-        project_config=ProjectConfiguration(project_dir=str(output_dir), logging_dir=str(output_dir / args.logging_dir)),
-    )
-    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
-    if args.allow_tf32:
-        torch.backends.cuda.matmul.allow_tf32 = True
-    if args.scale_lr:  # before saving the args, so training_args.json and the cards show the lr really used
-        args.learning_rate *= args.gradient_accumulation_steps * args.train_batch_size * accelerator.num_processes
-    if accelerator.is_main_process:
-        output_dir.mkdir(parents=True, exist_ok=True)
-        save_args(args, output_dir / "training_args.json")
+    accelerator = init_run(args)
 
     # 1. Data and Hub identity first: bad input fails before any model is loaded.
     hf_dataset, spec = load_training_dataset(args)
@@ -108,12 +119,7 @@ def main(args):
     logger.info(f"{len(captions)} training prompts; {num_iterations} iteration(s); state: {state.data}")
 
     set_seed(args.seed)
-    tokenizer, text_encoder, vae, _, noise_scheduler = load_sd_components(
-        args.pretrained_model_name_or_path, args.revision, args.variant, args.prediction_type, args.cache_dir)
-    dtype = weight_dtype(accelerator.mixed_precision)
-    freeze(text_encoder, vae)
-    text_encoder.to(accelerator.device, dtype)
-    vae.to(accelerator.device, dtype)
+    tokenizer, text_encoder, vae, _, noise_scheduler, dtype = load_frozen_components(args, accelerator)
     if accelerator.is_main_process:
         state.update(num_iterations=num_iterations)
 

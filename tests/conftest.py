@@ -19,10 +19,9 @@ _TMP_ROOT = Path(tempfile.mkdtemp(prefix="spin-tests-"))
 atexit.register(shutil.rmtree, _TMP_ROOT, ignore_errors=True)
 _hub.setup_test_environment(_TMP_ROOT)
 
+import make_tiny_assets  # noqa: E402
 import pytest  # noqa: E402
 from hub_server import TEST_TOKEN, hub_online, hub_server  # noqa: E402,F401
-
-import make_tiny_assets  # noqa: E402
 
 
 @pytest.fixture(scope="session")

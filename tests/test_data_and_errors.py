@@ -55,7 +55,7 @@ def no_model_loading(monkeypatch):
     """Any model load during the test fails it: bad input must be caught before."""
     def boom(*a, **k):
         raise AssertionError("a model was loaded before the bad input was reported")
-    monkeypatch.setattr(train_sft, "load_sd_components", boom)
+    monkeypatch.setattr(train_sft, "load_frozen_components", boom)
 
 
 @pytest.mark.parametrize("extra, dataset_key, message", [

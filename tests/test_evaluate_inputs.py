@@ -6,9 +6,9 @@ import shutil
 import pytest
 import torch
 from helpers import run_sft
+from hub_server import TEST_TOKEN, hub_online
 
 import evaluate
-from hub_server import TEST_TOKEN, hub_online
 from utils.evaluation import EvalError, load_pipeline, load_prompts, resolve_model
 
 

@@ -4,7 +4,6 @@ result back by repo id the way a user would."""
 import pytest
 import torch
 from helpers import max_abs_diff, run_sft, sft_args, tensors
-
 from hub_server import TEST_TOKEN, hub_online
 
 

@@ -249,12 +249,11 @@ def test_errors_map_to_client_exceptions(tmp_path):
 
 
 def test_offline_outside_hub_online(tmp_path):
+    import diffusers.loaders.lora_base as lora_base
+    import diffusers.utils.hub_utils as diffusers_hub_utils
     import huggingface_hub.constants as constants
     from huggingface_hub import hf_hub_download
     from huggingface_hub.errors import LocalEntryNotFoundError
-
-    import diffusers.loaders.lora_base as lora_base
-    import diffusers.utils.hub_utils as diffusers_hub_utils
 
     assert constants.HF_HUB_OFFLINE and lora_base.HF_HUB_OFFLINE and diffusers_hub_utils.HF_HUB_OFFLINE
     with hub_online():

@@ -6,7 +6,6 @@ import json
 import pytest
 import torch
 from helpers import run_spin, spin_args, tensors
-
 from hub_server import TEST_TOKEN, hub_online
 
 

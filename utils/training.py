@@ -1,0 +1,45 @@
+"""The start shared by the training scripts: the Accelerator (precision, accumulation, trackers, logging)
+and the frozen Stable Diffusion components. The training loops themselves stay in the scripts."""
+
+import logging
+from pathlib import Path
+
+import torch
+
+from .args import save_args
+from .models import freeze, load_sd_components, weight_dtype
+
+
+def init_run(args):
+    """Accelerator + logging + TF32; applies --scale_lr (so training_args.json records the lr really used)
+    and writes training_args.json (never the token) on the main process."""
+    from accelerate import Accelerator
+    from accelerate.utils import ProjectConfiguration
+
+    output_dir = Path(args.output_dir)
+    accelerator = Accelerator(
+        gradient_accumulation_steps=args.gradient_accumulation_steps,
+        mixed_precision=args.mixed_precision,
+        log_with=None if args.report_to == "none" else args.report_to,
+        project_config=ProjectConfiguration(project_dir=str(output_dir), logging_dir=str(output_dir / args.logging_dir)),
+    )
+    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
+    if args.allow_tf32:
+        torch.backends.cuda.matmul.allow_tf32 = True
+    if args.scale_lr:
+        args.learning_rate *= args.gradient_accumulation_steps * args.train_batch_size * accelerator.num_processes
+    if accelerator.is_main_process:
+        output_dir.mkdir(parents=True, exist_ok=True)
+        save_args(args, output_dir / "training_args.json")
+    return accelerator
+
+
+def load_frozen_components(args, accelerator):
+    """tokenizer, text_encoder, vae (frozen, on the device in the compute dtype), unet, noise scheduler, dtype."""
+    tokenizer, text_encoder, vae, unet, noise_scheduler = load_sd_components(
+        args.pretrained_model_name_or_path, args.revision, args.variant, args.prediction_type, args.cache_dir)
+    dtype = weight_dtype(accelerator.mixed_precision)
+    freeze(text_encoder, vae)
+    text_encoder.to(accelerator.device, dtype)
+    vae.to(accelerator.device, dtype)
+    return tokenizer, text_encoder, vae, unet, noise_scheduler, dtype

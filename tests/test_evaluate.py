@@ -1,0 +1,95 @@
+"""evaluate.py end to end: two tiny models, a 6-prompt file, the four tiny scorers in the official formats
+(tests/golden) -> results.json, results.md, plots and the grid; a rerun reuses the generated images."""
+
+import json
+import statistics
+from pathlib import Path
+
+from helpers import run_sft, sft_args
+
+import evaluate
+
+GOLDEN = Path(__file__).resolve().parent / "golden"
+SCORER_FLAGS = [
+    "--pickscore_model", GOLDEN / "clip/pickscore/model", "--pickscore_processor", GOLDEN / "clip/pickscore/processor",
+    "--hps_checkpoint", GOLDEN / "clip/hps/HPS_v2.1_compressed.pt", "--hps_processor", GOLDEN / "clip/hps/processor",
+    "--imagereward_checkpoint", GOLDEN / "imagereward", "--imagereward_tokenizer", GOLDEN / "imagereward/tokenizer",
+    "--aesthetic_head", GOLDEN / "clip/aesthetic/sac+logos+ava1-l14-linearMSE.pth",
+    "--aesthetic_clip_model", GOLDEN / "clip/aesthetic/clip",
+]
+
+
+def test_two_models_six_prompts_all_metrics(assets, tmp_path, monkeypatch):
+    lora = tmp_path / "lora"
+    run_sft(*sft_args(assets, lora, "--use_lora", "--max_train_steps", "3", "--learning_rate", "5e-3"))
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a red fox\na blue car\nthe moon over a lake\na bowl of soup\na castle on a hill\na small boat\n")
+    out = tmp_path / "eval"
+    argv = ["--model", f"base={assets['pipeline']}", "--model", f"sft={lora}", "--base_model", str(assets["pipeline"]),
+            "--baseline", "base", "--prompts", str(prompts), "--resolution", "32", "--num_inference_steps", "3",
+            "--batch_size", "4", "--output_dir", str(out), "--bootstrap_resamples", "200", *map(str, SCORER_FLAGS)]
+    results = evaluate.main(evaluate.parse_args(argv))
+
+    saved = json.loads((out / "results.json").read_text())
+    assert saved == json.loads(json.dumps(results))
+    assert {"baseline", "models", "metrics", "per_prompt", "summary"} <= set(saved)
+    metrics = ["pickscore", "hpsv2", "imagereward", "aesthetic"]
+    assert saved["baseline"] == "base" and saved["metrics"] == metrics and set(saved["models"]) == {"base", "sft"}
+    assert [p["prompt"] for p in saved["per_prompt"]] == prompts.read_text().split("\n")[:6]
+    assert len({p["seed"] for p in saved["per_prompt"]}) == 6
+    for model in ("base", "sft"):
+        for k in metrics:
+            entry = saved["summary"][model][k]
+            xs = [p["scores"][model][k] for p in saved["per_prompt"]]
+            bs = [p["scores"]["base"][k] for p in saved["per_prompt"]]
+            assert entry["mean"] == statistics.fmean(xs) and entry["median"] == statistics.median(xs)
+            expected = sum(1.0 if x > b else 0.5 if x == b else 0.0 for x, b in zip(xs, bs)) / 6
+            assert entry["win_rate"] == expected and 0 <= entry["win_rate"] <= 1
+            lo, hi = entry["win_rate_ci"]
+            assert 0 <= lo <= entry["win_rate"] <= hi <= 1
+        avg = saved["summary"][model]["average"]["win_rate"]
+        assert avg == statistics.fmean(saved["summary"][model][k]["win_rate"] for k in metrics)
+    assert saved["summary"]["base"]["pickscore"]["win_rate"] == 0.5  # against itself: all ties
+    # The LoRA changed the images, so at least one metric sees a difference on some prompt.
+    assert any(p["scores"]["sft"][k] != p["scores"]["base"][k] for p in saved["per_prompt"] for k in metrics)
+    md = (out / "results.md").read_text()
+    assert "### Mean" in md and "### Median" in md and "Win rate against base" in md and "| sft |" in md
+    for f in ("radar.png", "win_rates.png", "grid.png"):
+        assert (out / f).stat().st_size > 1000
+    from PIL import Image
+
+    assert Image.open(out / "grid.png").size == (2 * 32, 6 * 32)  # prompts x models
+    images = sorted((out / "images").rglob("*.png"))
+    assert len(images) == 12
+    mtimes = {p: p.stat().st_mtime_ns for p in images}
+
+    def no_loading(*a, **k):
+        raise AssertionError("the rerun regenerated images")
+
+    monkeypatch.setattr(evaluate, "load_pipeline", no_loading)
+    again = evaluate.main(evaluate.parse_args(argv))
+    assert {p: p.stat().st_mtime_ns for p in images} == mtimes
+    assert again["summary"] == results["summary"]
+
+
+def test_push_results_adds_model_index_to_hub_card(assets, tmp_path, hub_server, monkeypatch):
+    import yaml
+    from huggingface_hub import HfApi
+
+    from hub_server import TEST_TOKEN, hub_online
+
+    monkeypatch.setenv("HF_TOKEN", TEST_TOKEN)
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a red fox\na blue car\n")
+    with hub_online():
+        api = HfApi(token=TEST_TOKEN)
+        repo = api.create_repo("test-user/eval-card", exist_ok=True).repo_id
+        api.upload_folder(repo_id=repo, folder_path=str(assets["pipeline"]))
+        results = evaluate.main(evaluate.parse_args([
+            "--model", f"hub={repo}", "--model", f"local={assets['pipeline']}", "--prompts", str(prompts),
+            "--resolution", "32", "--num_inference_steps", "2", "--output_dir", str(tmp_path / "eval"),
+            "--metrics", "aesthetic,pickscore", "--push_results_to_hub", *map(str, SCORER_FLAGS)]))
+        card = hub_server.read_file(repo, "README.md").decode()
+    meta = yaml.safe_load(card.split("---")[1])
+    metrics = {m["type"]: m["value"] for m in meta["model-index"][0]["results"][0]["metrics"]}
+    assert metrics == {k: round(results["summary"]["hub"][k]["mean"], 6) for k in ("aesthetic", "pickscore")}

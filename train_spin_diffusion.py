@@ -45,14 +45,23 @@ from utils.checkpointing import (
     save_checkpoint,
     step_of,
 )
-from utils.data import DataError, EpochSampler, PairDataset, TrainDataset, caption_of, collate, load_training_dataset, set_epoch
+from utils.data import (
+    DataError,
+    EpochSampler,
+    PairDataset,
+    TrainDataset,
+    caption_of,
+    collate,
+    load_training_dataset,
+    set_epoch,
+    tokenize,
+)
 from utils.generation import SyntheticStore, generate_opponent_samples
 from utils.hub import push_folder, write_model_card
-from utils.losses import diffusion_target, min_snr_weights, per_sample_mse, sample_noise_and_timesteps, spin_loss, step_generator
+from utils.losses import min_snr_weights, spin_loss, step_generator
 from utils.models import (
     Reference,
     add_lora,
-    encode_images,
     encode_prompt,
     load_lora,
     load_unet,
@@ -61,6 +70,7 @@ from utils.models import (
     sd_pipeline,
     trainable_parameters,
 )
+from utils.spin import pair_errors, pair_inputs, precompute_reference
 from utils.training import init_run, load_frozen_components
 
 logger = get_logger(__name__)
@@ -82,6 +92,10 @@ def parse_args(input_args=None):
     g.add_argument("--negative_source", choices=["self", "dataset"], default="self",
                    help="self: SPIN (the previous iterate's samples). dataset: the Pick-a-Pic loser with the start model as "
                         "reference, one iteration (Diffusion-DPO).")
+    g.add_argument("--precompute_reference", action="store_true",
+                   help="Draw each pair's t and noise during generation and compute the reference errors there, with theta_k "
+                        "already loaded; training then runs no reference forward and holds no reference model. Fixes each "
+                        "pair's t, noise and real latent (center crop, no flip) for the iteration.")
     g.add_argument("--offload_reference", action="store_true", help="Full fine-tuning: keep the frozen reference UNet on the CPU between uses.")
     g.add_argument("--gen_num_inference_steps", type=int, default=50)
     g.add_argument("--gen_guidance_scale", type=float, default=7.5)
@@ -99,6 +113,10 @@ def parse_args(input_args=None):
                      "use --max_train_samples to train on a subset")
     if args.num_iterations < 1 or args.beta <= 0 or args.gen_batch_size < 1 or args.gen_shard_size < 1:
         parser.error("--num_iterations, --beta, --gen_batch_size and --gen_shard_size must be positive")
+    if args.precompute_reference and args.negative_source == "dataset":
+        parser.error("--precompute_reference works with --negative_source self (it runs during the generation phase)")
+    if args.precompute_reference and (args.noise_offset or args.random_flip):
+        parser.error("--precompute_reference fixes each pair's noise and real latent: drop --noise_offset / --random_flip")
     if args.push_synthetic_dataset and not args.push_to_hub:
         parser.error("--push_synthetic_dataset needs --push_to_hub")
     return validate_training_args(parser, args)
@@ -139,10 +157,15 @@ def main(args):
             store = SyntheticStore(it_dir / "synthetic", len(captions), args.gen_shard_size)
             if store.missing_shards(accelerator.process_index, accelerator.num_processes):
                 pipeline = opponent_pipeline(args, unet, vae, text_encoder, tokenizer, accelerator.device)
+                extras = None
+                if args.precompute_reference:
+                    real_images = TrainDataset(hf_dataset, spec, tokenizer, args.resolution, center_crop=True, seed=args.seed + k)
+                    extras = reference_extras(args, real_images, unet, vae, text_encoder, noise_scheduler, dtype, accelerator)
                 generate_opponent_samples(
                     pipeline, captions, store, args.seed, k, args.gen_batch_size, args.gen_num_inference_steps,
                     args.gen_guidance_scale, args.resolution, accelerator.process_index, accelerator.num_processes,
-                    autocast_dtype=dtype if dtype != torch.float32 else None, progress=accelerator.is_local_main_process)
+                    autocast_dtype=dtype if dtype != torch.float32 else None, progress=accelerator.is_local_main_process,
+                    extras=extras)
                 del pipeline
             accelerator.wait_for_everyone()
             if accelerator.is_main_process:
@@ -179,6 +202,8 @@ def load_policy_and_reference(args, k, dtype, device):
         unet = load_unet(source[0], revision=source[1], variant=args.variant if k == 0 else None, cache_dir=args.cache_dir)
         if args.gradient_checkpointing:
             unet.enable_gradient_checkpointing()
+        if args.precompute_reference:  # the reference errors come from the generation phase: no frozen copy
+            return unet.to(device), None
         reference = Reference.frozen_copy(unet, dtype, device, offload=args.offload_reference)
         return unet.to(device), reference
     unet = load_unet(args.pretrained_model_name_or_path, revision=args.revision, variant=args.variant, cache_dir=args.cache_dir)
@@ -187,6 +212,7 @@ def load_policy_and_reference(args, k, dtype, device):
     ref_adapter = None
     if k > 0:
         load_lora(unet, previous)
+    if k > 0 and not args.precompute_reference:
         add_lora(unet, args.rank, args.lora_alpha, targets, adapter_name="reference")
         load_lora(unet, previous, adapter_name="reference")
         unet.set_adapter("default")  # trains "default"; "reference" stays frozen
@@ -196,7 +222,7 @@ def load_policy_and_reference(args, k, dtype, device):
         p.data = p.data.float()
     if args.gradient_checkpointing:
         unet.enable_gradient_checkpointing()
-    return unet, Reference(unet, adapter=ref_adapter)
+    return unet, None if args.precompute_reference else Reference(unet, adapter=ref_adapter)
 
 
 def opponent_pipeline(args, unet, vae, text_encoder, tokenizer, device):
@@ -208,6 +234,43 @@ def opponent_pipeline(args, unet, vae, text_encoder, tokenizer, device):
         pipeline.scheduler = DDIMScheduler.from_config(pipeline.scheduler.config)
     pipeline.set_progress_bar_config(disable=True)
     return pipeline.to(device)
+
+
+def spin_forward(unet, reference, vae, text_encoder, noise_scheduler, batch, generator, dtype, args, autocast):
+    """One micro-batch of the SPIN / Diffusion-DPO loss: (loss, logged values). One policy forward over the
+    concatenated (real, negative) batch; the reference errors come from one reference forward, or from the
+    batch when they were precomputed during generation."""
+    real, negative, t, noise, noise_neg = pair_inputs(batch, vae, generator, dtype, noise_scheduler.config.num_train_timesteps,
+                                                      not args.no_share_noise, args.noise_offset)
+    with torch.no_grad():
+        prompt_embeds = encode_prompt(text_encoder, batch["input_ids"])
+        if "ref_err_real" in batch:
+            ref_err = torch.cat([batch["ref_err_real"], batch["ref_err_gen"]]).to(real.device)
+        else:
+            with autocast():  # before the policy forward: LoRA adapter switches touch requires_grad
+                ref_err, _ = pair_errors(reference, noise_scheduler, real, negative, t, noise, noise_neg, prompt_embeds)
+    model_err, timesteps = pair_errors(unet, noise_scheduler, real, negative, t, noise, noise_neg, prompt_embeds)
+    if args.snr_gamma:
+        w = min_snr_weights(noise_scheduler, timesteps, args.snr_gamma)
+        model_err, ref_err = model_err * w, ref_err * w
+    m_real, m_gen = model_err.chunk(2)
+    r_real, r_gen = ref_err.float().chunk(2)
+    return spin_loss(m_real, m_gen, r_real, r_gen, args.beta)
+
+
+def reference_extras(args, real_images, unet, vae, text_encoder, noise_scheduler, dtype, accelerator):
+    """For --precompute_reference: per generated chunk, the real latents, t, noise seeds and theta_k's errors."""
+    def extras(indices, seeds, gen_latents):
+        rows = [real_images.ds[i] for i in indices]
+        pixels = [real_images.pixels(real_images.image_value(row), i) for row, i in zip(rows, indices)]
+        valid = torch.tensor([p is not None for p in pixels])  # an undecodable real image: replaced at training time
+        pixels = torch.stack([p if p is not None else torch.zeros(3, args.resolution, args.resolution) for p in pixels])
+        ids = tokenize(real_images.tokenizer, [caption_of(row[real_images.spec["caption"]]) for row in rows])
+        out = precompute_reference(unet, vae, text_encoder, noise_scheduler, pixels, gen_latents.to(accelerator.device),
+                                   ids, seeds, dtype, not args.no_share_noise, accelerator.autocast)
+        return out | {"valid": valid}
+
+    return extras
 
 
 def train_iteration(args, accelerator, k, it_dir, unet, reference, store, hf_dataset, spec, tokenizer, text_encoder,
@@ -245,7 +308,6 @@ def train_iteration(args, accelerator, k, it_dir, unet, reference, store, hf_dat
         first_epoch, skip_batches, micro_step = resume_position(global_step, args.gradient_accumulation_steps, len(train_dataloader))
         logger.info(f"iteration {k + 1}: resumed from {checkpoint} at step {global_step}")
 
-    T = noise_scheduler.config.num_train_timesteps
     sums, first, logs, counted, skipped_images = {}, None, {}, 0, 0
     window, window_batches = 0.0, 0
     progress = tqdm(range(max_train_steps), initial=global_step, desc=f"train (iteration {k + 1})",
@@ -261,29 +323,8 @@ def train_iteration(args, accelerator, k, it_dir, unet, reference, store, hf_dat
             skipped_images += batch["num_skipped"]
             gen = step_generator(args.seed + k, micro_step, accelerator.process_index, accelerator.device)
             with accelerator.accumulate(unet):
-                # (real, negative) latents, one shared t per pair, shared noise unless --no_share_noise.
-                real = encode_images(vae, batch, gen, dtype)
-                if "gen_latents" in batch:
-                    negative = batch["gen_latents"].to(accelerator.device, real.dtype)
-                else:
-                    negative = encode_images(vae, {"pixel_values": batch["loser_pixel_values"]}, gen, dtype)
-                noise, t = sample_noise_and_timesteps(real, T, gen, args.noise_offset)
-                noise_neg = noise if not args.no_share_noise else torch.randn(noise.shape, generator=gen, device=noise.device, dtype=noise.dtype)
-                latents, noise, timesteps = torch.cat([real, negative]), torch.cat([noise, noise_neg]), torch.cat([t, t])
-                noisy_latents = noise_scheduler.add_noise(latents, noise, timesteps)
-                target = diffusion_target(noise_scheduler, latents, noise, timesteps)
-                with torch.no_grad():
-                    prompt_embeds = encode_prompt(text_encoder, batch["input_ids"]).repeat(2, 1, 1)
-                    with accelerator.autocast():  # the reference runs first: adapter switches touch requires_grad
-                        ref_err = per_sample_mse(reference(noisy_latents, timesteps, prompt_embeds), target)
-                # One policy forward over the concatenated (real, negative) batch.
-                model_err = per_sample_mse(unet(noisy_latents, timesteps, prompt_embeds, return_dict=False)[0], target)
-                if args.snr_gamma:
-                    w = min_snr_weights(noise_scheduler, timesteps, args.snr_gamma)
-                    model_err, ref_err = model_err * w, ref_err * w
-                m_real, m_gen = model_err.chunk(2)
-                r_real, r_gen = ref_err.chunk(2)
-                loss, step_logs = spin_loss(m_real, m_gen, r_real, r_gen, args.beta)
+                loss, step_logs = spin_forward(unet, reference, vae, text_encoder, noise_scheduler, batch, gen, dtype, args,
+                                               accelerator.autocast)
                 accelerator.backward(loss)
                 window, window_batches = window + torch.stack([step_logs[name] for name in LOGGED]), window_batches + 1
                 grad_norm = None

@@ -74,9 +74,8 @@ def test_two_models_six_prompts_all_metrics(assets, tmp_path, monkeypatch):
 
 def test_push_results_adds_model_index_to_hub_card(assets, tmp_path, hub_server, monkeypatch):
     import yaml
-    from huggingface_hub import HfApi
-
     from hub_server import TEST_TOKEN, hub_online
+    from huggingface_hub import HfApi
 
     monkeypatch.setenv("HF_TOKEN", TEST_TOKEN)
     prompts = tmp_path / "prompts.txt"

@@ -28,7 +28,9 @@ def spy_references(monkeypatch):
     def spy(args, k, dtype, device):
         unet, ref = real(args, k, dtype, device)
         snapshot = {"k": k, "ref": ref, "params": sum(p.numel() for p in unet.parameters())}
-        if ref.copy is not None:
+        if ref is None:
+            pass
+        elif ref.copy is not None:
             snapshot["ref_weights"] = {key: v.detach().clone() for key, v in ref.copy.state_dict().items()}
         elif ref.adapter is not None:
             snapshot["ref_weights"] = {key: v.detach().clone() for key, v in lora_state_dict(unet, ref.adapter).items()}
@@ -103,14 +105,16 @@ def test_two_full_iterations(assets, tmp_path, monkeypatch):
 def test_dpo_mode_trains_against_the_dataset_loser(assets, tmp_path, monkeypatch):
     out = tmp_path / "dpo"
     negatives = []
-    real_encode = train_spin_diffusion.encode_images
+    import utils.spin
+
+    real_encode = utils.spin.encode_images
 
     def spy(vae, batch, generator, dtype):
         if set(batch) == {"pixel_values"}:  # the negative's call: only the loser pixels are passed
             negatives.append(batch["pixel_values"].float())
         return real_encode(vae, batch, generator, dtype)
 
-    monkeypatch.setattr(train_spin_diffusion, "encode_images", spy)
+    monkeypatch.setattr(utils.spin, "encode_images", spy)
     run_spin(*spin_args(assets, out, "--use_lora", "--negative_source", "dataset", "--num_iterations", "3"))
     assert sorted(p.name for p in out.glob("iter_*")) == ["iter_1"]  # one iteration, whatever --num_iterations says
     assert not (out / "iter_1" / "synthetic").exists()
@@ -185,3 +189,15 @@ def test_two_process_cpu_run_generates_each_prompt_once(assets, tmp_path):
     assert sorted(r["index"] for r in rows) == list(range(20))
     assert {r["process"] for r in rows} == {0, 1}
     assert metrics(out, 1)["steps"] == 3 and (out / "iter_1" / "pytorch_lora_weights.safetensors").exists()
+
+
+def test_precomputed_reference_run_holds_no_reference(assets, tmp_path, monkeypatch):
+    out = tmp_path / "pre"
+    seen = spy_references(monkeypatch)
+    run_spin(*spin_args(assets, out, "--precompute_reference", "--max_train_steps", "2", "--learning_rate", "1e-4"))
+    assert [s["ref"] for s in seen] == [None, None]  # full fine-tuning without a frozen UNet copy
+    store = SyntheticStore(out / "iter_2" / "synthetic", 20, 8)
+    assert {"real_latents", "timesteps", "noise_seed", "ref_err_real", "ref_err_gen"} <= set(store.get(0))
+    for k in (1, 2):
+        assert_starts_at_reference(metrics(out, k))
+    assert max_abs_diff(tensors(out / "iter_1" / "unet"), tensors(out / "iter_2" / "unet")) > 1e-7

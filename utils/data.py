@@ -276,6 +276,7 @@ class PairDataset(torch.utils.data.Dataset):
 
     def __init__(self, base, store=None):
         self.base, self.store = base, store
+        self.store_has_real = store is not None and store.has("real_latents")
 
     def __len__(self):
         return len(self.base)
@@ -287,11 +288,17 @@ class PairDataset(torch.utils.data.Dataset):
         return with_replacement(self.example, index, len(self))
 
     def example(self, index):
+        if self.store is not None and self.store_has_real:  # precomputed: nothing to decode
+            stored = self.store.get(index)
+            if not bool(stored.pop("valid", True)):
+                return None
+            caption = caption_of(self.base.ds[index][self.base.spec["caption"]])
+            return {"input_ids": tokenize(self.base.tokenizer, [caption])[0], **stored}
         example = self.base.example(index)
         if example is None:
             return None
         if self.store is not None:
-            example["gen_latents"] = self.store.get(index)
+            example.update(self.store.get(index))
             return example
         loser = self.base.pixels(winner_and_loser(self.base.ds[index], self.base.spec)[1], index)
         if loser is None:
@@ -327,7 +334,8 @@ class StreamingTrainDataset(torch.utils.data.IterableDataset):
 def collate(examples):
     """Stack examples into a batch; `num_skipped` counts the undecodable rows that were replaced."""
     batch = {"num_skipped": sum(e["num_skipped"] for e in examples)}
-    for key in ("pixel_values", "latent_params", "input_ids", "gen_latents", "loser_pixel_values"):
+    for key in ("pixel_values", "latent_params", "input_ids", "gen_latents", "loser_pixel_values", "real_latents",
+                "timesteps", "noise_seed", "ref_err_real", "ref_err_gen"):
         if key in examples[0]:
             batch[key] = torch.stack([e[key] for e in examples])
     return batch

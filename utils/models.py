@@ -144,7 +144,11 @@ class Reference:
         return cls(unet, copy=ref, offload=offload, device=device)
 
     @torch.no_grad()
-    def __call__(self, sample, timesteps, encoder_hidden_states):
+    def __call__(self, sample, timesteps, encoder_hidden_states, return_dict=False):
+        """Like `UNet2DConditionModel(..., return_dict=False)`: a 1-tuple with the prediction."""
+        return (self._forward(sample, timesteps, encoder_hidden_states),)
+
+    def _forward(self, sample, timesteps, encoder_hidden_states):
         if self.copy is not None:
             if self.offload:
                 self.copy.to(self.device)

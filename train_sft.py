@@ -119,6 +119,7 @@ def main(args):
         train_set, batch_size=args.train_batch_size, sampler=sampler, collate_fn=collate,
         num_workers=args.dataloader_num_workers)
 
+    unet.to(accelerator.device)  # before the optimizer: fused AdamW needs the parameters on the GPU
     optimizer = make_optimizer(trainable_parameters(unet), args.learning_rate, (args.adam_beta1, args.adam_beta2),
                                args.adam_weight_decay, args.adam_epsilon, args.use_8bit_adam)
     if args.streaming:  # already split by node; accelerate must not shard it again
@@ -169,15 +170,7 @@ def main(args):
             batch = {k: v.to(accelerator.device) if torch.is_tensor(v) else v for k, v in batch.items()}
             gen = step_generator(args.seed, micro_step, accelerator.process_index, accelerator.device)
             with accelerator.accumulate(unet):
-                latents = encode_images(vae, batch, gen, dtype)
-                noise, timesteps = sample_noise_and_timesteps(latents, noise_scheduler.config.num_train_timesteps, gen, args.noise_offset)
-                noisy_latents = noise_scheduler.add_noise(latents, noise, timesteps)
-                target = diffusion_target(noise_scheduler, latents, noise, timesteps)
-                with torch.no_grad():
-                    prompt_embeds = encode_prompt(text_encoder, batch["input_ids"])
-                pred = unet(noisy_latents, timesteps, prompt_embeds, return_dict=False)[0]
-                weights = min_snr_weights(noise_scheduler, timesteps, args.snr_gamma) if args.snr_gamma else None
-                loss = sft_loss(per_sample_mse(pred, target), weights)
+                loss = sft_forward(unet, vae, text_encoder, noise_scheduler, batch, gen, dtype, args.noise_offset, args.snr_gamma)
                 accelerator.backward(loss)
                 window_loss, window_batches = window_loss + loss.detach(), window_batches + 1
                 grad_norm = None
@@ -247,6 +240,19 @@ def main(args):
                                   private=args.hub_private_repo, commit_message=f"train_sft.py: step {global_step}")
             logger.info(f"pushed to {repo_id}")
     accelerator.end_training()
+
+
+def sft_forward(unet, vae, text_encoder, noise_scheduler, batch, generator, dtype, noise_offset=0.0, snr_gamma=None):
+    """One micro-batch of the plain denoising loss on the real images."""
+    latents = encode_images(vae, batch, generator, dtype)
+    noise, timesteps = sample_noise_and_timesteps(latents, noise_scheduler.config.num_train_timesteps, generator, noise_offset)
+    noisy_latents = noise_scheduler.add_noise(latents, noise, timesteps)
+    target = diffusion_target(noise_scheduler, latents, noise, timesteps)
+    with torch.no_grad():
+        prompt_embeds = encode_prompt(text_encoder, batch["input_ids"])
+    pred = unet(noisy_latents, timesteps, prompt_embeds, return_dict=False)[0]
+    weights = min_snr_weights(noise_scheduler, timesteps, snr_gamma) if snr_gamma else None
+    return sft_loss(per_sample_mse(pred, target), weights)
 
 
 def save_result(args, unet, ema_unet, vae, text_encoder, tokenizer):

@@ -173,6 +173,8 @@ def main(args):
 
         if accelerator.is_main_process:
             state.update(phase="train")
+        if args.precompute_reference:  # real latents are stored: the VAE waits on the CPU during training
+            vae.to("cpu")
         metrics = train_iteration(args, accelerator, k, it_dir, unet, reference, store, hf_dataset, spec,
                                   tokenizer, text_encoder, vae, noise_scheduler, dtype)
 
@@ -183,6 +185,7 @@ def main(args):
             if args.push_to_hub:
                 push_iteration(args, state, hub_repo, k, it_dir)
             state.update(phase="done")
+        vae.to(accelerator.device)
         accelerator.free_memory()
         del unet, reference
         accelerator.wait_for_everyone()

@@ -80,16 +80,17 @@ def trainable_parameters(model):
 
 
 def make_optimizer(params, lr, betas, weight_decay, eps, use_8bit_adam=False):
-    """AdamW, or bitsandbytes' 8-bit AdamW (works on CPU and GPU)."""
+    """AdamW (fused on CUDA), or bitsandbytes' 8-bit AdamW (works on CPU and GPU)."""
     if use_8bit_adam:
         try:
             import bitsandbytes as bnb
         except ImportError as e:
             raise ImportError("--use_8bit_adam needs bitsandbytes: pip install bitsandbytes") from e
         cls = bnb.optim.AdamW8bit
-    else:
-        cls = torch.optim.AdamW
-    return cls(params, lr=lr, betas=betas, weight_decay=weight_decay, eps=eps)
+        return cls(params, lr=lr, betas=betas, weight_decay=weight_decay, eps=eps)
+    params = list(params)  # fused AdamW (one kernel for all parameters) when they all live on a GPU
+    fused = bool(params) and all(p.is_cuda for p in params)
+    return torch.optim.AdamW(params, lr=lr, betas=betas, weight_decay=weight_decay, eps=eps, fused=fused)
 
 
 def encode_prompt(text_encoder, input_ids):

@@ -1,0 +1,101 @@
+#!/usr/bin/env python
+"""Images/s of SPIN's generation phase (`utils.generation.generate_opponent_samples`: latents into shards,
+no VAE decode) against a plain `StableDiffusionPipeline.__call__` loop with the same settings (decoded PIL
+images), and what decoding the latents would cost.
+
+    python bench/bench_generate.py --preset cpu-medium --prompts 8 --steps 10
+    python bench/bench_generate.py --preset sd15 --device cuda --prompts 64 --batch 16 --dtype bf16
+"""
+
+import argparse
+import json
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "bench"))
+sys.path.insert(0, str(ROOT / "examples"))
+
+
+def build_pipeline(preset, device, dtype):
+    from diffusers import DDIMScheduler, StableDiffusionPipeline
+    from transformers import CLIPTokenizer
+
+    from bench_step import build_models
+    from make_tiny_assets import build_clip_tokenizer
+
+    unet, vae, text_encoder, _, resolution = build_models(preset, "cpu")
+    tokenizer = CLIPTokenizer.from_pretrained(build_clip_tokenizer(Path(tempfile.mkdtemp()) / "tok"))
+    scheduler = DDIMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", clip_sample=False,
+                              set_alpha_to_one=False, steps_offset=1)
+    pipe = StableDiffusionPipeline(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet, scheduler=scheduler,
+                                   safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe.to(device, dtype), resolution
+
+
+def main():
+    from utils.generation import SyntheticStore, generate_opponent_samples, sample_seed
+
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--preset", choices=["tiny", "cpu-medium", "sd15"], default="tiny")
+    p.add_argument("--prompts", type=int, default=8)
+    p.add_argument("--batch", type=int, default=4)
+    p.add_argument("--steps", type=int, default=10, help="Sampling steps per image.")
+    p.add_argument("--guidance_scale", type=float, default=7.5)
+    p.add_argument("--dtype", choices=["fp32", "bf16", "fp16"], default="fp32")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--json", default=None)
+    a = p.parse_args()
+    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[a.dtype]
+    pipe, resolution = build_pipeline(a.preset, a.device, dtype)
+    prompts = [f"a photo of thing number {i}, oil painting" for i in range(a.prompts)]
+
+    def sync():
+        if torch.device(a.device).type == "cuda":
+            torch.cuda.synchronize()
+
+    # warm-up (kernels, allocator) on one batch, outside both timings
+    pipe(prompts[:a.batch], num_inference_steps=2, height=resolution, width=resolution, output_type="latent")
+    sync()
+    t0 = time.perf_counter()
+    store = SyntheticStore(Path(tempfile.mkdtemp()) / "synthetic", len(prompts), shard_size=a.batch)
+    generate_opponent_samples(pipe, prompts, store, seed=0, iteration=0, batch_size=a.batch, num_inference_steps=a.steps,
+                              guidance_scale=a.guidance_scale, resolution=resolution, progress=False)
+    sync()
+    ours = time.perf_counter() - t0
+
+    t0 = time.perf_counter()
+    for start in range(0, len(prompts), a.batch):
+        chunk = list(range(start, min(start + a.batch, len(prompts))))
+        gens = [torch.Generator(device=a.device).manual_seed(sample_seed(0, 0, i)) for i in chunk]
+        pipe([prompts[i] for i in chunk], num_inference_steps=a.steps, guidance_scale=a.guidance_scale,
+             height=resolution, width=resolution, generator=gens).images
+    sync()
+    plain = time.perf_counter() - t0
+
+    latents = torch.cat([store.get(i)["gen_latents"][None] for i in range(min(a.batch, len(prompts)))]).to(a.device, dtype)
+    sync()
+    t0 = time.perf_counter()
+    with torch.no_grad():
+        pipe.vae.decode(latents / pipe.vae.config.scaling_factor)
+    sync()
+    decode_per_image = (time.perf_counter() - t0) / len(latents)
+
+    result = {"preset": a.preset, "device": a.device, "dtype": a.dtype, "prompts": a.prompts, "batch": a.batch, "steps": a.steps,
+              "generation_phase_img_s": a.prompts / ours, "plain_pipeline_img_s": a.prompts / plain,
+              "ratio": plain / ours, "vae_decode_s_per_image": decode_per_image}
+    print(f"| preset | generation phase (latents) img/s | plain pipeline (decoded) img/s | ratio | VAE decode s/img |\n"
+          f"|---|---|---|---|---|\n| {a.preset} | {result['generation_phase_img_s']:.2f} | {result['plain_pipeline_img_s']:.2f} | "
+          f"{result['ratio']:.2f}x | {decode_per_image:.3f} |")
+    if a.json:
+        Path(a.json).write_text(json.dumps(result, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,277 @@
+#!/usr/bin/env python
+"""Per-step time and peak memory of the project's own training steps (`train_sft.sft_forward`,
+`train_spin_diffusion.spin_forward`), side by side with a naive SPIN step written here (separate
+forwards for real and generated, a second full UNet as the reference).
+
+    python bench/bench_step.py --preset cpu-medium --cases sft:full:fp32:adamw:gc0,spin:full:fp32:adamw:gc0
+    python bench/bench_step.py --preset sd15 --device cuda --batch 1            # the whole matrix on a GPU
+
+A case is MODE:PARAMS:PRECISION:OPTIMIZER:GC with MODE in sft, spin (in-loop reference), spin-pre
+(reference errors precomputed during generation), dpo (loser encoded by the VAE each step) and naive;
+PARAMS full or lora; PRECISION fp32 or bf16; OPTIMIZER adamw or adamw8bit; GC gc0 or gc1.
+`--batch B` is B samples for sft and B pairs (2B UNet samples) for the others. Real images come as cached
+VAE latents (as with --cache_latents), prompts as token ids. Each case runs in a fresh process (peak RSS on
+CPU is per process; on GPU torch.cuda.max_memory_allocated). Timings: median over --steps after --warmup.
+"""
+
+import argparse
+import contextlib
+import copy
+import itertools
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+MODES = ("sft", "spin", "spin-pre", "dpo", "naive")
+PEAK_TFLOPS_BF16 = {"H100": 989.0, "H200": 989.0, "A100": 312.0, "L40S": 362.0, "4090": 165.0}
+
+
+def build_models(preset, device):
+    """(unet, vae, text_encoder, scheduler, resolution) with random weights, nothing downloaded."""
+    from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    torch.manual_seed(0)
+    if preset == "sd15":
+        cfg = ROOT / "bench" / "configs" / "sd15"
+        unet = UNet2DConditionModel.from_config(json.loads((cfg / "unet.json").read_text()))
+        vae = AutoencoderKL.from_config(json.loads((cfg / "vae.json").read_text()))
+        te_cfg = {k: v for k, v in json.loads((cfg / "text_encoder.json").read_text()).items() if k not in ("architectures", "model_type")}
+        text_encoder = CLIPTextModel(CLIPTextConfig(**te_cfg))
+        scheduler = DDPMScheduler.from_config(json.loads((cfg / "scheduler.json").read_text()))
+        return unet, vae, text_encoder, scheduler, 512
+    if preset == "tiny":
+        sys.path.insert(0, str(ROOT / "examples"))
+        from make_tiny_assets import build_tiny_pipeline
+
+        path = build_tiny_pipeline(Path(tempfile.mkdtemp()) / "tiny-sd")
+        from utils.models import load_sd_components
+
+        _, text_encoder, vae, unet, scheduler = load_sd_components(str(path))
+        return unet, vae, text_encoder, scheduler, 32
+    if preset == "cpu-medium":  # big enough that UNet compute dominates on a CPU
+        unet = UNet2DConditionModel(
+            sample_size=64, block_out_channels=(64, 128, 256), layers_per_block=2, cross_attention_dim=256,
+            down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
+            up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"), attention_head_dim=8, norm_num_groups=32)
+        vae = AutoencoderKL(block_out_channels=(16, 32, 32, 32), layers_per_block=1, latent_channels=4, norm_num_groups=8,
+                            down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4)
+        text_encoder = CLIPTextModel(CLIPTextConfig(hidden_size=256, intermediate_size=512, num_hidden_layers=2,
+                                                    num_attention_heads=4, vocab_size=1000, max_position_embeddings=77))
+        scheduler = DDPMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear")
+        return unet, vae, text_encoder, scheduler, 512
+    raise SystemExit(f"unknown preset {preset}")
+
+
+def parse_case(case):
+    mode, params, precision, optim, gc = case.split(":")
+    if mode not in MODES or params not in ("full", "lora") or precision not in ("fp32", "bf16") \
+            or optim not in ("adamw", "adamw8bit") or gc not in ("gc0", "gc1"):
+        raise SystemExit(f"bad case {case!r}: MODE:full|lora:fp32|bf16:adamw|adamw8bit:gc0|gc1, MODE in {MODES}")
+    return mode, params == "lora", precision == "bf16", optim == "adamw8bit", gc == "gc1"
+
+
+def make_batch(mode, B, unet, vae, resolution, device, vocab):
+    h = unet.config.sample_size
+    g = torch.Generator().manual_seed(0)
+    batch = {"input_ids": torch.randint(0, vocab, (B, 77), generator=g),
+             "latent_params": torch.randn(B, 2 * unet.config.in_channels, h, h, generator=g)}
+    if mode in ("spin", "spin-pre", "naive"):
+        batch["gen_latents"] = torch.randn(B, unet.config.in_channels, h, h, generator=g)
+    if mode == "spin-pre":
+        batch.pop("latent_params")
+        batch |= {"real_latents": torch.randn(B, unet.config.in_channels, h, h, generator=g),
+                  "timesteps": torch.randint(0, 1000, (B,), generator=g), "noise_seed": torch.arange(B),
+                  "ref_err_real": torch.rand(B, generator=g), "ref_err_gen": torch.rand(B, generator=g)}
+    if mode == "dpo":
+        batch["loser_pixel_values"] = torch.rand(B, 3, resolution, resolution, generator=g) * 2 - 1
+    return {k: v.to(device) if k != "noise_seed" else v for k, v in batch.items()}
+
+
+def naive_step(unet, ref_unet, vae, text_encoder, scheduler, batch, generator, dtype, beta=5000.0):
+    """The obvious SPIN step: policy and reference each run twice (real, then generated), the reference is a
+    second full UNet. Same maths as spin_forward, none of its batching."""
+    from utils.losses import diffusion_target, per_sample_mse, spin_loss
+    from utils.models import encode_images, encode_prompt
+
+    real = encode_images(vae, batch, generator, dtype)
+    gen = batch["gen_latents"].to(real.dtype)
+    noise = torch.randn(real.shape, generator=generator, device=real.device, dtype=real.dtype)
+    t = torch.randint(0, scheduler.config.num_train_timesteps, (real.shape[0],), generator=generator, device=real.device)
+    emb = encode_prompt(text_encoder, batch["input_ids"])
+    errs = {}
+    for name, x0 in (("real", real), ("gen", gen)):
+        noisy, target = scheduler.add_noise(x0, noise, t), diffusion_target(scheduler, x0, noise, t)
+        with torch.no_grad():
+            errs["r_" + name] = per_sample_mse(ref_unet(noisy, t, emb).sample, target)
+        errs["m_" + name] = per_sample_mse(unet(noisy, t, emb).sample, target)
+    return spin_loss(errs["m_real"], errs["m_gen"], errs["r_real"], errs["r_gen"], beta)
+
+
+def run_case(case, preset, B, steps, warmup, device):
+    import train_sft
+    import train_spin_diffusion
+    from utils.models import Reference, add_lora, freeze, make_optimizer, trainable_parameters
+
+    mode, lora, bf16, use_8bit, gc = parse_case(case)
+    device = torch.device(device)
+    unet, vae, text_encoder, scheduler, resolution = build_models(preset, "cpu")
+    dtype = torch.bfloat16 if bf16 else torch.float32
+    freeze(vae, text_encoder)
+    vae.to(device, dtype)
+    text_encoder.to(device, dtype)
+    reference = ref_unet = None
+    if lora:
+        add_lora(unet, rank=4, alpha=4)
+        unet.to(device, dtype)
+        for p in trainable_parameters(unet):
+            p.data = p.data.float()
+        if mode in ("spin", "dpo", "naive"):
+            reference = Reference(unet, adapter=None)  # theta_0 = the base: adapters off, same UNet
+            ref_unet = copy.deepcopy(unet).requires_grad_(False) if mode == "naive" else None
+    else:
+        unet.to(device)
+        if mode in ("spin", "dpo"):
+            reference = Reference.frozen_copy(unet, dtype, device)
+        if mode == "naive":
+            ref_unet = copy.deepcopy(unet).requires_grad_(False)  # the naive reference: a full fp32 copy
+    if gc:
+        unet.enable_gradient_checkpointing()
+    unet.train()
+    optimizer = make_optimizer(trainable_parameters(unet), 1e-5, (0.9, 0.999), 1e-2, 1e-8, use_8bit)
+    batch = make_batch(mode, B, unet, vae, resolution, device, text_encoder.config.vocab_size)
+    autocast = (lambda: torch.autocast(device.type, dtype=torch.bfloat16)) if bf16 else contextlib.nullcontext
+    args = argparse.Namespace(no_share_noise=False, noise_offset=0.0, snr_gamma=None, beta=5000.0)
+
+    def step(i):
+        gen = torch.Generator(device=device).manual_seed(i)
+        with autocast():
+            if mode == "sft":
+                loss = train_sft.sft_forward(unet, vae, text_encoder, scheduler, batch, gen, dtype)
+            elif mode == "naive":
+                loss, _ = naive_step(unet, ref_unet or reference.copy, vae, text_encoder, scheduler, batch, gen, dtype)
+            else:
+                loss, _ = train_spin_diffusion.spin_forward(unet, reference, vae, text_encoder, scheduler, batch, gen, dtype,
+                                                            args, autocast)
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    def sync():
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+
+    for i in range(warmup):
+        step(i)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    times = []
+    for i in range(steps):
+        sync()
+        t0 = time.perf_counter()
+        step(warmup + i)
+        sync()
+        times.append(time.perf_counter() - t0)
+    result = {"case": case, "preset": preset, "batch": B, "unet_samples": B if mode == "sft" else 2 * B,
+              "step_s": statistics.median(times), "steps": steps, "device": str(device)}
+    if device.type == "cuda":
+        result["peak_mem_gib"] = torch.cuda.max_memory_allocated() / 2**30
+        result["gpu"] = torch.cuda.get_device_name()
+        if bf16:
+            result["unet_mfu"] = unet_mfu(unet, batch, text_encoder, mode, B, result["step_s"], device)
+    else:
+        result["peak_rss_gib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+    return result
+
+
+def unet_mfu(unet, batch, text_encoder, mode, B, step_s, device):
+    """UNet model FLOPs utilisation: the UNet FLOPs a step needs (forward+backward on the policy samples,
+    forward only on the reference samples), per second, over the GPU's bf16 dense peak."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    h = unet.config.sample_size
+    x = torch.randn(1, unet.config.in_channels, h, h, device=device)
+    emb = torch.randn(1, 77, unet.config.cross_attention_dim, device=device)
+    with FlopCounterMode(display=False) as fwd, torch.autocast("cuda", dtype=torch.bfloat16):
+        unet(x, torch.tensor([500], device=device), emb).sample.sum()
+    f = fwd.get_total_flops()
+    policy, ref = (B, 0) if mode == "sft" else (2 * B, 0 if mode == "spin-pre" else 2 * B)
+    flops = 3 * f * policy + f * ref
+    name = torch.cuda.get_device_name()
+    peak = next((v for k, v in PEAK_TFLOPS_BF16.items() if k in name), None)
+    return None if peak is None else flops / step_s / (peak * 1e12)
+
+
+def all_cases(modes):
+    return [":".join(c) for c in itertools.product(modes, ("full", "lora"), ("fp32", "bf16"), ("adamw", "adamw8bit"), ("gc0", "gc1"))]
+
+
+def table(results):
+    sft = {(r["case"].split(":", 1)[1], r["batch"]): r["step_s"] for r in results if r["case"].startswith("sft:")}
+    naive = {(r["case"].split(":", 1)[1], r["batch"]): r["step_s"] for r in results if r["case"].startswith("naive:")}
+    mem_key = "peak_mem_gib" if any("peak_mem_gib" in r for r in results) else "peak_rss_gib"
+    lines = [f"| case | batch | UNet samples | step (ms) | {mem_key.replace('_', ' ')} | / SFT step same batch | / naive | MFU |",
+             "|---|---|---|---|---|---|---|---|"]
+    for r in results:
+        key = (r["case"].split(":", 1)[1], r["batch"])
+        vs_sft = f"{r['step_s'] / sft[key]:.2f}x" if key in sft and not r["case"].startswith("sft:") else ""
+        vs_naive = f"{r['step_s'] / naive[key]:.2f}x" if key in naive and not r["case"].startswith("naive:") else ""
+        mfu = f"{100 * r['unet_mfu']:.0f}%" if r.get("unet_mfu") else ""
+        lines.append(f"| {r['case']} | {r['batch']} | {r['unet_samples']} | {1000 * r['step_s']:.0f} | {r[mem_key]:.2f} | "
+                     f"{vs_sft} | {vs_naive} | {mfu} |")
+    return "\n".join(lines)
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--preset", choices=["tiny", "cpu-medium", "sd15"], default="tiny")
+    p.add_argument("--cases", default="all", help="Comma-separated cases, or 'all' (the whole matrix incl. naive).")
+    p.add_argument("--batch", type=int, nargs="+", default=[1], help="One or more batch sizes (B samples / B pairs).")
+    p.add_argument("--steps", type=int, default=5)
+    p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--json", default=None, help="Write the results here (JSON list, updated after every case).")
+    p.add_argument("--in_process", action="store_true", help="Run cases in this process (no per-case peak memory).")
+    p.add_argument("--_one", default=None, help=argparse.SUPPRESS)
+    a = p.parse_args()
+    if a._one:  # child process: one case, one batch size, JSON on stdout's last line
+        case, B = a._one.rsplit("@", 1)
+        print(json.dumps(run_case(case, a.preset, int(B), a.steps, a.warmup, a.device)))
+        return
+    cases = all_cases(MODES) if a.cases == "all" else [c.strip() for c in a.cases.split(",") if c.strip()]
+    for c in cases:
+        parse_case(c)
+    results = []
+    for B in a.batch:
+        for case in cases:
+            if a.in_process:
+                r = run_case(case, a.preset, B, a.steps, a.warmup, a.device)
+            else:
+                cmd = [sys.executable, __file__, "--preset", a.preset, "--steps", str(a.steps), "--warmup", str(a.warmup),
+                       "--device", a.device, "--_one", f"{case}@{B}"]
+                proc = subprocess.run(cmd, capture_output=True, text=True, env=dict(os.environ, TOKENIZERS_PARALLELISM="false"))
+                if proc.returncode != 0:
+                    err = proc.stderr.strip().splitlines()[-1] if proc.stderr.strip() else "failed"
+                    print(f"{case} batch {B}: {err}", file=sys.stderr)
+                    continue
+                r = json.loads(proc.stdout.strip().splitlines()[-1])
+            results.append(r)
+            print(f"{case} batch {B}: {1000 * r['step_s']:.1f} ms", file=sys.stderr, flush=True)
+            if a.json:  # after every case: a long run that is stopped keeps what it measured
+                Path(a.json).write_text(json.dumps(results, indent=2) + "\n")
+    print(table(results))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,32 @@
+"""The benchmarks run (CI smoke test on the tiny preset): no timing assertions, only that every mode's
+step (the scripts' own step functions) and the generation comparison run and report what they promise."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def test_bench_step_tiny_all_modes(tmp_path):
+    out = tmp_path / "steps.json"
+    cases = "sft:full:fp32:adamw:gc0,spin:lora:fp32:adamw8bit:gc1,spin-pre:full:bf16:adamw:gc0,dpo:full:fp32:adamw:gc0,naive:full:fp32:adamw:gc0"
+    proc = subprocess.run([sys.executable, str(ROOT / "bench" / "bench_step.py"), "--preset", "tiny", "--cases", cases,
+                           "--steps", "1", "--warmup", "0", "--in_process", "--json", str(out)],
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    results = json.loads(out.read_text())
+    assert [r["case"] for r in results] == cases.split(",")
+    assert all(r["step_s"] > 0 and r["peak_rss_gib"] > 0 for r in results)
+    assert [r["unet_samples"] for r in results] == [1, 2, 2, 2, 2]
+    assert "| spin:lora:fp32:adamw8bit:gc1 | 1 | 2 |" in proc.stdout and "/ naive" in proc.stdout
+
+
+def test_bench_generate_tiny(tmp_path):
+    out = tmp_path / "gen.json"
+    proc = subprocess.run([sys.executable, str(ROOT / "bench" / "bench_generate.py"), "--preset", "tiny", "--prompts", "4",
+                           "--batch", "2", "--steps", "2", "--json", str(out)], capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    r = json.loads(out.read_text())
+    assert r["generation_phase_img_s"] > 0 and r["plain_pipeline_img_s"] > 0 and r["vae_decode_s_per_image"] > 0

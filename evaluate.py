@@ -13,7 +13,9 @@ local or on the Hub, with an optional @revision. Images are saved per model and 
 """
 
 import argparse
+import hashlib
 import json
+import os
 import re
 import sys
 from pathlib import Path
@@ -119,9 +121,17 @@ def main(args):
 
     # 2. Generation: same seed per (prompt, image) for every model; existing images are kept.
     dtype = WEIGHT_DTYPES.get(args.mixed_precision, torch.float32)
+    settings = {k: getattr(args, k) for k in ("seed", "num_inference_steps", "guidance_scale", "resolution",
+                                             "num_images_per_prompt", "mixed_precision")}
+    settings["prompts_sha256"] = hashlib.sha256("\n".join(prompts).encode()).hexdigest()
+    for spec in specs:  # images on disk are reused only if they were made by this model with these settings
+        folder = out / "images" / spec.name
+        check_or_write_settings(folder, dict(settings, model=spec.location, revision=spec.revision,
+                                             base_model=args.base_model if spec.kind != "pipeline" else None),
+                                write=state.is_main_process)
+    state.wait_for_everyone()
     for spec in specs:
         folder = out / "images" / spec.name
-        folder.mkdir(parents=True, exist_ok=True)
         todo = [i for i in range(state.process_index, len(prompts), state.num_processes)
                 if not all(image_path(folder, i, j).exists() for j in range(n_img))]
         if not todo:
@@ -136,8 +146,10 @@ def main(args):
                 images = pipe([prompts[i] for i, _ in jobs], num_inference_steps=args.num_inference_steps,
                               guidance_scale=args.guidance_scale, height=args.resolution, width=args.resolution,
                               generator=gens).images
-            for (i, j), image in zip(jobs, images):
-                image.save(image_path(folder, i, j))
+            for (i, j), image in zip(jobs, images):  # written whole, then renamed: a kill never leaves half a PNG
+                tmp = image_path(folder, i, j).with_suffix(".tmp.png")
+                image.save(tmp)
+                os.replace(tmp, image_path(folder, i, j))
             bar.update(len(jobs))
         bar.close()
         del pipe
@@ -188,12 +200,30 @@ def image_path(folder, i, j):
     return folder / f"{i:05d}_{j}.png"
 
 
+def check_or_write_settings(folder, settings, write=True):
+    """images/NAME/generation.json: what the images there were made with. A different model, prompt set or
+    generation setting under the same NAME and --output_dir is an error, not a silent reuse of stale images."""
+    path = folder / "generation.json"
+    if path.exists():
+        found = json.loads(path.read_text())
+        diff = sorted(k for k in set(found) | set(settings) if found.get(k) != settings.get(k))
+        if diff:
+            raise EvalError(f"{folder} holds images made with other settings ({', '.join(diff)} differ): use another "
+                            f"--output_dir or model name, or delete that folder")
+    elif write:
+        folder.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(settings, indent=2, sort_keys=True) + "\n")
+
+
 def push_results(specs, summary, metrics, prompts_name, token):
     """Add this evaluation to the model-index of every Hub model's card (local models are skipped)."""
     from huggingface_hub import EvalResult, ModelCard, ModelCardData
 
     for spec in specs:
         if not spec.is_hub:
+            continue
+        if spec.revision:  # a card lives on a branch; a tag or commit cannot take a new commit
+            print(f"skipped the card of {spec.location}@{spec.revision}: results are pushed for specs without @revision")
             continue
         try:
             card = ModelCard.load(spec.location, token=token)

@@ -54,7 +54,7 @@ from utils.models import (
     trainable_parameters,
     vae_latent_params,
 )
-from utils.training import init_run, load_frozen_components
+from utils.training import init_run, load_frozen_components, optimizer_step
 
 logger = get_logger(__name__)
 
@@ -173,12 +173,7 @@ def main(args):
                 loss = sft_forward(unet, vae, text_encoder, noise_scheduler, batch, gen, dtype, args.noise_offset, args.snr_gamma)
                 accelerator.backward(loss)
                 window_loss, window_batches = window_loss + loss.detach(), window_batches + 1
-                grad_norm = None
-                if accelerator.sync_gradients and args.max_grad_norm:
-                    grad_norm = accelerator.clip_grad_norm_(trainable_parameters(unet), args.max_grad_norm)
-                optimizer.step()
-                lr_scheduler.step()
-                optimizer.zero_grad(set_to_none=True)
+                grad_norm = optimizer_step(accelerator, unet, optimizer, lr_scheduler, args.max_grad_norm)
 
             if not accelerator.sync_gradients:
                 continue

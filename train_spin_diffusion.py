@@ -15,6 +15,7 @@ reference, for one iteration: that is Diffusion-DPO, the paper's main baseline.
 Rerunning the same command resumes: finished generation shards, checkpoints and iterations are kept.
 """
 
+import hashlib
 import json
 import math
 import sys
@@ -71,7 +72,7 @@ from utils.models import (
     trainable_parameters,
 )
 from utils.spin import pair_errors, pair_inputs, precompute_reference
-from utils.training import init_run, load_frozen_components
+from utils.training import init_run, load_frozen_components, optimizer_step
 
 logger = get_logger(__name__)
 LOGGED = ("loss", "implicit_acc", "reward_margin", "model_err_real", "model_err_gen", "ref_err_real", "ref_err_gen")
@@ -117,6 +118,12 @@ def parse_args(input_args=None):
         parser.error("--precompute_reference works with --negative_source self (it runs during the generation phase)")
     if args.precompute_reference and (args.noise_offset or args.random_flip):
         parser.error("--precompute_reference fixes each pair's noise and real latent: drop --noise_offset / --random_flip")
+    if args.resume_from_checkpoint not in (None, "latest"):
+        parser.error("train_spin_diffusion.py resumes by itself from output_dir (iteration, phase, newest checkpoint): "
+                     "rerun the same command, optionally with --resume_from_checkpoint latest")
+    if args.cache_latents or args.validation_prompts or args.validation_steps:
+        parser.error("--cache_latents / --validation_prompts / --validation_steps are train_sft.py flags; SPIN stores its "
+                     "own latents and logs per-iteration metrics (evaluate.py renders samples)")
     if args.push_synthetic_dataset and not args.push_to_hub:
         parser.error("--push_synthetic_dataset needs --push_to_hub")
     return validate_training_args(parser, args)
@@ -154,7 +161,16 @@ def main(args):
 
         store = None
         if args.negative_source == "self":
-            store = SyntheticStore(it_dir / "synthetic", len(captions), args.gen_shard_size)
+            store = SyntheticStore(it_dir / "synthetic", len(captions), args.gen_shard_size, settings={
+                "captions_sha256": hashlib.sha256("\n".join(captions).encode()).hexdigest(), "seed": args.seed,
+                "resolution": args.resolution, "precompute_reference": args.precompute_reference,
+                "share_noise": not args.no_share_noise, **{name: getattr(args, name) for name in (
+                    "gen_num_inference_steps", "gen_guidance_scale", "gen_scheduler", "pretrained_model_name_or_path")}})
+            try:  # every process checks; refuses shards made for other prompts or settings
+                store.claim(write=accelerator.is_main_process)
+            except ValueError as e:
+                raise DataError(str(e)) from e
+            accelerator.wait_for_everyone()
             if store.missing_shards(accelerator.process_index, accelerator.num_processes):
                 pipeline = opponent_pipeline(args, unet, vae, text_encoder, tokenizer, accelerator.device)
                 extras = None
@@ -207,7 +223,9 @@ def load_policy_and_reference(args, k, dtype, device):
             unet.enable_gradient_checkpointing()
         if args.precompute_reference:  # the reference errors come from the generation phase: no frozen copy
             return unet.to(device), None
-        reference = Reference.frozen_copy(unet, dtype, device, offload=args.offload_reference)
+        # The frozen copy keeps the policy's own (fp32) weights: under mixed precision both then compute the
+        # same thing at the first step (loss log 2), as SPIN's reference = theta_k requires.
+        reference = Reference.frozen_copy(unet, torch.float32, device, offload=args.offload_reference)
         return unet.to(device), reference
     unet = load_unet(args.pretrained_model_name_or_path, revision=args.revision, variant=args.variant, cache_dir=args.cache_dir)
     targets = args.lora_target_modules.split(",")
@@ -311,7 +329,11 @@ def train_iteration(args, accelerator, k, it_dir, unet, reference, store, hf_dat
         first_epoch, skip_batches, micro_step = resume_position(global_step, args.gradient_accumulation_steps, len(train_dataloader))
         logger.info(f"iteration {k + 1}: resumed from {checkpoint} at step {global_step}")
 
-    sums, first, logs, counted, skipped_images = {}, None, {}, 0, 0
+    # The iteration's running metrics travel with its checkpoints, so a resumed iteration reports all its steps.
+    tally = {"sums": {}, "first": None, "logs": {}, "counted": 0}
+    if checkpoint is not None and (checkpoint / "spin_metrics.json").exists():
+        tally = json.loads((checkpoint / "spin_metrics.json").read_text())
+    sums, first, logs, counted, skipped_images = tally["sums"], tally["first"], tally["logs"], tally["counted"], 0
     window, window_batches = 0.0, 0
     progress = tqdm(range(max_train_steps), initial=global_step, desc=f"train (iteration {k + 1})",
                     disable=not accelerator.is_local_main_process)
@@ -330,12 +352,7 @@ def train_iteration(args, accelerator, k, it_dir, unet, reference, store, hf_dat
                                                accelerator.autocast)
                 accelerator.backward(loss)
                 window, window_batches = window + torch.stack([step_logs[name] for name in LOGGED]), window_batches + 1
-                grad_norm = None
-                if accelerator.sync_gradients and args.max_grad_norm:
-                    grad_norm = accelerator.clip_grad_norm_(trainable_parameters(unet), args.max_grad_norm)
-                optimizer.step()
-                lr_scheduler.step()
-                optimizer.zero_grad(set_to_none=True)
+                grad_norm = optimizer_step(accelerator, unet, optimizer, lr_scheduler, args.max_grad_norm)
 
             if not accelerator.sync_gradients:
                 continue
@@ -357,7 +374,9 @@ def train_iteration(args, accelerator, k, it_dir, unet, reference, store, hf_dat
             progress.set_postfix(loss=f"{logs['loss']:.4f}", acc=f"{logs['implicit_acc']:.2f}", lr=f"{logs['lr']:.2e}")
             accelerator.log({f"{name}": v for name, v in logs.items()} | {"iteration": k + 1}, step=k * max_train_steps + global_step)
             if global_step % args.checkpointing_steps == 0:
-                save_checkpoint(accelerator, it_dir, global_step, args.checkpoints_total_limit)
+                tally = {"sums": sums, "first": first, "logs": logs, "counted": counted}
+                save_checkpoint(accelerator, it_dir, global_step, args.checkpoints_total_limit,
+                                extra_files={"spin_metrics.json": json.dumps(tally)})
             if global_step >= max_train_steps:
                 break
     progress.close()
@@ -381,17 +400,17 @@ def save_iteration(args, unet, it_dir, k, hub_repo, metrics):
     save_args(args, it_dir / "training_args.json")
     (it_dir / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
     method = "Diffusion-DPO" if args.negative_source == "dataset" else "SPIN-Diffusion"
-    if hub_repo and args.hub_versioning == "repos" and k > 0:
-        base_model = f"{hub_repo}-iter{k}"
-    else:
-        base_model = args.pretrained_model_name_or_path
+    # Full fine-tunes chain: iteration k+1's base_model is iteration k's repo, so the Hub shows the lineage. A LoRA
+    # applies to the start model whatever the iteration, so its base_model stays the start model (lineage in the text).
+    previous = f"{hub_repo}-iter{k}" if hub_repo and args.hub_versioning == "repos" and k > 0 else args.pretrained_model_name_or_path
+    base_model = args.pretrained_model_name_or_path if args.use_lora else previous
     load = (f"`pipe = StableDiffusionPipeline.from_pretrained('{args.pretrained_model_name_or_path}')` then "
             f"`pipe.load_lora_weights(...)`: the adapter is relative to the start model" if args.use_lora else
             "`StableDiffusionPipeline.from_pretrained(...)`")
     write_model_card(
         it_dir, base_model=base_model, dataset=args.dataset_name, title=f"{method} iteration {k + 1}",
         description=f"Iteration {k + 1} of {method} (Yuan et al., NeurIPS 2024) from `{args.pretrained_model_name_or_path}`, "
-                    f"trained with `train_spin_diffusion.py`. Previous iteration: `{base_model}`. Load with {load}.",
+                    f"trained with `train_spin_diffusion.py`. Previous iteration: `{previous}`. Load with {load}.",
         tags=["spin-diffusion" if args.negative_source == "self" else "diffusion-dpo", f"iteration-{k + 1}"]
         + (["lora"] if args.use_lora else []),
         hyperparameters={name: getattr(args, name) for name in (
@@ -412,7 +431,7 @@ def resolve_hub_repo(args):
 
 def push_iteration(args, state, hub_repo, k, it_dir):
     """Push iteration k+1 (once). A failure leaves the local iteration as it is; a rerun retries."""
-    from huggingface_hub import create_tag
+    from huggingface_hub import create_tag, delete_tag
 
     key = str(k + 1)
     if key in state.get("pushed"):
@@ -424,7 +443,11 @@ def push_iteration(args, state, hub_repo, k, it_dir):
     else:
         repo = push_folder(it_dir, hub_repo, token=args.hub_token, private=args.hub_private_repo,
                            commit_message=f"SPIN-Diffusion iteration {k + 1}")
-        create_tag(repo, tag=f"iter{k + 1}", token=args.hub_token, exist_ok=True)
+        try:  # a rerun into the same repo moves the tag to the new weights
+            delete_tag(repo, tag=f"iter{k + 1}", token=args.hub_token)
+        except Exception:
+            pass
+        create_tag(repo, tag=f"iter{k + 1}", token=args.hub_token)
         where = f"{repo}@iter{k + 1}"
     if args.push_synthetic_dataset and (it_dir / "synthetic").is_dir():
         push_folder(it_dir / "synthetic", f"{hub_repo}-iter{k + 1}-synthetic", token=args.hub_token,

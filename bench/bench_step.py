@@ -207,7 +207,10 @@ def unet_mfu(unet, batch, text_encoder, mode, B, step_s, device):
         unet(x, torch.tensor([500], device=device), emb).sample.sum()
     f = fwd.get_total_flops()
     policy, ref = (B, 0) if mode == "sft" else (2 * B, 0 if mode == "spin-pre" else 2 * B)
-    flops = 3 * f * policy + f * ref
+    # forward + backward: 3x the forward for full fine-tuning (input and weight gradients), ~2x for LoRA
+    # (the frozen base weights need no weight gradients)
+    backward_factor = 2 if any("lora" in n for n, _ in unet.named_parameters()) else 3
+    flops = backward_factor * f * policy + f * ref
     name = torch.cuda.get_device_name()
     peak = next((v for k, v in PEAK_TFLOPS_BF16.items() if k in name), None)
     return None if peak is None else flops / step_s / (peak * 1e12)

@@ -117,3 +117,19 @@ def test_prompt_files(tmp_path):
     assert load_prompts(str(path), max_prompts=2) == ["x", "y"]
     with pytest.raises(EvalError, match="no column"):
         load_prompts(str(path), prompt_column="text")
+
+
+def test_images_from_other_settings_are_not_reused(assets, tmp_path, no_generation):
+    folder = tmp_path / "eval" / "images" / "a"
+    folder.mkdir(parents=True)
+    (folder / "generation.json").write_text('{"seed": 99}')
+    with pytest.raises(EvalError, match="holds images made with other settings"):
+        evaluate.main(evaluate.parse_args(eval_args(assets, tmp_path)))
+
+
+def test_spin_output_folder_is_not_taken_for_a_lora(tmp_path):
+    (tmp_path / "spin" / "iter_1").mkdir(parents=True)
+    (tmp_path / "spin" / "iter_1" / "pytorch_lora_weights.safetensors").write_bytes(b"x")
+    with pytest.raises(EvalError, match="name one iteration"):
+        resolve_model(f"m={tmp_path / 'spin'}")
+    assert resolve_model(f"m={tmp_path / 'spin' / 'iter_1'}").kind == "lora"

@@ -162,7 +162,7 @@ def test_killed_then_rerun_equals_uninterrupted(assets, tmp_path, monkeypatch, u
         if where == "generation":  # after 2 of iteration 2's 3 shards
             kill_on(m, SyntheticStore, "write_shard", lambda self, k, *a: "iter_2" in str(self.dir) and k == 1)
         elif where == "training_checkpoint":  # iteration 2, right after checkpoint-2
-            kill_on(m, train_spin_diffusion, "save_checkpoint", lambda acc, d, step, *a: "iter_2" in str(d) and step == 2)
+            kill_on(m, train_spin_diffusion, "save_checkpoint", lambda acc, d, step, *a, **k: "iter_2" in str(d) and step == 2)
         else:  # iteration 1 saved, iteration 2 not started
             kill_on(m, train_spin_diffusion, "load_policy_and_reference", lambda args, k, *a: k == 1)
         with pytest.raises(Killed):
@@ -201,3 +201,37 @@ def test_precomputed_reference_run_holds_no_reference(assets, tmp_path, monkeypa
     for k in (1, 2):
         assert_starts_at_reference(metrics(out, k))
     assert max_abs_diff(tensors(out / "iter_1" / "unet"), tensors(out / "iter_2" / "unet")) > 1e-7
+
+
+def test_synthetic_store_refuses_samples_made_for_other_settings(tmp_path):
+    store = SyntheticStore(tmp_path / "s", 20, 8, settings={"seed": 0, "captions_sha256": "abc"})
+    store.claim()
+    SyntheticStore(tmp_path / "s", 20, 8, settings={"seed": 0, "captions_sha256": "abc"}).claim()  # same: fine
+    for other in (SyntheticStore(tmp_path / "s", 20, 4, settings={"seed": 0, "captions_sha256": "abc"}),
+                  SyntheticStore(tmp_path / "s", 20, 8, settings={"seed": 1, "captions_sha256": "abc"})):
+        with pytest.raises(ValueError, match="other settings"):
+            other.claim()
+
+
+def test_bf16_full_iteration_starts_at_the_reference(assets, tmp_path):
+    out = tmp_path / "bf16"
+    run_spin(*spin_args(assets, out, "--mixed_precision", "bf16", "--num_iterations", "2", "--max_train_steps", "2",
+                        "--learning_rate", "1e-4"))
+    for k in (1, 2):  # the frozen copy keeps the policy's fp32 weights: same computation under autocast
+        assert_starts_at_reference(metrics(out, k))
+
+
+def test_full_ema_iteration_resumed_after_checkpoint(assets, tmp_path, monkeypatch):
+    argv = ["--use_ema", "--num_iterations", "1", "--max_train_steps", "4", "--checkpointing_steps", "2",
+            "--learning_rate", "1e-4"]
+    run_spin(*spin_args(assets, tmp_path / "straight", *argv))
+    out = tmp_path / "resumed"
+    with monkeypatch.context() as m:
+        kill_on(m, train_spin_diffusion, "save_checkpoint", lambda acc, d, step, *a, **k: step == 2)
+        with pytest.raises(Killed):
+            run_spin(*spin_args(assets, out, *argv))
+    run_spin(*spin_args(assets, out, *argv))
+    assert max_abs_diff(tensors(tmp_path / "straight" / "iter_1" / "unet"), tensors(out / "iter_1" / "unet")) < 1e-6
+    m_straight, m_resumed = metrics(tmp_path / "straight", 1), metrics(out, 1)
+    assert m_resumed["first_step"] == m_straight["first_step"]  # the running metrics came back with the checkpoint
+    assert m_resumed["mean"]["loss"] == pytest.approx(m_straight["mean"]["loss"], abs=1e-6)

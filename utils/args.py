@@ -87,6 +87,8 @@ def add_training_args(parser):
     g.add_argument("--noise_offset", type=float, default=0.0, help="Noise offset (0.1 is common). Default off.")
     g.add_argument("--use_ema", action="store_true", help="Keep an EMA of the UNet weights and save it as the result (full fine-tuning).")
     g.add_argument("--ema_decay", type=float, default=0.9999)
+    g.add_argument("--ddp_timeout", type=int, default=7200,
+                   help="Seconds processes wait for each other (e.g. while the main one saves and pushes) before failing.")
     g.add_argument("--logging_dir", type=str, default="logs", help="Tracker log folder, relative to --output_dir.")
     g.add_argument("--report_to", type=str, default="tensorboard", help='"tensorboard", "wandb", "all" or "none".')
     g.add_argument("--validation_prompts", type=str, nargs="+", default=None,

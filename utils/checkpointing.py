@@ -52,7 +52,7 @@ def prune_checkpoints(output_dir, total_limit, keep_room_for=1):
     return removed
 
 
-def save_checkpoint(accelerator, output_dir, step, total_limit=None):
+def save_checkpoint(accelerator, output_dir, step, total_limit=None, extra_files=None):
     """Save `checkpoint-{step}` atomically (written under a temporary name, then renamed), then prune the
     oldest beyond `total_limit`: a kill at any moment leaves at least the previous complete checkpoint."""
     final = Path(output_dir) / f"checkpoint-{step}"
@@ -63,6 +63,8 @@ def save_checkpoint(accelerator, output_dir, step, total_limit=None):
     accelerator.save_state(str(tmp))
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
+        for name, text in (extra_files or {}).items():  # e.g. running metrics: part of the same atomic checkpoint
+            (tmp / name).write_text(text)
         shutil.rmtree(final, ignore_errors=True)
         os.replace(tmp, final)
         prune_checkpoints(output_dir, total_limit, keep_room_for=0)  # only once the new one is complete

@@ -62,10 +62,10 @@ def list_files(location, revision=None, token=None):
 
 def detect_kind(files):
     """What a folder/repo holds: a diffusers pipeline, LoRA weights, or a UNet (at the root or in unet/)."""
-    names = set(files)
+    names = set(files)  # at the root only (a SPIN output folder holds LoRAs in iter_N/: name the iteration)
     if "model_index.json" in names:
         return "pipeline", None
-    if any(f.endswith("pytorch_lora_weights.safetensors") or f.endswith("pytorch_lora_weights.bin") for f in names):
+    if {"pytorch_lora_weights.safetensors", "pytorch_lora_weights.bin"} & names:
         return "lora", None
     if "unet/config.json" in names:
         return "unet", "unet"
@@ -76,10 +76,12 @@ def detect_kind(files):
 
 def resolve_model(arg, token=None):
     name, location, revision = parse_model_arg(arg)
-    kind, sub = detect_kind(list_files(location, revision, token))
+    files = list_files(location, revision, token)
+    kind, sub = detect_kind(files)
     if kind is None:
+        hint = " (a SPIN output folder: name one iteration, e.g. .../iter_2)" if any(f.startswith("iter_") for f in files) else ""
         raise EvalError(f"--model {arg}: neither a diffusers pipeline (model_index.json), a UNet (unet/config.json or "
-                        f"config.json + weights) nor LoRA weights (pytorch_lora_weights.safetensors)")
+                        f"config.json + weights) nor LoRA weights (pytorch_lora_weights.safetensors){hint}")
     return ModelSpec(name, location, revision, kind, sub)
 
 

@@ -67,10 +67,31 @@ class SyntheticStore:
     fp16 and `index` (n,)) with a JSON manifest per shard ({index, caption, seed} rows). A shard appears only
     when complete (written under a temporary name, then renamed), so a rerun regenerates nothing finished."""
 
-    def __init__(self, directory, num_prompts, shard_size=256):
+    def __init__(self, directory, num_prompts, shard_size=256, settings=None):
         self.dir = Path(directory)
         self.num_prompts, self.shard_size = num_prompts, shard_size
         self._cache = {}
+        self.settings = {"num_prompts": num_prompts, "shard_size": shard_size, **(settings or {})}
+
+    def claim(self, write=True):
+        """Record what these samples are (prompt count, shard size, captions hash, generation settings) in
+        `store.json`, or check that an existing store was made with the same: reusing shards made for other
+        prompts or settings would silently pair prompts with the wrong samples. Raises ValueError on a mismatch."""
+        path = self.dir / "store.json"
+        wanted = json.loads(json.dumps(self.settings))
+        if path.exists():
+            found = json.loads(path.read_text())
+            diff = sorted(k for k in set(found) | set(wanted) if found.get(k) != wanted.get(k))
+            if diff:
+                raise ValueError(f"{self.dir} holds samples made with other settings ({', '.join(diff)} differ): "
+                                 f"delete that folder to regenerate, or use the original command")
+            return
+        if not write:  # other processes only check; the main process writes
+            return
+        self.dir.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(wanted, indent=2, sort_keys=True) + "\n")
+        os.replace(tmp, path)
 
     @property
     def num_shards(self):
@@ -116,6 +137,9 @@ class SyntheticStore:
         if k not in self._cache:
             self._cache = {k: safe_open(str(self.shard_path(k)), framework="pt")}
         f = self._cache[k]
+        stored_index = int(f.get_slice("index")[j])
+        if stored_index != index:
+            raise ValueError(f"{self.shard_path(k)} row {j} holds prompt {stored_index}, not {index}")
         out = {("gen_latents" if name == "latents" else name): f.get_slice(name)[j] for name in f.keys() if name != "index"}
         out["gen_latents"] = out["gen_latents"].float()
         return out

@@ -13,8 +13,10 @@ from .models import freeze, load_sd_components, weight_dtype
 def init_run(args):
     """Accelerator + logging + TF32; applies --scale_lr (so training_args.json records the lr really used)
     and writes training_args.json (never the token) on the main process."""
+    from datetime import timedelta
+
     from accelerate import Accelerator
-    from accelerate.utils import ProjectConfiguration
+    from accelerate.utils import InitProcessGroupKwargs, ProjectConfiguration
 
     output_dir = Path(args.output_dir)
     accelerator = Accelerator(
@@ -22,6 +24,8 @@ def init_run(args):
         mixed_precision=args.mixed_precision,
         log_with=None if args.report_to == "none" else args.report_to,
         project_config=ProjectConfiguration(project_dir=str(output_dir), logging_dir=str(output_dir / args.logging_dir)),
+        # the other processes wait while the main one saves and pushes (GBs): longer than torch's 30 min default
+        kwargs_handlers=[InitProcessGroupKwargs(timeout=timedelta(seconds=args.ddp_timeout))],
     )
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
     if args.allow_tf32:
@@ -43,3 +47,17 @@ def load_frozen_components(args, accelerator):
     text_encoder.to(accelerator.device, dtype)
     vae.to(accelerator.device, dtype)
     return tokenizer, text_encoder, vae, unet, noise_scheduler, dtype
+
+
+def optimizer_step(accelerator, model, optimizer, lr_scheduler, max_grad_norm=None):
+    """The tail of every micro-step inside `accelerator.accumulate`: clip the gradients on the steps that sync
+    them, step the optimizer and the schedule, zero the gradients. Returns the gradient norm (or None)."""
+    from .models import trainable_parameters
+
+    grad_norm = None
+    if accelerator.sync_gradients and max_grad_norm:
+        grad_norm = accelerator.clip_grad_norm_(trainable_parameters(model), max_grad_norm)
+    optimizer.step()
+    lr_scheduler.step()
+    optimizer.zero_grad(set_to_none=True)
+    return grad_norm

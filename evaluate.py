@@ -37,6 +37,7 @@ from utils.evaluation import (
     resolve_model,
     summarize,
 )
+from utils.checkpointing import record_settings
 from utils.generation import make_grid, prompt_seed
 from utils.models import WEIGHT_DTYPES
 
@@ -203,16 +204,10 @@ def image_path(folder, i, j):
 def check_or_write_settings(folder, settings, write=True):
     """images/NAME/generation.json: what the images there were made with. A different model, prompt set or
     generation setting under the same NAME and --output_dir is an error, not a silent reuse of stale images."""
-    path = folder / "generation.json"
-    if path.exists():
-        found = json.loads(path.read_text())
-        diff = sorted(k for k in set(found) | set(settings) if found.get(k) != settings.get(k))
-        if diff:
-            raise EvalError(f"{folder} holds images made with other settings ({', '.join(diff)} differ): use another "
-                            f"--output_dir or model name, or delete that folder")
-    elif write:
-        folder.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(settings, indent=2, sort_keys=True) + "\n")
+    diff = record_settings(folder / "generation.json", settings, write)
+    if diff:
+        raise EvalError(f"{folder} holds images made with other settings ({', '.join(diff)} differ): use another "
+                        f"--output_dir or model name, or delete that folder")
 
 
 def push_results(specs, summary, metrics, prompts_name, token):

@@ -138,3 +138,19 @@ class RunState:
         tmp = self.path.with_suffix(".tmp")
         tmp.write_text(json.dumps(self.data, indent=2, sort_keys=True) + "\n")
         os.replace(tmp, self.path)
+
+
+def record_settings(path, settings, write=True):
+    """What a folder of resumable outputs was made with. If `path` exists, return the keys whose values differ
+    from `settings` (empty: the outputs can be reused); else write `settings` there (when `write`) and return []."""
+    path = Path(path)
+    wanted = json.loads(json.dumps(settings))
+    if path.exists():
+        found = json.loads(path.read_text())
+        return sorted(k for k in set(found) | set(wanted) if found.get(k) != wanted.get(k))
+    if write:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(wanted, indent=2, sort_keys=True) + "\n")
+        os.replace(tmp, path)
+    return []

@@ -76,22 +76,14 @@ class SyntheticStore:
     def claim(self, write=True):
         """Record what these samples are (prompt count, shard size, captions hash, generation settings) in
         `store.json`, or check that an existing store was made with the same: reusing shards made for other
-        prompts or settings would silently pair prompts with the wrong samples. Raises ValueError on a mismatch."""
-        path = self.dir / "store.json"
-        wanted = json.loads(json.dumps(self.settings))
-        if path.exists():
-            found = json.loads(path.read_text())
-            diff = sorted(k for k in set(found) | set(wanted) if found.get(k) != wanted.get(k))
-            if diff:
-                raise ValueError(f"{self.dir} holds samples made with other settings ({', '.join(diff)} differ): "
-                                 f"delete that folder to regenerate, or use the original command")
-            return
-        if not write:  # other processes only check; the main process writes
-            return
-        self.dir.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(wanted, indent=2, sort_keys=True) + "\n")
-        os.replace(tmp, path)
+        prompts or settings would silently pair prompts with the wrong samples. Raises ValueError on a mismatch.
+        Every process checks; only the one with `write` records."""
+        from .checkpointing import record_settings
+
+        diff = record_settings(self.dir / "store.json", self.settings, write)
+        if diff:
+            raise ValueError(f"{self.dir} holds samples made with other settings ({', '.join(diff)} differ): "
+                             f"delete that folder to regenerate, or use the original command")
 
     @property
     def num_shards(self):

@@ -133,3 +133,34 @@ def test_spin_output_folder_is_not_taken_for_a_lora(tmp_path):
     with pytest.raises(EvalError, match="name one iteration"):
         resolve_model(f"m={tmp_path / 'spin'}")
     assert resolve_model(f"m={tmp_path / 'spin' / 'iter_1'}").kind == "lora"
+
+
+def test_named_prompt_sets_from_the_hub(tmp_path, hub_server, monkeypatch):
+    """`--prompts hpsv2`, `parti` and `pickapic_test_unique` read the benchmark repos through the real Hub and
+    datasets code (here from the local server, with repos shaped like the real ones)."""
+    import json as _json
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    from huggingface_hub import HfApi
+
+    monkeypatch.setenv("HF_TOKEN", TEST_TOKEN)
+    with hub_online():
+        api = HfApi(token=TEST_TOKEN)
+        api.create_repo("zhwang/HPDv2", repo_type="dataset", exist_ok=True)
+        for style in ("anime", "concept-art", "paintings", "photo"):
+            api.upload_file(repo_id="zhwang/HPDv2", repo_type="dataset", path_in_repo=f"benchmark/{style}.json",
+                            path_or_fileobj=_json.dumps([f"{style} {i}" for i in range(3)]).encode())
+        assert load_prompts("hpsv2") == [f"{s} {i}" for s in ("anime", "concept-art", "paintings", "photo") for i in range(3)]
+        pq.write_table(pa.table({"Prompt": ["p1", "p2", "p3"], "Category": ["a", "b", "c"]}), tmp_path / "train.parquet")
+        api.create_repo("nateraw/parti-prompts", repo_type="dataset", exist_ok=True)
+        api.upload_file(repo_id="nateraw/parti-prompts", repo_type="dataset", path_in_repo="data/train-00000-of-00001.parquet",
+                        path_or_fileobj=str(tmp_path / "train.parquet"))
+        assert load_prompts("parti", max_prompts=2) == ["p1", "p2"]
+        pq.write_table(pa.table({"caption": ["c1", "c2"], "jpg_0": [b"x", b"y"]}), tmp_path / "tu.parquet")
+        pq.write_table(pa.table({"caption": ["t1"], "jpg_0": [b"z"]}), tmp_path / "tr.parquet")
+        api.create_repo("yuvalkirstain/pickapic_v2", repo_type="dataset", exist_ok=True)
+        for split, f in (("test_unique", "tu"), ("train", "tr")):
+            api.upload_file(repo_id="yuvalkirstain/pickapic_v2", repo_type="dataset", path_or_fileobj=str(tmp_path / f"{f}.parquet"),
+                            path_in_repo=f"data/{split}-00000-of-00001.parquet")
+        assert load_prompts("pickapic_test_unique") == ["c1", "c2"]

@@ -92,3 +92,22 @@ def test_push_results_adds_model_index_to_hub_card(assets, tmp_path, hub_server,
     meta = yaml.safe_load(card.split("---")[1])
     metrics = {m["type"]: m["value"] for m in meta["model-index"][0]["results"][0]["metrics"]}
     assert metrics == {k: round(results["summary"]["hub"][k]["mean"], 6) for k in ("aesthetic", "pickscore")}
+
+
+def test_two_process_run_writes_every_image_and_one_report(assets, tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a red fox\na blue car\nthe moon\na bowl of soup\na castle\n")
+    out = tmp_path / "eval"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29541",
+           str(Path(__file__).resolve().parent.parent / "evaluate.py"), "--model", f"base={assets['pipeline']}",
+           "--prompts", str(prompts), "--resolution", "32", "--num_inference_steps", "2", "--output_dir", str(out),
+           "--metrics", "aesthetic", *map(str, SCORER_FLAGS)]
+    proc = subprocess.run(cmd, cwd=tmp_path, env=dict(os.environ, ACCELERATE_USE_CPU="1", OMP_NUM_THREADS="1"),
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert sorted(p.name for p in (out / "images" / "base").glob("*.png")) == [f"{i:05d}_0.png" for i in range(5)]
+    assert len(json.loads((out / "results.json").read_text())["per_prompt"]) == 5

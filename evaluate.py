@@ -22,6 +22,7 @@ from pathlib import Path
 
 import torch
 from accelerate import PartialState
+from accelerate.utils import parse_flag_from_env
 from PIL import Image
 from tqdm.auto import tqdm
 
@@ -106,7 +107,7 @@ def parse_args(input_args=None):
 
 
 def main(args):
-    state = PartialState()
+    state = PartialState(cpu=parse_flag_from_env("ACCELERATE_USE_CPU"))  # GPUs, or CPU processes under torchrun
     out = Path(args.output_dir)
     # 1. Everything that can be wrong is checked before generating anything.
     specs = [resolve_model(m, args.hub_token) for m in args.model]

@@ -46,9 +46,11 @@ from utils.hub import push_folder, write_model_card
 from utils.losses import diffusion_target, min_snr_weights, per_sample_mse, sample_noise_and_timesteps, sft_loss, step_generator
 from utils.models import (
     add_lora,
+    batch_prompt_embeds,
+    contiguous_weights,
     encode_images,
-    encode_prompt,
     make_optimizer,
+    optimize_unet,
     save_lora,
     sd_pipeline,
     trainable_parameters,
@@ -84,6 +86,7 @@ def main(args):
     set_seed(args.seed)
     tokenizer, text_encoder, vae, unet, noise_scheduler, dtype = load_frozen_components(args, accelerator)
     ema_unet = None
+    optimize_unet(unet, channels_last=args.channels_last)
     if args.use_lora:
         add_lora(unet, args.rank, args.lora_alpha, args.lora_target_modules.split(","))
         unet.to(accelerator.device, dtype)
@@ -244,7 +247,7 @@ def sft_forward(unet, vae, text_encoder, noise_scheduler, batch, generator, dtyp
     noisy_latents = noise_scheduler.add_noise(latents, noise, timesteps)
     target = diffusion_target(noise_scheduler, latents, noise, timesteps)
     with torch.no_grad():
-        prompt_embeds = encode_prompt(text_encoder, batch["input_ids"])
+        prompt_embeds = batch_prompt_embeds(text_encoder, batch)
     pred = unet(noisy_latents, timesteps, prompt_embeds, return_dict=False)[0]
     weights = min_snr_weights(noise_scheduler, timesteps, snr_gamma) if snr_gamma else None
     return sft_loss(per_sample_mse(pred, target), weights)
@@ -261,7 +264,8 @@ def save_result(args, unet, ema_unet, vae, text_encoder, tokenizer):
     if ema_unet is not None:
         ema_unet.copy_to(unet.parameters())
     pipeline = sd_pipeline(args.pretrained_model_name_or_path, unet=unet, **kw)
-    pipeline.save_pretrained(args.output_dir, safe_serialization=True)
+    with contiguous_weights(unet):
+        pipeline.save_pretrained(args.output_dir, safe_serialization=True)
     return pipeline
 
 

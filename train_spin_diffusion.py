@@ -63,10 +63,12 @@ from utils.losses import min_snr_weights, spin_loss, step_generator
 from utils.models import (
     Reference,
     add_lora,
-    encode_prompt,
+    batch_prompt_embeds,
+    contiguous_weights,
     load_lora,
     load_unet,
     make_optimizer,
+    optimize_unet,
     save_lora,
     sd_pipeline,
     trainable_parameters,
@@ -158,6 +160,7 @@ def main(args):
             state.update(iteration=k + 1, phase="generate")
         # theta_k: the policy starts from it; it also generates the negatives and is the frozen reference.
         unet, reference = load_policy_and_reference(args, k, dtype, accelerator.device)
+        optimize_unet(unet, reference, channels_last=args.channels_last)
 
         store = None
         if args.negative_source == "self":
@@ -189,8 +192,9 @@ def main(args):
 
         if accelerator.is_main_process:
             state.update(phase="train")
-        if args.precompute_reference:  # real latents are stored: the VAE waits on the CPU during training
+        if args.precompute_reference:  # latents and text embeddings are stored: VAE and text encoder wait on the CPU
             vae.to("cpu")
+            text_encoder.to("cpu")
         metrics = train_iteration(args, accelerator, k, it_dir, unet, reference, store, hf_dataset, spec,
                                   tokenizer, text_encoder, vae, noise_scheduler, dtype)
 
@@ -202,6 +206,7 @@ def main(args):
                 push_iteration(args, state, hub_repo, k, it_dir)
             state.update(phase="done")
         vae.to(accelerator.device)
+        text_encoder.to(accelerator.device)
         accelerator.free_memory()
         del unet, reference
         accelerator.wait_for_everyone()
@@ -264,7 +269,7 @@ def spin_forward(unet, reference, vae, text_encoder, noise_scheduler, batch, gen
     real, negative, t, noise, noise_neg = pair_inputs(batch, vae, generator, dtype, noise_scheduler.config.num_train_timesteps,
                                                       not args.no_share_noise, args.noise_offset)
     with torch.no_grad():
-        prompt_embeds = encode_prompt(text_encoder, batch["input_ids"])
+        prompt_embeds = batch_prompt_embeds(text_encoder, batch).to(real.device, real.dtype)
         if "ref_err_real" in batch:
             ref_err = torch.cat([batch["ref_err_real"], batch["ref_err_gen"]]).to(real.device)
         else:
@@ -395,8 +400,9 @@ def save_iteration(args, unet, it_dir, k, hub_repo, metrics):
     if args.use_lora:
         save_lora(unet, it_dir)
     else:
-        sd_pipeline(args.pretrained_model_name_or_path, args.prediction_type, unet=unet, revision=args.revision,
-                    variant=args.variant, cache_dir=args.cache_dir).save_pretrained(it_dir, safe_serialization=True)
+        with contiguous_weights(unet):
+            sd_pipeline(args.pretrained_model_name_or_path, args.prediction_type, unet=unet, revision=args.revision,
+                        variant=args.variant, cache_dir=args.cache_dir).save_pretrained(it_dir, safe_serialization=True)
     save_args(args, it_dir / "training_args.json")
     (it_dir / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
     method = "Diffusion-DPO" if args.negative_source == "dataset" else "SPIN-Diffusion"

@@ -6,9 +6,12 @@ forwards for real and generated, a second full UNet as the reference).
     python bench/bench_step.py --preset cpu-medium --cases sft:full:fp32:adamw:gc0,spin:full:fp32:adamw:gc0
     python bench/bench_step.py --preset sd15 --device cuda --batch 1            # the whole matrix on a GPU
 
-A case is MODE:PARAMS:PRECISION:OPTIMIZER:GC with MODE in sft, spin (in-loop reference), spin-pre
+A case is MODE:PARAMS:PRECISION:OPTIMIZER:GC[:OPTS] with MODE in sft, spin (in-loop reference), spin-pre
 (reference errors precomputed during generation), dpo (loser encoded by the VAE each step) and naive;
-PARAMS full or lora; PRECISION fp32 or bf16; OPTIMIZER adamw or adamw8bit; GC gc0 or gc1.
+PARAMS full or lora; PRECISION fp32 or bf16; OPTIMIZER adamw or adamw8bit; GC gc0 or gc1; OPTS, joined
+with "+", any of emb (cached text embeddings: the batch carries them and the text encoder is gone; always so
+for spin-pre, as --precompute_reference stores them), cl (--channels_last) and compile (torch.compile of the
+UNet; not a script flag: it did not pay on CPU, see the README).
 `--batch B` is B samples for sft and B pairs (2B UNet samples) for the others. Real images come as cached
 VAE latents (as with --cache_latents), prompts as token ids. Each case runs in a fresh process (peak RSS on
 CPU is per process; on GPU torch.cuda.max_memory_allocated). Timings: median over --steps after --warmup.
@@ -34,6 +37,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 MODES = ("sft", "spin", "spin-pre", "dpo", "naive")
+OPTS = ("emb", "cl", "compile")
 PEAK_TFLOPS_BF16 = {"H100": 989.0, "H200": 989.0, "A100": 312.0, "L40S": 362.0, "4090": 165.0}
 
 
@@ -75,11 +79,17 @@ def build_models(preset, device):
 
 
 def parse_case(case):
-    mode, params, precision, optim, gc = case.split(":")
+    fields = case.split(":")
+    opts = set(fields.pop().split("+")) if len(fields) == 6 else set()
+    if len(fields) != 5:
+        raise SystemExit(f"bad case {case!r}: MODE:full|lora:fp32|bf16:adamw|adamw8bit:gc0|gc1[:OPTS], MODE in {MODES}")
+    mode, params, precision, optim, gc = fields
     if mode not in MODES or params not in ("full", "lora") or precision not in ("fp32", "bf16") \
-            or optim not in ("adamw", "adamw8bit") or gc not in ("gc0", "gc1"):
-        raise SystemExit(f"bad case {case!r}: MODE:full|lora:fp32|bf16:adamw|adamw8bit:gc0|gc1, MODE in {MODES}")
-    return mode, params == "lora", precision == "bf16", optim == "adamw8bit", gc == "gc1"
+            or optim not in ("adamw", "adamw8bit") or gc not in ("gc0", "gc1") or not opts <= set(OPTS) \
+            or (opts and mode == "naive"):
+        raise SystemExit(f"bad case {case!r}: MODE:full|lora:fp32|bf16:adamw|adamw8bit:gc0|gc1[:OPTS], MODE in {MODES}, "
+                         f"OPTS a '+'-joined subset of {OPTS} (none for naive)")
+    return mode, params == "lora", precision == "bf16", optim == "adamw8bit", gc == "gc1", opts
 
 
 def make_batch(mode, B, unet, vae, resolution, device, vocab):
@@ -122,9 +132,9 @@ def naive_step(unet, ref_unet, vae, text_encoder, scheduler, batch, generator, d
 def run_case(case, preset, B, steps, warmup, device):
     import train_sft
     import train_spin_diffusion
-    from utils.models import Reference, add_lora, freeze, make_optimizer, trainable_parameters
+    from utils.models import Reference, add_lora, encode_prompt, freeze, make_optimizer, optimize_unet, trainable_parameters
 
-    mode, lora, bf16, use_8bit, gc = parse_case(case)
+    mode, lora, bf16, use_8bit, gc, opts = parse_case(case)
     device = torch.device(device)
     unet, vae, text_encoder, scheduler, resolution = build_models(preset, "cpu")
     dtype = torch.bfloat16 if bf16 else torch.float32
@@ -149,8 +159,13 @@ def run_case(case, preset, B, steps, warmup, device):
     if gc:
         unet.enable_gradient_checkpointing()
     unet.train()
+    optimize_unet(unet, reference, channels_last="cl" in opts, compile="compile" in opts)
     optimizer = make_optimizer(trainable_parameters(unet), 1e-5, (0.9, 0.999), 1e-2, 1e-8, use_8bit)
     batch = make_batch(mode, B, unet, vae, resolution, device, text_encoder.config.vocab_size)
+    if "emb" in opts or mode == "spin-pre":  # cached text embeddings (stored with --precompute_reference): no text encoder
+        with torch.no_grad(), (torch.autocast(device.type, dtype=torch.bfloat16) if bf16 else contextlib.nullcontext()):
+            batch["prompt_embeds"] = encode_prompt(text_encoder, batch.pop("input_ids")).to(dtype)
+        text_encoder.to("cpu")
     autocast = (lambda: torch.autocast(device.type, dtype=torch.bfloat16)) if bf16 else contextlib.nullcontext
     args = argparse.Namespace(no_share_noise=False, noise_offset=0.0, snr_gamma=None, beta=5000.0)
 
@@ -172,6 +187,17 @@ def run_case(case, preset, B, steps, warmup, device):
         if device.type == "cuda":
             torch.cuda.synchronize()
 
+    text_encoder_s = None
+    if "input_ids" in batch:  # what cached text embeddings would save per step: the text encoder's forward
+        te_times = []
+        for _ in range(3):
+            sync()
+            t0 = time.perf_counter()
+            with torch.no_grad(), autocast():
+                encode_prompt(text_encoder, batch["input_ids"])
+            sync()
+            te_times.append(time.perf_counter() - t0)
+        text_encoder_s = statistics.median(te_times)
     for i in range(warmup):
         step(i)
     if device.type == "cuda":
@@ -184,7 +210,8 @@ def run_case(case, preset, B, steps, warmup, device):
         sync()
         times.append(time.perf_counter() - t0)
     result = {"case": case, "preset": preset, "batch": B, "unet_samples": B if mode == "sft" else 2 * B,
-              "step_s": statistics.median(times), "steps": steps, "device": str(device)}
+              "step_s": statistics.median(times), "step_s_min": min(times), "steps": steps, "device": str(device), "text_encoder_s": text_encoder_s,
+              "text_encoder_gib": sum(p.numel() * p.element_size() for p in text_encoder.parameters()) / 2**30}
     if device.type == "cuda":
         result["peak_mem_gib"] = torch.cuda.max_memory_allocated() / 2**30
         result["gpu"] = torch.cuda.get_device_name()
@@ -221,18 +248,23 @@ def all_cases(modes):
 
 
 def table(results):
-    sft = {(r["case"].split(":", 1)[1], r["batch"]): r["step_s"] for r in results if r["case"].startswith("sft:")}
-    naive = {(r["case"].split(":", 1)[1], r["batch"]): r["step_s"] for r in results if r["case"].startswith("naive:")}
+    def rest(r, opts=True):  # the case without its mode (and without its OPTS for the naive lookup)
+        fields = r["case"].split(":")[1:]
+        return (":".join(fields if opts else fields[:4]), r["batch"])
+
+    sft = {rest(r): r["step_s"] for r in results if r["case"].startswith("sft:")}
+    naive = {rest(r, opts=False): r["step_s"] for r in results if r["case"].startswith("naive:")}
     mem_key = "peak_mem_gib" if any("peak_mem_gib" in r for r in results) else "peak_rss_gib"
-    lines = [f"| case | batch | UNet samples | step (ms) | {mem_key.replace('_', ' ')} | / SFT step same batch | / naive | MFU |",
-             "|---|---|---|---|---|---|---|---|"]
+    lines = [f"| case | batch | UNet samples | step (ms) | {mem_key.replace('_', ' ')} | / SFT step same batch | / naive | MFU "
+             "| text encoder fwd (ms) |", "|---|---|---|---|---|---|---|---|---|"]
     for r in results:
-        key = (r["case"].split(":", 1)[1], r["batch"])
-        vs_sft = f"{r['step_s'] / sft[key]:.2f}x" if key in sft and not r["case"].startswith("sft:") else ""
-        vs_naive = f"{r['step_s'] / naive[key]:.2f}x" if key in naive and not r["case"].startswith("naive:") else ""
+        vs_sft = f"{r['step_s'] / sft[rest(r)]:.2f}x" if rest(r) in sft and not r["case"].startswith("sft:") else ""
+        vs_naive = (f"{r['step_s'] / naive[rest(r, False)]:.2f}x"
+                    if rest(r, False) in naive and not r["case"].startswith("naive:") else "")
         mfu = f"{100 * r['unet_mfu']:.0f}%" if r.get("unet_mfu") else ""
+        te = f"{1000 * r['text_encoder_s']:.0f}" if r.get("text_encoder_s") is not None else ""
         lines.append(f"| {r['case']} | {r['batch']} | {r['unet_samples']} | {1000 * r['step_s']:.0f} | {r[mem_key]:.2f} | "
-                     f"{vs_sft} | {vs_naive} | {mfu} |")
+                     f"{vs_sft} | {vs_naive} | {mfu} | {te} |")
     return "\n".join(lines)
 
 

@@ -55,6 +55,12 @@ def max_abs_diff(a, b):
     return max(float((a[k].float() - b[k].float()).abs().max()) for k in a)
 
 
+def mean_abs_diff(a, b):
+    """Mean absolute difference over all elements of two state dicts with the same keys."""
+    total = sum(float((a[k].float() - b[k].float()).abs().sum()) for k in a)
+    return total / sum(a[k].numel() for k in a)
+
+
 def spin_args(assets, output_dir, *extra):
     """A fast train_spin_diffusion.py command line on the tiny assets (20 prompts, 2 sampling steps)."""
     return ["--pretrained_model_name_or_path", str(assets["pipeline"]), "--dataset_name", str(assets["pickapic"]),

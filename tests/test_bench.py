@@ -11,7 +11,8 @@ ROOT = Path(__file__).resolve().parent.parent
 
 def test_bench_step_tiny_all_modes(tmp_path):
     out = tmp_path / "steps.json"
-    cases = "sft:full:fp32:adamw:gc0,spin:lora:fp32:adamw8bit:gc1,spin-pre:full:bf16:adamw:gc0,dpo:full:fp32:adamw:gc0,naive:full:fp32:adamw:gc0"
+    cases = ("sft:full:fp32:adamw:gc0,spin:lora:fp32:adamw8bit:gc1,spin-pre:full:bf16:adamw:gc0,dpo:full:fp32:adamw:gc0,"
+             "naive:full:fp32:adamw:gc0,sft:full:fp32:adamw:gc0:cl,spin-pre:full:fp32:adamw:gc0:emb")
     proc = subprocess.run([sys.executable, str(ROOT / "bench" / "bench_step.py"), "--preset", "tiny", "--cases", cases,
                            "--steps", "1", "--warmup", "0", "--in_process", "--json", str(out)],
                           capture_output=True, text=True, timeout=600)
@@ -19,8 +20,18 @@ def test_bench_step_tiny_all_modes(tmp_path):
     results = json.loads(out.read_text())
     assert [r["case"] for r in results] == cases.split(",")
     assert all(r["step_s"] > 0 and r["peak_rss_gib"] > 0 for r in results)
-    assert [r["unet_samples"] for r in results] == [1, 2, 2, 2, 2]
+    assert [r["unet_samples"] for r in results] == [1, 2, 2, 2, 2, 1, 2]
     assert "| spin:lora:fp32:adamw8bit:gc1 | 1 | 2 |" in proc.stdout and "/ naive" in proc.stdout
+    # the text encoder's share is reported, except where the batch carries cached embeddings
+    # (spin-pre and emb cases carry cached embeddings, as --precompute_reference stores them)
+    assert [r["text_encoder_s"] is None for r in results] == [False, False, True, False, False, False, True]
+    assert all(r["text_encoder_s"] > 0 for r in results if r["text_encoder_s"] is not None)
+
+
+def test_bench_rejects_a_bad_case():
+    proc = subprocess.run([sys.executable, str(ROOT / "bench" / "bench_step.py"), "--preset", "tiny",
+                           "--cases", "spin:full:fp32:adamw:gc0:turbo"], capture_output=True, text=True, timeout=60)
+    assert proc.returncode != 0 and "OPTS" in proc.stderr
 
 
 def test_bench_generate_tiny(tmp_path):

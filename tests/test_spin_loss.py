@@ -105,7 +105,8 @@ def test_precomputed_reference_gives_the_in_loop_loss(assets):
     gen = torch.Generator().manual_seed(0)
     loss_pre, logs_pre = train_spin_diffusion.spin_forward(policy, None, vae, text_encoder, sched, batch, gen, torch.float32,
                                                            args, contextlib.nullcontext)
-    in_loop = {k: v for k, v in batch.items() if not k.startswith("ref_err")}
+    assert stored["prompt_embeds"].shape == (3, 77, text_encoder.config.hidden_size)
+    in_loop = {k: v for k, v in batch.items() if not k.startswith("ref_err") and k != "prompt_embeds"}  # TE and reference run
     reference = Reference.frozen_copy(theta_k, torch.float32, "cpu")
     loss_loop, logs_loop = train_spin_diffusion.spin_forward(policy, reference, vae, text_encoder, sched, in_loop, gen,
                                                              torch.float32, args, contextlib.nullcontext)

@@ -163,3 +163,15 @@ def test_yaml_config_with_command_line_override(assets, tmp_path):
     cfg.write_text("use_lora: true\nranc: 8\n")
     with pytest.raises(SystemExit):
         train_sft.parse_args(["--config", str(cfg), "--pretrained_model_name_or_path", "x", "--dataset_name", "y"])
+
+
+def test_channels_last_run_saves_checkpoints_and_matches_the_default_layout(assets, tmp_path):
+    """--channels_last: checkpoints and the pipeline save (safetensors wants contiguous tensors) and the weights
+    equal a default-layout run up to float reordering."""
+    common = ["--use_ema", "--max_train_steps", "3", "--checkpointing_steps", "2", "--learning_rate", "1e-4"]
+    run_sft(*sft_args(assets, tmp_path / "default", *common))
+    run_sft(*sft_args(assets, tmp_path / "cl", *common, "--channels_last"))
+    assert (tmp_path / "cl" / "checkpoint-2" / "unet").is_dir()
+    a, b = tensors(tmp_path / "default" / "unet"), tensors(tmp_path / "cl" / "unet")
+    assert a.keys() == b.keys() and max_abs_diff(a, b) < 1e-5
+    assert max_abs_diff(base_unet(assets), b) > 1e-6  # it trained

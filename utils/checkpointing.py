@@ -78,7 +78,7 @@ def register_checkpoint_hooks(accelerator, use_lora=False, ema_model=None):
     from diffusers import UNet2DConditionModel
     from diffusers.training_utils import EMAModel
 
-    from .models import load_lora, save_lora
+    from .models import contiguous_weights, load_lora, save_lora
 
     def save_hook(models, weights, output_dir):
         if accelerator.is_main_process:
@@ -87,7 +87,8 @@ def register_checkpoint_hooks(accelerator, use_lora=False, ema_model=None):
                 if use_lora:
                     save_lora(model, output_dir)
                 else:
-                    model.save_pretrained(os.path.join(output_dir, "unet"))
+                    with contiguous_weights(model):
+                        model.save_pretrained(os.path.join(output_dir, "unet"))
             if ema_model is not None:
                 ema_model.save_pretrained(os.path.join(output_dir, "unet_ema"))
         while weights:  # saved above; stop accelerate from saving them a second time

@@ -3,6 +3,8 @@
 Only the UNet is trained; the VAE and text encoder are frozen in the compute dtype.
 """
 
+import contextlib
+
 import torch
 
 WEIGHT_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16}
@@ -97,6 +99,13 @@ def encode_prompt(text_encoder, input_ids):
     return text_encoder(input_ids, return_dict=False)[0]
 
 
+def batch_prompt_embeds(text_encoder, batch):
+    """The batch's text embeddings: cached ones (`prompt_embeds`) when it carries them, else the text encoder's."""
+    if "prompt_embeds" in batch:
+        return batch["prompt_embeds"]
+    return encode_prompt(text_encoder, batch["input_ids"])
+
+
 def encode_images(vae, batch, generator, dtype):
     """Scaled latents for a batch: sampled from cached VAE distributions if the batch carries them
     (`latent_params`), else by running the VAE on `pixel_values`."""
@@ -121,6 +130,31 @@ def load_unet(name, subfolder="unet", revision=None, variant=None, cache_dir=Non
 
     return UNet2DConditionModel.from_pretrained(name, subfolder=subfolder, revision=revision, variant=variant,
                                                 cache_dir=cache_dir)
+
+
+@contextlib.contextmanager
+def contiguous_weights(model):
+    """safetensors writes only contiguous tensors: a channels-last model is switched back to the default layout
+    while it is saved (in place: the optimizer keeps the same parameters)."""
+    channels_last = any(p.dim() == 4 and not p.is_contiguous() for p in model.parameters())
+    if channels_last:
+        model.to(memory_format=torch.contiguous_format)
+    try:
+        yield model
+    finally:
+        if channels_last:
+            model.to(memory_format=torch.channels_last)
+
+
+def optimize_unet(unet, reference=None, channels_last=False, compile=False):
+    """--channels_last / --torch_compile for the policy UNet and the reference's frozen copy (if any).
+    Compiling works in place (`nn.Module.compile`): the module, its parameters and state-dict keys stay."""
+    models = [unet] + ([reference.copy] if reference is not None and reference.copy is not None else [])
+    for model in models:
+        if channels_last:
+            model.to(memory_format=torch.channels_last)
+        if compile:
+            model.compile()
 
 
 class Reference:

@@ -53,8 +53,8 @@ def pair_errors(model, noise_scheduler, real, negative, t, noise, noise_neg, pro
 def precompute_reference(reference, vae, text_encoder, noise_scheduler, real_pixels, gen_latents, input_ids,
                          sample_seeds, dtype, share_noise=True, autocast=contextlib.nullcontext):
     """For a chunk of prompts, while theta_k is loaded: the real latents (VAE sample with a per-sample seed),
-    one t and noise seed per pair, and theta_k's errors on both latents. Training on these runs no
-    reference forward; `pair_inputs` rebuilds exactly the same t and noise from them."""
+    one t and noise seed per pair, theta_k's errors on both latents and the text embeddings. Training on
+    these runs no reference forward, VAE or text encoder; `pair_inputs` rebuilds exactly the same t and noise from them."""
     from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
 
     device = gen_latents.device
@@ -70,8 +70,11 @@ def precompute_reference(reference, vae, text_encoder, noise_scheduler, real_pix
     noise_seeds = torch.tensor([int(s) + 2 for s in sample_seeds], dtype=torch.int64)
     batch = {"real_latents": real, "gen_latents": gen, "timesteps": timesteps, "noise_seed": noise_seeds}
     inputs = pair_inputs(batch, vae, torch.Generator(device=device), dtype, T, share_noise)
+    # The text embeddings are stored too (in the compute dtype, exactly what the step would compute): training
+    # then needs no text encoder.
+    prompt_embeds = encode_prompt(text_encoder, input_ids.to(device))
     with autocast():
-        err, _ = pair_errors(reference, noise_scheduler, *inputs, encode_prompt(text_encoder, input_ids.to(device)))
+        err, _ = pair_errors(reference, noise_scheduler, *inputs, prompt_embeds)
     r_real, r_gen = err.float().chunk(2)
     return {"real_latents": real.half().cpu(), "timesteps": timesteps.cpu(), "noise_seed": noise_seeds,
-            "ref_err_real": r_real.cpu(), "ref_err_gen": r_gen.cpu()}
+            "ref_err_real": r_real.cpu(), "ref_err_gen": r_gen.cpu(), "prompt_embeds": prompt_embeds.cpu()}

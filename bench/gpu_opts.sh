@@ -1,0 +1,16 @@
+#!/usr/bin/env bash
+# What --channels_last and torch.compile buy on a GPU (sd15, 512 px, bf16, full SPIN and SFT with 8-bit Adam and
+# gradient checkpointing, 1 pair / 1 sample per step), beside the same cases without them. About 5 minutes on one
+# H100/H200, most of it compiling. Run after bench/gpu_check.sh when device time is left.
+#   bash bench/gpu_opts.sh [OUT_DIR]
+set -euo pipefail
+cd "$(dirname "$0")/.."
+OUT=${1:-bench/results}
+mkdir -p "$OUT"
+PY=${PYTHON:-python}
+base=full:bf16:adamw8bit:gc1
+$PY bench/bench_step.py --preset sd15 --device cuda --steps 5 --warmup 2 --batch 1 \
+  --cases "sft:$base,sft:$base:cl,spin:$base,spin:$base:cl" --json "$OUT/gpu_channels_last.json"
+# compiling takes minutes: its own call, so a timeout here keeps the rows above
+timeout 300 $PY bench/bench_step.py --preset sd15 --device cuda --steps 5 --warmup 3 --batch 1 \
+  --cases "spin:$base:compile" --json "$OUT/gpu_compile.json" || echo "compile case did not finish in 300 s"

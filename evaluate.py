@@ -27,6 +27,7 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from scorers import METRICS, load_scorer
+from utils.checkpointing import record_settings
 from utils.evaluation import (
     PROMPT_SETS,
     EvalError,
@@ -38,7 +39,6 @@ from utils.evaluation import (
     resolve_model,
     summarize,
 )
-from utils.checkpointing import record_settings
 from utils.generation import make_grid, prompt_seed
 from utils.models import WEIGHT_DTYPES
 

@@ -23,11 +23,10 @@ sys.path.insert(0, str(ROOT / "examples"))
 
 
 def build_pipeline(preset, device, dtype):
-    from diffusers import DDIMScheduler, StableDiffusionPipeline
-    from transformers import CLIPTokenizer
-
     from bench_step import build_models
+    from diffusers import DDIMScheduler, StableDiffusionPipeline
     from make_tiny_assets import build_clip_tokenizer
+    from transformers import CLIPTokenizer
 
     unet, vae, text_encoder, _, resolution = build_models(preset, "cpu")
     tokenizer = CLIPTokenizer.from_pretrained(build_clip_tokenizer(Path(tempfile.mkdtemp()) / "tok"))

@@ -29,7 +29,14 @@ from utils.args import (
     tracker_config,
     validate_training_args,
 )
-from utils.checkpointing import register_checkpoint_hooks, resolve_resume_checkpoint, resume_position, save_checkpoint, step_of
+from utils.checkpointing import (
+    load_checkpoint,
+    register_checkpoint_hooks,
+    resolve_resume_checkpoint,
+    resume_position,
+    save_checkpoint,
+    step_of,
+)
 from utils.data import (
     DataError,
     EpochSampler,
@@ -47,7 +54,6 @@ from utils.losses import diffusion_target, min_snr_weights, per_sample_mse, samp
 from utils.models import (
     add_lora,
     batch_prompt_embeds,
-    contiguous_weights,
     encode_images,
     make_optimizer,
     optimize_unet,
@@ -147,7 +153,7 @@ def main(args):
     if args.resume_from_checkpoint and checkpoint is None:
         logger.info("no checkpoint to resume from in %s: starting a new run", output_dir)
     if checkpoint is not None:
-        accelerator.load_state(str(checkpoint))
+        load_checkpoint(accelerator, checkpoint, optimizer)
         global_step = step_of(checkpoint)
         first_epoch, skip_batches, micro_step = resume_position(
             global_step, args.gradient_accumulation_steps, None if args.streaming else len(train_dataloader))
@@ -264,8 +270,7 @@ def save_result(args, unet, ema_unet, vae, text_encoder, tokenizer):
     if ema_unet is not None:
         ema_unet.copy_to(unet.parameters())
     pipeline = sd_pipeline(args.pretrained_model_name_or_path, unet=unet, **kw)
-    with contiguous_weights(unet):
-        pipeline.save_pretrained(args.output_dir, safe_serialization=True)
+    pipeline.save_pretrained(args.output_dir, safe_serialization=True)
     return pipeline
 
 

@@ -5,7 +5,7 @@ import json
 
 import pytest
 import torch
-from helpers import assert_same_tensors, max_abs_diff, run_sft, sft_args, tensors
+from helpers import assert_same_tensors, max_abs_diff, mean_abs_diff, run_sft, sft_args, tensors
 
 import train_sft
 
@@ -165,13 +165,53 @@ def test_yaml_config_with_command_line_override(assets, tmp_path):
         train_sft.parse_args(["--config", str(cfg), "--pretrained_model_name_or_path", "x", "--dataset_name", "y"])
 
 
-def test_channels_last_run_saves_checkpoints_and_matches_the_default_layout(assets, tmp_path):
-    """--channels_last: checkpoints and the pipeline save (safetensors wants contiguous tensors) and the weights
+def spy_layouts(monkeypatch, module, name):
+    """Records, at every training step, whether the UNet's convolution weights are in channels-last layout."""
+    seen, real = [], getattr(module, name)
+
+    def spy(unet, *args, **kwargs):
+        seen.append(unet.conv_in.weight.is_contiguous(memory_format=torch.channels_last)
+                    and not unet.conv_in.weight.is_contiguous())
+        return real(unet, *args, **kwargs)
+
+    monkeypatch.setattr(module, name, spy)
+    return seen
+
+
+def test_channels_last_run_saves_checkpoints_and_matches_the_default_layout(assets, tmp_path, monkeypatch):
+    """--channels_last: the steps run in channels-last layout, checkpoints and the pipeline save, and the weights
     equal a default-layout run up to float reordering."""
     common = ["--use_ema", "--max_train_steps", "3", "--checkpointing_steps", "2", "--learning_rate", "1e-4"]
+    seen = spy_layouts(monkeypatch, train_sft, "sft_forward")
     run_sft(*sft_args(assets, tmp_path / "default", *common))
+    assert seen == [False] * 3
+    seen.clear()
     run_sft(*sft_args(assets, tmp_path / "cl", *common, "--channels_last"))
+    assert seen == [True] * 3
     assert (tmp_path / "cl" / "checkpoint-2" / "unet").is_dir()
-    a, b = tensors(tmp_path / "default" / "unet"), tensors(tmp_path / "cl" / "unet")
-    assert a.keys() == b.keys() and max_abs_diff(a, b) < 1e-5
-    assert max_abs_diff(base_unet(assets), b) > 1e-6  # it trained
+    before, a, b = base_unet(assets), tensors(tmp_path / "default" / "unet"), tensors(tmp_path / "cl" / "unet")
+    # Adam turns float-reordering noise in near-zero gradients into full-size steps for a few weights: compare
+    # on average, against how far training moved the weights
+    assert a.keys() == b.keys() and mean_abs_diff(a, b) < 0.02 * mean_abs_diff(before, a)
+
+
+def test_resume_with_the_other_layout_puts_optimizer_states_in_the_parameters_layout(assets, tmp_path, monkeypatch):
+    """A checkpoint saved without --channels_last and resumed with it: Adam's states follow the parameters' layout
+    (fused AdamW refuses mixed layouts; 8-bit Adam would pair flat memory wrongly)."""
+    import utils.checkpointing
+
+    common = ["--learning_rate", "1e-4", "--checkpointing_steps", "2"]
+    run_sft(*sft_args(assets, tmp_path / "run", *common, "--max_train_steps", "2"))
+    checked = []
+    real_load = utils.checkpointing.load_checkpoint
+
+    def load_and_check(accelerator, checkpoint, optimizer):
+        real_load(accelerator, checkpoint, optimizer)
+        states = [(p, s) for g in optimizer.param_groups for p in g["params"] for s in [optimizer.state[p]] if p.dim() == 4]
+        checked.append(all(s["exp_avg"].stride() == p.stride() == s["exp_avg_sq"].stride() for p, s in states))
+        assert states and not states[0][0].is_contiguous()  # the parameters really are channels-last
+
+    monkeypatch.setattr(train_sft, "load_checkpoint", load_and_check)
+    run_sft(*sft_args(assets, tmp_path / "run", *common, "--max_train_steps", "3", "--channels_last",
+                      "--resume_from_checkpoint", "latest"))
+    assert checked == [True]

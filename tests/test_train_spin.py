@@ -208,11 +208,21 @@ def test_precomputed_reference_run_holds_no_reference(assets, tmp_path, monkeypa
     assert max_abs_diff(tensors(out / "iter_1" / "unet"), tensors(out / "iter_2" / "unet")) > 1e-7
 
 
-def test_channels_last_full_iterations(assets, tmp_path):
+def test_channels_last_full_iterations(assets, tmp_path, monkeypatch):
     """--channels_last: both iterations start at their reference and save loadable weights close to the default layout."""
     argv = ["--max_train_steps", "2", "--learning_rate", "1e-4"]
     run_spin(*spin_args(assets, tmp_path / "default", *argv))
+    seen = []
+    real_forward = train_spin_diffusion.spin_forward
+
+    def spy(unet, reference, *args, **kwargs):  # the policy and the reference's frozen copy are channels-last
+        seen.append(all(m.conv_in.weight.is_contiguous(memory_format=torch.channels_last)
+                        and not m.conv_in.weight.is_contiguous() for m in (unet, reference.copy)))
+        return real_forward(unet, reference, *args, **kwargs)
+
+    monkeypatch.setattr(train_spin_diffusion, "spin_forward", spy)
     run_spin(*spin_args(assets, tmp_path / "cl", *argv, "--channels_last"))
+    assert seen == [True] * 4
     before = tensors(assets["pipeline"] / "unet")
     for k in (1, 2):
         assert_starts_at_reference(metrics(tmp_path / "cl", k))
@@ -220,6 +230,20 @@ def test_channels_last_full_iterations(assets, tmp_path):
         # Adam turns float-reordering noise in near-zero gradients into full-size steps for a few weights,
         # so the runs are compared on average, against how far training moved the weights
         assert mean_abs_diff(a, b) < 0.02 * mean_abs_diff(before, a)
+
+
+def test_channels_last_lora_on_convolutions_saves(assets, tmp_path):
+    """LoRA adapters on 3x3 convolutions are 4-D: under --channels_last they must still save (and load)."""
+    from diffusers import StableDiffusionPipeline
+
+    out = tmp_path / "lora_conv"
+    run_spin(*spin_args(assets, out, "--use_lora", "--lora_target_modules", "to_q,to_v,conv1", "--channels_last",
+                        "--num_iterations", "1", "--max_train_steps", "2", "--checkpointing_steps", "1"))
+    saved = tensors(out / "iter_1" / "pytorch_lora_weights.safetensors")
+    assert any("conv1.lora_A" in k and v.dim() == 4 for k, v in saved.items())
+    assert (out / "iter_1" / "checkpoint-2" / "pytorch_lora_weights.safetensors").exists()
+    pipe = StableDiffusionPipeline.from_pretrained(assets["pipeline"], safety_checker=None)
+    pipe.load_lora_weights(out / "iter_1")
 
 
 def test_synthetic_store_refuses_samples_made_for_other_settings(tmp_path):

@@ -70,7 +70,8 @@ def add_training_args(parser):
     g.add_argument("--gradient_accumulation_steps", type=int, default=1)
     g.add_argument("--gradient_checkpointing", action="store_true", help="Trade compute for memory in the UNet.")
     g.add_argument("--channels_last", action="store_true",
-                   help="UNet weights and activations in channels-last (NHWC) layout: faster convolutions (see README, Performance).")
+                   help="UNet weights and activations in channels-last (NHWC) layout. Can speed up convolutions on a GPU; "
+                        "no gain measured on CPU (README, Performance; bench/gpu_opts.sh measures it on a GPU).")
     g.add_argument("--mixed_precision", type=str, default=None, choices=["no", "fp16", "bf16"],
                    help="Default: the accelerate config's. fp16 needs a GPU; bf16 also works on CPU.")
     g.add_argument("--allow_tf32", action="store_true", help="Allow TF32 matmuls on Ampere or newer GPUs.")

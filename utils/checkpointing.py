@@ -72,13 +72,28 @@ def save_checkpoint(accelerator, output_dir, step, total_limit=None, extra_files
     return final
 
 
+def load_checkpoint(accelerator, checkpoint, optimizer):
+    """`accelerator.load_state`, then the optimizer states put in their parameters' memory layout: a checkpoint
+    saved with the other --channels_last setting restores them in the layout they were saved in, which fused
+    AdamW refuses and 8-bit Adam (flat memory) would pair with the wrong elements."""
+    import torch
+
+    accelerator.load_state(str(checkpoint))
+    for group in optimizer.param_groups:
+        for p in group["params"]:
+            state = optimizer.state.get(p, {})
+            for name, v in state.items():
+                if torch.is_tensor(v) and v.shape == p.shape and v.stride() != p.stride():
+                    state[name] = torch.empty_like(p, dtype=v.dtype).copy_(v)
+
+
 def register_checkpoint_hooks(accelerator, use_lora=False, ema_model=None):
     """Make `save_state`/`load_state` store the UNet as `unet/` (full) or `pytorch_lora_weights.safetensors`
     (LoRA) and the EMA weights as `unet_ema/`, and restore them into the live models on load."""
     from diffusers import UNet2DConditionModel
     from diffusers.training_utils import EMAModel
 
-    from .models import contiguous_weights, load_lora, save_lora
+    from .models import load_lora, save_lora
 
     def save_hook(models, weights, output_dir):
         if accelerator.is_main_process:
@@ -87,8 +102,7 @@ def register_checkpoint_hooks(accelerator, use_lora=False, ema_model=None):
                 if use_lora:
                     save_lora(model, output_dir)
                 else:
-                    with contiguous_weights(model):
-                        model.save_pretrained(os.path.join(output_dir, "unet"))
+                    model.save_pretrained(os.path.join(output_dir, "unet"))
             if ema_model is not None:
                 ema_model.save_pretrained(os.path.join(output_dir, "unet_ema"))
         while weights:  # saved above; stop accelerate from saving them a second time

@@ -3,8 +3,6 @@
 Only the UNet is trained; the VAE and text encoder are frozen in the compute dtype.
 """
 
-import contextlib
-
 import torch
 
 WEIGHT_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16}
@@ -52,7 +50,8 @@ def lora_state_dict(unet, adapter_name="default"):
     from diffusers.utils import convert_state_dict_to_diffusers
     from peft.utils import get_peft_model_state_dict
 
-    return convert_state_dict_to_diffusers(get_peft_model_state_dict(unet, adapter_name=adapter_name))
+    state_dict = convert_state_dict_to_diffusers(get_peft_model_state_dict(unet, adapter_name=adapter_name))
+    return {k: v.contiguous() for k, v in state_dict.items()}  # conv adapters under --channels_last: safetensors packs nothing
 
 
 def save_lora(unet, output_dir, adapter_name="default"):
@@ -103,7 +102,7 @@ def batch_prompt_embeds(text_encoder, batch):
     """The batch's text embeddings: cached ones (`prompt_embeds`) when it carries them, else the text encoder's."""
     if "prompt_embeds" in batch:
         return batch["prompt_embeds"]
-    return encode_prompt(text_encoder, batch["input_ids"])
+    return encode_prompt(text_encoder, batch["input_ids"].to(text_encoder.device))
 
 
 def encode_images(vae, batch, generator, dtype):
@@ -132,23 +131,10 @@ def load_unet(name, subfolder="unet", revision=None, variant=None, cache_dir=Non
                                                 cache_dir=cache_dir)
 
 
-@contextlib.contextmanager
-def contiguous_weights(model):
-    """safetensors writes only contiguous tensors: a channels-last model is switched back to the default layout
-    while it is saved (in place: the optimizer keeps the same parameters)."""
-    channels_last = any(p.dim() == 4 and not p.is_contiguous() for p in model.parameters())
-    if channels_last:
-        model.to(memory_format=torch.contiguous_format)
-    try:
-        yield model
-    finally:
-        if channels_last:
-            model.to(memory_format=torch.channels_last)
-
-
 def optimize_unet(unet, reference=None, channels_last=False, compile=False):
-    """--channels_last / --torch_compile for the policy UNet and the reference's frozen copy (if any).
-    Compiling works in place (`nn.Module.compile`): the module, its parameters and state-dict keys stay."""
+    """--channels_last (and, for the benchmark, torch.compile) for the policy UNet and the reference's frozen copy
+    (if any). Compiling works in place (`nn.Module.compile`): the module, its parameters and state-dict keys stay.
+    Saving needs nothing more: `save_pretrained` packs each tensor contiguously, `lora_state_dict` too."""
     models = [unet] + ([reference.copy] if reference is not None and reference.copy is not None else [])
     for model in models:
         if channels_last:

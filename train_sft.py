@@ -123,6 +123,7 @@ def main(args):
                         accelerator.process_index, accelerator.num_processes, accelerator.is_local_main_process)
             accelerator.wait_for_everyone()
             train_set.latent_cache = cache
+            vae.to("cpu")  # the steps read cached latents: the VAE waits on the CPU (validation renders bring it back)
         sampler = EpochSampler(len(train_set), seed=args.seed)
     train_dataloader = torch.utils.data.DataLoader(
         train_set, batch_size=args.train_batch_size, sampler=sampler, collate_fn=collate,
@@ -290,6 +291,8 @@ def run_validation(args, accelerator, unet, vae, text_encoder, tokenizer, ema_un
     make_grid(images).save(Path(args.output_dir) / f"validation_step_{step}.png")
     if ema_unet is not None:
         ema_unet.restore(model.parameters())
+    if args.cache_latents:
+        vae.to("cpu")
     model.train()
 
 

@@ -110,8 +110,8 @@ def encode_images(vae, batch, generator, dtype):
     (`latent_params`), else by running the VAE on `pixel_values`."""
     from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
 
-    if "latent_params" in batch:
-        dist = DiagonalGaussianDistribution(batch["latent_params"].to(vae.device, dtype))
+    if "latent_params" in batch:  # the VAE itself may wait on the CPU: only its scaling factor is used
+        dist = DiagonalGaussianDistribution(batch["latent_params"].to(generator.device, dtype))
     else:
         with torch.no_grad():
             dist = vae.encode(batch["pixel_values"].to(vae.device, dtype)).latent_dist

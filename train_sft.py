@@ -92,7 +92,6 @@ def main(args):
     set_seed(args.seed)
     tokenizer, text_encoder, vae, unet, noise_scheduler, dtype = load_frozen_components(args, accelerator)
     ema_unet = None
-    optimize_unet(unet, channels_last=args.channels_last)
     if args.use_lora:
         add_lora(unet, args.rank, args.lora_alpha, args.lora_target_modules.split(","))
         unet.to(accelerator.device, dtype)
@@ -106,6 +105,9 @@ def main(args):
         ema_unet.to(accelerator.device)
     if args.gradient_checkpointing:
         unet.enable_gradient_checkpointing()
+    optimize_unet(unet, channels_last=args.channels_last, compile=args.torch_compile)
+    if args.torch_compile:
+        logger.info("--torch_compile: the first UNet calls compile it (minutes) before they run")
     register_checkpoint_hooks(accelerator, use_lora=args.use_lora, ema_model=ema_unet)
 
     # 3. Training examples, optionally from a latent cache built once.

@@ -10,8 +10,7 @@ A case is MODE:PARAMS:PRECISION:OPTIMIZER:GC[:OPTS] with MODE in sft, spin (in-l
 (reference errors precomputed during generation), dpo (loser encoded by the VAE each step) and naive;
 PARAMS full or lora; PRECISION fp32 or bf16; OPTIMIZER adamw or adamw8bit; GC gc0 or gc1; OPTS, joined
 with "+", any of emb (cached text embeddings: the batch carries them and the text encoder is gone; always so
-for spin-pre, as --precompute_reference stores them), cl (--channels_last) and compile (torch.compile of the
-UNet; not a script flag: it did not pay on CPU, see the README).
+for spin-pre, as --precompute_reference stores them), cl (--channels_last) and compile (--torch_compile).
 `--batch B` is B samples for sft and B pairs (2B UNet samples) for the others. Real images come as cached
 VAE latents (as with --cache_latents), prompts as token ids. Each case runs in a fresh process (peak RSS on
 CPU is per process; on GPU torch.cuda.max_memory_allocated). Timings: median over --steps after --warmup.

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# What --channels_last and torch.compile buy on a GPU (sd15, 512 px, bf16, full SPIN and SFT with 8-bit Adam and
+# What --channels_last and --torch_compile buy on a GPU (sd15, 512 px, bf16, full SPIN and SFT with 8-bit Adam and
 # gradient checkpointing, 1 pair / 1 sample per step), beside the same cases without them. About 6 to 8 minutes on one
 # H100/H200, most of it compiling. Run after bench/gpu_check.sh when device time is left.
 #   bash bench/gpu_opts.sh [OUT_DIR]

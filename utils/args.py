@@ -72,6 +72,10 @@ def add_training_args(parser):
     g.add_argument("--channels_last", action="store_true",
                    help="UNet weights and activations in channels-last (NHWC) layout. Can speed up convolutions on a GPU; "
                         "no gain measured on CPU (README, Performance; bench/gpu_opts.sh measures it on a GPU).")
+    g.add_argument("--torch_compile", action="store_true",
+                   help="torch.compile the UNet (and the reference's copy). The first steps, and the first generation batch, "
+                        "compile first (minutes); on CPU no gain measured (README, Performance; bench/gpu_opts.sh measures it "
+                        "on a GPU).")
     g.add_argument("--mixed_precision", type=str, default=None, choices=["no", "fp16", "bf16"],
                    help="Default: the accelerate config's. fp16 needs a GPU; bf16 also works on CPU.")
     g.add_argument("--allow_tf32", action="store_true", help="Allow TF32 matmuls on Ampere or newer GPUs.")

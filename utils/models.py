@@ -132,8 +132,9 @@ def load_unet(name, subfolder="unet", revision=None, variant=None, cache_dir=Non
 
 
 def optimize_unet(unet, reference=None, channels_last=False, compile=False):
-    """--channels_last (and, for the benchmark, torch.compile) for the policy UNet and the reference's frozen copy
-    (if any). Compiling works in place (`nn.Module.compile`): the module, its parameters and state-dict keys stay.
+    """--channels_last and --torch_compile for the policy UNet and the reference's frozen copy (if any). Compiling
+    works in place (`nn.Module.compile`): the module, its parameters and state-dict keys stay, and the graphs are
+    built at the first calls (one per input shape and grad mode: training step, generation batch).
     Saving needs nothing more: `save_pretrained` packs each tensor contiguously, `lora_state_dict` too."""
     models = [unet] + ([reference.copy] if reference is not None and reference.copy is not None else [])
     for model in models:

@@ -97,7 +97,10 @@ def main(args):
         unet.to(accelerator.device, dtype)
         for p in trainable_parameters(unet):  # adapter weights train in fp32
             p.data = p.data.float()
-    elif args.use_ema:
+    optimize_unet(unet, channels_last=args.channels_last, compile=args.torch_compile)  # before EMA copies the layout
+    if args.torch_compile:
+        logger.info("--torch_compile: the first UNet calls compile it (minutes) before they run")
+    if args.use_ema:  # full fine-tuning only (--use_lora refuses it)
         from diffusers import UNet2DConditionModel
         from diffusers.training_utils import EMAModel
 
@@ -105,9 +108,6 @@ def main(args):
         ema_unet.to(accelerator.device)
     if args.gradient_checkpointing:
         unet.enable_gradient_checkpointing()
-    optimize_unet(unet, channels_last=args.channels_last, compile=args.torch_compile)
-    if args.torch_compile:
-        logger.info("--torch_compile: the first UNet calls compile it (minutes) before they run")
     register_checkpoint_hooks(accelerator, use_lora=args.use_lora, ema_model=ema_unet)
 
     # 3. Training examples, optionally from a latent cache built once.

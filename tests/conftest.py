@@ -28,3 +28,28 @@ from hub_server import TEST_TOKEN, hub_online, hub_server  # noqa: E402,F401
 def assets(tmp_path_factory):
     """{'pipeline', 'pickapic', 'captions'}: tiny local assets shared by the whole session."""
     return make_tiny_assets.build_all(tmp_path_factory.mktemp("assets"))
+
+
+@pytest.fixture
+def compiled_graphs(monkeypatch):
+    """--torch_compile with a recording backend in place of inductor: dynamo traces the UNet as it would for real
+    (graph breaks, guards, one graph per shape and grad mode), then the graphs run eagerly, so a test needs no
+    minutes of code generation. Yields the list that gets one entry per graph built: whether grad was on."""
+    import torch
+    import torch._dynamo
+
+    graphs, real = [], torch.nn.Module.compile
+
+    def backend(gm, example_inputs):
+        graphs.append(torch.is_grad_enabled())
+        return gm.forward
+
+    def compile(self, *args, **kwargs):
+        return real(self, *args, **{**kwargs, "backend": backend})
+
+    monkeypatch.setattr(torch.nn.Module, "compile", compile)
+    limit = torch._dynamo.config.recompile_limit  # --torch_compile raises it
+    torch._dynamo.reset()
+    yield graphs
+    torch._dynamo.reset()  # no graph made with this backend outlives the test
+    torch._dynamo.config.recompile_limit = limit

@@ -78,20 +78,3 @@ def run_spin(*argv):
     train_spin_diffusion.main(args)
     return args
 
-
-def record_compiles(monkeypatch):
-    """--torch_compile with a recording backend in place of inductor: dynamo traces the UNet as it would for real
-    (graph breaks, guards, one graph per shape and grad mode), then the graphs run eagerly, so a test needs no
-    minutes of code generation. Returns the list that gets one entry per graph built: whether grad was on."""
-    graphs, real = [], torch.nn.Module.compile
-
-    def backend(gm, example_inputs):
-        graphs.append(torch.is_grad_enabled())
-        return gm.forward
-
-    def compile(self, *args, **kwargs):
-        return real(self, *args, **{**kwargs, "backend": backend})
-
-    monkeypatch.setattr(torch.nn.Module, "compile", compile)
-    torch._dynamo.reset()
-    return graphs

@@ -5,7 +5,7 @@ import json
 
 import pytest
 import torch
-from helpers import assert_same_tensors, max_abs_diff, mean_abs_diff, record_compiles, run_sft, sft_args, tensors
+from helpers import assert_same_tensors, max_abs_diff, mean_abs_diff, run_sft, sft_args, tensors
 
 import train_sft
 
@@ -195,14 +195,14 @@ def test_channels_last_run_saves_checkpoints_and_matches_the_default_layout(asse
     assert a.keys() == b.keys() and mean_abs_diff(a, b) < 0.02 * mean_abs_diff(before, a)
 
 
-def test_torch_compile_with_gradient_checkpointing_trains_like_eager(assets, tmp_path, monkeypatch):
-    """--torch_compile: the training steps run through compiled graphs (with checkpointed blocks), checkpoints and
-    the pipeline save under the usual keys, and the weights equal an uncompiled run's."""
-    common = ["--gradient_checkpointing", "--max_train_steps", "2", "--checkpointing_steps", "1", "--learning_rate", "1e-4"]
+def test_torch_compile_with_gradient_checkpointing_trains_like_eager(assets, tmp_path, compiled_graphs):
+    """--torch_compile: the training steps run through compiled graphs (with checkpointed blocks and EMA),
+    checkpoints and the pipeline save under the usual keys, and the weights equal an uncompiled run's."""
+    common = ["--gradient_checkpointing", "--use_ema", "--max_train_steps", "2", "--checkpointing_steps", "1",
+              "--learning_rate", "1e-4"]
     run_sft(*sft_args(assets, tmp_path / "eager", *common))
-    graphs = record_compiles(monkeypatch)
     run_sft(*sft_args(assets, tmp_path / "compiled", *common, "--torch_compile"))
-    assert True in graphs  # a graph was built for the training step
+    assert True in compiled_graphs  # a graph was built for the training step
     assert (tmp_path / "compiled" / "checkpoint-1" / "unet").is_dir()
     a, b = tensors(tmp_path / "eager" / "unet"), tensors(tmp_path / "compiled" / "unet")
     assert_same_tensors(a, b, atol=1e-5, rtol=1e-4)

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import max_abs_diff, mean_abs_diff, record_compiles, run_spin, spin_args, tensors
+from helpers import max_abs_diff, mean_abs_diff, run_spin, spin_args, tensors
 
 import train_spin_diffusion
 import utils.models
@@ -247,17 +247,17 @@ def test_channels_last_lora_on_convolutions_saves(assets, tmp_path):
 
 
 @pytest.mark.parametrize("mode", ["lora", "full_precompute"])
-def test_torch_compile_iteration_equals_eager(assets, tmp_path, monkeypatch, mode):
-    """--torch_compile: generation and training run through compiled graphs (LoRA: the reference is the same compiled
-    UNet with its adapter switched off), and the iteration's weights equal an uncompiled run's."""
-    argv = ["--num_iterations", "1", "--max_train_steps", "2", "--learning_rate", "1e-4",
+def test_torch_compile_iterations_equal_eager(assets, tmp_path, compiled_graphs, mode):
+    """--torch_compile: generation and training run through compiled graphs, over two iterations (LoRA: the
+    reference is the same compiled UNet with theta_1's adapter switched in), and the weights equal an uncompiled run's."""
+    argv = ["--num_iterations", "2", "--max_train_steps", "2", "--learning_rate", "1e-4",
             *(["--use_lora"] if mode == "lora" else ["--precompute_reference"])]
     run_spin(*spin_args(assets, tmp_path / "eager", *argv))
-    graphs = record_compiles(monkeypatch)
     run_spin(*spin_args(assets, tmp_path / "compiled", *argv, "--torch_compile"))
-    assert True in graphs and False in graphs  # training steps (grad) and generation (no grad)
-    a, b = tensors(tmp_path / "eager" / "iter_1"), tensors(tmp_path / "compiled" / "iter_1")
-    assert a.keys() == b.keys() and max_abs_diff(a, b) < 1e-5
+    assert True in compiled_graphs and False in compiled_graphs  # training steps (grad) and generation (no grad)
+    for k in (1, 2):
+        a, b = tensors(tmp_path / "eager" / f"iter_{k}"), tensors(tmp_path / "compiled" / f"iter_{k}")
+        assert a.keys() == b.keys() and max_abs_diff(a, b) < 1e-5
 
 
 def test_synthetic_store_refuses_samples_made_for_other_settings(tmp_path):

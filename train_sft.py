@@ -98,8 +98,6 @@ def main(args):
         for p in trainable_parameters(unet):  # adapter weights train in fp32
             p.data = p.data.float()
     optimize_unet(unet, channels_last=args.channels_last, compile=args.torch_compile)  # before EMA copies the layout
-    if args.torch_compile:
-        logger.info("--torch_compile: the first UNet calls compile it (minutes) before they run")
     if args.use_ema:  # full fine-tuning only (--use_lora refuses it)
         from diffusers import UNet2DConditionModel
         from diffusers.training_utils import EMAModel

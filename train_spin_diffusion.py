@@ -162,8 +162,6 @@ def main(args):
         # theta_k: the policy starts from it; it also generates the negatives and is the frozen reference.
         unet, reference = load_policy_and_reference(args, k, dtype, accelerator.device)
         optimize_unet(unet, reference, channels_last=args.channels_last, compile=args.torch_compile)
-        if args.torch_compile:
-            logger.info("--torch_compile: the first UNet calls compile it (minutes) before they run")
 
         store = None
         if args.negative_source == "self":

@@ -77,4 +77,3 @@ def run_spin(*argv):
     args = train_spin_diffusion.parse_args(list(argv))
     train_spin_diffusion.main(args)
     return args
-

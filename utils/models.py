@@ -137,10 +137,6 @@ def optimize_unet(unet, reference=None, channels_last=False, compile=False):
     built at the first calls (one per input shape and grad mode: training step, generation batch).
     Saving needs nothing more: `save_pretrained` packs each tensor contiguously, `lora_state_dict` too."""
     models = [unet] + ([reference.copy] if reference is not None and reference.copy is not None else [])
-    if compile:  # each iteration's UNet, LoRA adapter switches and batch shapes add graphs: keep compiling them
-        import torch._dynamo as dynamo
-
-        dynamo.config.recompile_limit = max(dynamo.config.recompile_limit, 64)
     for model in models:
         if channels_last:
             model.to(memory_format=torch.channels_last)

@@ -11,7 +11,7 @@ from .models import freeze, load_sd_components, weight_dtype
 
 
 def init_run(args):
-    """Accelerator + logging + TF32; applies --scale_lr (so training_args.json records the lr really used)
+    """Accelerator + logging + TF32 + the compile settings; applies --scale_lr (so training_args.json records the lr really used)
     and writes training_args.json (never the token) on the main process."""
     from datetime import timedelta
 
@@ -30,6 +30,12 @@ def init_run(args):
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
     if args.allow_tf32:
         torch.backends.cuda.matmul.allow_tf32 = True
+    if args.torch_compile:  # each iteration's UNet, LoRA adapter switch and batch shape adds graphs: keep compiling them
+        import torch._dynamo as dynamo
+
+        dynamo.config.recompile_limit = max(dynamo.config.recompile_limit, 64)
+        if accelerator.is_local_main_process:
+            logging.getLogger(__name__).info("--torch_compile: the first UNet calls compile it (minutes) before they run")
     if args.scale_lr:
         args.learning_rate *= args.gradient_accumulation_steps * args.train_batch_size * accelerator.num_processes
     if accelerator.is_main_process:

@@ -1,4 +1,4 @@
-# `make demo`: offline end-to-end demo on tiny local assets (CPU, a few minutes).
+# `make demo`: the toy world (examples/toy/): theta_0 built from scratch, SFT vs SPIN vs DPO, judged exactly (CPU, ~10 min).
 # `make test`: the offline test suite.
 # Both create .venv and install requirements.txt on first use.
 PYTHON ?= python3

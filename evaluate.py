@@ -26,7 +26,7 @@ from accelerate.utils import parse_flag_from_env
 from PIL import Image
 from tqdm.auto import tqdm
 
-from scorers import METRICS, load_scorer
+from scorers import ALL_METRICS, METRICS, TOY_METRICS, load_scorer
 from utils.checkpointing import record_settings
 from utils.evaluation import (
     PROMPT_SETS,
@@ -39,7 +39,7 @@ from utils.evaluation import (
     resolve_model,
     summarize,
 )
-from utils.generation import make_grid, prompt_seed
+from utils.generation import labelled_grid, prompt_seed
 from utils.models import WEIGHT_DTYPES
 
 
@@ -65,7 +65,9 @@ def parse_args(input_args=None):
     g.add_argument("--batch_size", type=int, default=8, help="Prompts per generation batch.")
     g.add_argument("--mixed_precision", choices=["no", "fp16", "bf16"], default="no", help="Generation dtype.")
     g = p.add_argument_group("scoring")
-    g.add_argument("--metrics", default=",".join(METRICS), help=f"Comma-separated subset of {','.join(METRICS)}.")
+    g.add_argument("--metrics", default=",".join(METRICS),
+                   help=f"Comma-separated subset of {','.join(ALL_METRICS)} (the toy_* judges are for examples/toy/; "
+                        "toy_fd is one value per model, lower is better).")
     g.add_argument("--score_batch_size", type=int, default=16)
     g.add_argument("--pickscore_model", default=None, help="Default yuvalkirstain/PickScore_v1.")
     g.add_argument("--pickscore_processor", default=None, help="Default laion/CLIP-ViT-H-14-laion2B-s32B-b79K.")
@@ -76,6 +78,7 @@ def parse_args(input_args=None):
     g.add_argument("--imagereward_tokenizer", default=None, help="Default bert-base-uncased.")
     g.add_argument("--aesthetic_head", default=None, help="LAION sac+logos+ava1-l14-linearMSE.pth (file, folder or repo:file).")
     g.add_argument("--aesthetic_clip_model", default=None, help="Default openai/clip-vit-large-patch14.")
+    g.add_argument("--toy_judge", default=None, help="toy_* metrics: the judge folder of examples/toy/build_base.py (world.json, ...).")
     g = p.add_argument_group("report")
     g.add_argument("--output_dir", default="eval")
     g.add_argument("--grid_prompts", type=int, default=8, help="Prompts (rows) in the image grid.")
@@ -86,9 +89,15 @@ def parse_args(input_args=None):
     if not args.model:
         p.error("give at least one --model NAME=SPEC")
     args.metrics = [m.strip() for m in args.metrics.split(",") if m.strip()]
-    unknown = [m for m in args.metrics if m not in METRICS]
+    unknown = [m for m in args.metrics if m not in ALL_METRICS]
     if unknown or not args.metrics:
-        p.error(f"--metrics: unknown metric(s) {unknown}; choose from {','.join(METRICS)}")
+        p.error(f"--metrics: unknown metric(s) {unknown}; choose from {','.join(ALL_METRICS)}")
+    toy = [m for m in args.metrics if m in TOY_METRICS]
+    if toy and not (args.toy_judge and (Path(args.toy_judge) / "world.json").is_file()):
+        p.error(f"--metrics {','.join(toy)} needs --toy_judge DIR holding world.json (built by examples/toy/build_base.py); "
+                f"got {args.toy_judge!r}")
+    if "toy_fd" in args.metrics and not (Path(args.toy_judge) / "model.safetensors").is_file():
+        p.error(f"--metrics toy_fd: {args.toy_judge} has no judge network (model.safetensors)")
     names = [m.partition("=")[0] for m in args.model]
     bad = [n for n in names if not re.fullmatch(r"[A-Za-z0-9_.+-]+", n)]
     if bad:
@@ -98,7 +107,7 @@ def parse_args(input_args=None):
     args.baseline = args.baseline or names[0]
     if args.baseline not in names:
         p.error(f"--baseline {args.baseline} is not among the models {names}")
-    for name in ("num_inference_steps", "num_images_per_prompt", "resolution", "batch_size", "score_batch_size"):
+    for name in ("num_inference_steps", "num_images_per_prompt", "resolution", "batch_size", "score_batch_size", "grid_prompts"):
         if getattr(args, name) < 1:
             p.error(f"--{name} must be >= 1")
     if args.mixed_precision == "fp16" and not torch.cuda.is_available():
@@ -162,37 +171,51 @@ def main(args):
     # 3. Scoring: one reward model in memory at a time.
     names = [s.name for s in specs]
     raw = {name: {} for name in names}  # name -> metric -> per-image scores (prompt-major)
+    dist = {name: {} for name in names}  # name -> distribution metric -> one value from all its images
     locations = {k: getattr(args, k) for k in ("pickscore_model", "pickscore_processor", "hps_checkpoint", "hps_version",
                                                "hps_processor", "imagereward_checkpoint", "imagereward_tokenizer",
-                                               "aesthetic_head", "aesthetic_clip_model")}
+                                               "aesthetic_head", "aesthetic_clip_model", "toy_judge")}
     jobs = [(i, j) for i in range(len(prompts)) for j in range(n_img)]
     for metric in args.metrics:
         scorer = load_scorer(metric, device=state.device, batch_size=args.score_batch_size, **locations)
         for name in tqdm(names, desc=f"scoring {metric}"):
             images = [Image.open(image_path(out / "images" / name, i, j)).convert("RGB") for i, j in jobs]
-            raw[name][metric] = [float(s) for s in scorer.score(images, [prompts[i] for i, _ in jobs])]
+            if getattr(scorer, "kind", None) == "distribution":
+                dist[name][metric] = float(scorer.distribution(images, [prompts[i] for i, _ in jobs]))
+            else:
+                raw[name][metric] = [float(s) for s in scorer.score(images, [prompts[i] for i, _ in jobs])]
         del scorer
+    per_image = [k for k in args.metrics if k not in dist[names[0]]]
+    distribution = [k for k in args.metrics if k in dist[names[0]]]
 
     # 4. Report.
     per_prompt = []
     for i, prompt in enumerate(prompts):
-        scores = {name: {k: sum(raw[name][k][i * n_img:(i + 1) * n_img]) / n_img for k in args.metrics} for name in names}
+        scores = {name: {k: sum(raw[name][k][i * n_img:(i + 1) * n_img]) / n_img for k in per_image} for name in names}
         per_prompt.append({"prompt": prompt, "seed": prompt_seed(args.seed, i * n_img), "scores": scores})
-    summary = summarize(per_prompt, names, args.metrics, args.baseline, args.bootstrap_resamples, args.seed)
+    summary = summarize(per_prompt, names, per_image, args.baseline, args.bootstrap_resamples, args.seed) if per_image \
+        else {name: {} for name in names}
+    for name in names:
+        summary[name] |= {k: {"value": dist[name][k]} for k in distribution}
     results = {"baseline": args.baseline, "prompts": args.prompts, "num_prompts": len(prompts),
                "num_images_per_prompt": n_img, "models": {s.name: vars(s) for s in specs}, "metrics": args.metrics,
+               "per_image_metrics": per_image, "distribution_metrics": distribution,
                "generation": {k: getattr(args, k) for k in ("num_inference_steps", "guidance_scale", "resolution", "seed", "mixed_precision")},
                "summary": summary, "per_prompt": per_prompt}
     (out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
     prompts_name = Path(args.prompts).stem if Path(args.prompts).is_file() else args.prompts
-    md = markdown_report(summary, names, args.metrics, args.baseline, prompts_name, len(prompts))
+    md = markdown_report(summary, names, per_image, args.baseline, prompts_name, len(prompts), distribution)
     (out / "results.md").write_text(md)
-    plot_radar(summary, names, args.metrics, out / "radar.png")
-    plot_win_rates(summary, names, args.metrics, out / "win_rates.png")
-    grid = [Image.open(image_path(out / "images" / name, i, 0)) for i in range(min(args.grid_prompts, len(prompts))) for name in names]
-    make_grid(grid, cols=len(names)).save(out / "grid.png")
+    written = ["results.json", "results.md"]
+    if per_image:
+        plot_radar(summary, names, per_image, out / "radar.png")
+        plot_win_rates(summary, names, per_image, out / "win_rates.png")
+        written += ["radar.png", "win_rates.png"]
+    rows = range(min(args.grid_prompts, len(prompts)))
+    grid = [[Image.open(image_path(out / "images" / name, i, 0)) for name in names] for i in rows]
+    labelled_grid(grid, [prompts[i] for i in rows], names).save(out / "grid.png")
     print(md)
-    print(f"wrote {out / 'results.json'}, results.md, radar.png, win_rates.png, grid.png (columns: {', '.join(names)})")
+    print(f"wrote {', '.join(written)} and grid.png (columns: {', '.join(names)}) in {out}")
     if args.push_results_to_hub:
         push_results(specs, summary, args.metrics, prompts_name, args.hub_token)
     return results

@@ -110,10 +110,12 @@ def main(args):
 
     # 3. Training examples, optionally from a latent cache built once.
     if args.streaming:
-        train_set = StreamingTrainDataset(hf_dataset, spec, tokenizer, args.resolution, args.center_crop, args.random_flip, args.seed)
+        train_set = StreamingTrainDataset(hf_dataset, spec, tokenizer, args.resolution, args.center_crop, args.random_flip, args.seed,
+                                          empty_prompt_prob=args.proportion_empty_prompts)
         sampler = None
     else:
-        train_set = TrainDataset(hf_dataset, spec, tokenizer, args.resolution, args.center_crop, args.random_flip, args.seed)
+        train_set = TrainDataset(hf_dataset, spec, tokenizer, args.resolution, args.center_crop, args.random_flip, args.seed,
+                                 empty_prompt_prob=args.proportion_empty_prompts)
         if args.cache_latents:
             key = LatentCache.make_key(model=args.pretrained_model_name_or_path, revision=args.revision, variant=args.variant,
                                        data=getattr(hf_dataset, "_fingerprint", args.dataset_name), spec=spec, n=len(train_set),

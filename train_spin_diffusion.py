@@ -124,9 +124,9 @@ def parse_args(input_args=None):
     if args.resume_from_checkpoint not in (None, "latest"):
         parser.error("train_spin_diffusion.py resumes by itself from output_dir (iteration, phase, newest checkpoint): "
                      "rerun the same command, optionally with --resume_from_checkpoint latest")
-    if args.cache_latents or args.validation_prompts or args.validation_steps:
-        parser.error("--cache_latents / --validation_prompts / --validation_steps are train_sft.py flags; SPIN stores its "
-                     "own latents and logs per-iteration metrics (evaluate.py renders samples)")
+    if args.cache_latents or args.validation_prompts or args.validation_steps or args.proportion_empty_prompts:
+        parser.error("--cache_latents / --validation_prompts / --validation_steps / --proportion_empty_prompts are train_sft.py "
+                     "flags; SPIN stores its own latents and logs per-iteration metrics (evaluate.py renders samples)")
     if args.push_synthetic_dataset and not args.push_to_hub:
         parser.error("--push_synthetic_dataset needs --push_to_hub")
     return validate_training_args(parser, args)

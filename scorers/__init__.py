@@ -4,9 +4,15 @@ PickScore, HPSv2 (v2.0 / v2.1), ImageReward and the LAION Aesthetic predictor.
 Every scorer is a small class: `Scorer(..., device=, dtype=, batch_size=)` then
 `scorer.score(images: list[PIL.Image], prompts: list[str]) -> list[float]` (higher is better).
 `load_scorer(name, **locations)` builds one by metric name.
+
+The toy world's judges (scorers/toy.py, for examples/toy/) are metrics too: `toy_adherence` and
+`toy_attributes` score each image; `toy_fd` is a distribution metric (`kind = "distribution"`): one value
+per model from all its images, `scorer.distribution(images, prompts) -> float` (lower is better).
 """
 
-METRICS = ("pickscore", "hpsv2", "imagereward", "aesthetic")
+METRICS = ("pickscore", "hpsv2", "imagereward", "aesthetic")  # the paper's four, the default of evaluate.py
+TOY_METRICS = ("toy_adherence", "toy_attributes", "toy_fd")
+ALL_METRICS = METRICS + TOY_METRICS
 
 
 def load_scorer(name, device="cpu", dtype=None, batch_size=16, **locations):
@@ -37,4 +43,12 @@ def load_scorer(name, device="cpu", dtype=None, batch_size=16, **locations):
 
         return Aesthetic(head=kw.get("aesthetic_head", Aesthetic.HEAD), clip_model=kw.get("aesthetic_clip_model", Aesthetic.CLIP_MODEL),
                          device=device, dtype=dtype, batch_size=batch_size)
-    raise ValueError(f"unknown metric {name!r}; choose from {', '.join(METRICS)}")
+    if name in TOY_METRICS:
+        from .toy import ToyAdherence, ToyFD
+
+        if not kw.get("toy_judge"):
+            raise ValueError(f"{name} needs --toy_judge (the judge folder built by examples/toy/build_base.py)")
+        if name == "toy_fd":
+            return ToyFD(kw["toy_judge"], device=device)
+        return ToyAdherence(kw["toy_judge"], strict=name == "toy_adherence")
+    raise ValueError(f"unknown metric {name!r}; choose from {', '.join(ALL_METRICS)}")

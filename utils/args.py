@@ -54,6 +54,9 @@ def add_data_args(parser):
     g.add_argument("--resolution", type=int, default=512, help="Training resolution in pixels (images are resized and cropped to it).")
     g.add_argument("--center_crop", action="store_true", help="Center-crop to --resolution (default: random crop).")
     g.add_argument("--random_flip", action="store_true", help="Randomly flip images horizontally.")
+    g.add_argument("--proportion_empty_prompts", type=float, default=0.0,
+                   help="train_sft.py: share of examples whose caption is replaced by the empty prompt (caption dropout), "
+                        "which trains the unconditional prediction that classifier-free guidance needs. Default 0.")
     g.add_argument("--cache_latents", action="store_true",
                    help="Encode every training image with the VAE once before training and reuse the latents (not with --streaming).")
     g.add_argument("--dataloader_num_workers", type=int, default=0, help="DataLoader worker processes (0: load in the main process).")
@@ -164,6 +167,8 @@ def validate_training_args(parser, args):
             parser.error(f"--{name} must be >= 1, got {getattr(args, name)}")
     if args.checkpoints_total_limit is not None and args.checkpoints_total_limit < 1:
         parser.error("--checkpoints_total_limit must be >= 1")
+    if not 0 <= args.proportion_empty_prompts < 1:
+        parser.error(f"--proportion_empty_prompts must be in [0, 1), got {args.proportion_empty_prompts}")
     if args.resolution % 8 != 0:
         parser.error(f"--resolution must be a multiple of 8, got {args.resolution}")
     mixed = args.mixed_precision or os.environ.get("ACCELERATE_MIXED_PRECISION")

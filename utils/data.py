@@ -207,8 +207,10 @@ class TrainDataset(torch.utils.data.Dataset):
     """Map-style training examples: {"pixel_values" or "latent_params", "input_ids", "num_skipped"}; a row
     whose image does not decode is replaced by the next decodable one and counted (`with_replacement`)."""
 
-    def __init__(self, ds, spec, tokenizer, resolution, center_crop=False, random_flip=False, seed=0, latent_cache=None):
+    def __init__(self, ds, spec, tokenizer, resolution, center_crop=False, random_flip=False, seed=0, latent_cache=None,
+                 empty_prompt_prob=0.0):
         self.ds, self.spec, self.tokenizer = ds, spec, tokenizer
+        self.empty_prompt_prob = empty_prompt_prob
         self.resolution, self.center_crop, self.random_flip, self.seed = resolution, center_crop, random_flip, seed
         self.latent_cache = latent_cache
         self.epoch = 0
@@ -235,8 +237,14 @@ class TrainDataset(torch.utils.data.Dataset):
         params = self.latent_cache.get(index, flip)
         if params is None:
             return None
-        caption = caption_of(self.ds[index][self.spec["caption"]])
+        caption = self.caption(self.ds[index], index)
         return {"latent_params": params, "input_ids": tokenize(self.tokenizer, [caption])[0]}
+
+    def caption(self, row, index):
+        """The row's caption, or the empty prompt for a share `empty_prompt_prob` of the (epoch, index) pairs."""
+        if self.empty_prompt_prob and random.Random(f"{self.seed}-{self.epoch}-{index}-caption").random() < self.empty_prompt_prob:
+            return ""
+        return caption_of(row[self.spec["caption"]])
 
     def pixels(self, value, index):
         """Decode and augment one image; the crop and flip depend on (seed, epoch, index) only, so two
@@ -253,7 +261,7 @@ class TrainDataset(torch.utils.data.Dataset):
         pixels = self.pixels(self.image_value(row), index)
         if pixels is None:
             return None
-        return {"pixel_values": pixels, "input_ids": tokenize(self.tokenizer, [caption_of(row[self.spec["caption"]])])[0]}
+        return {"pixel_values": pixels, "input_ids": tokenize(self.tokenizer, [self.caption(row, index)])[0]}
 
 
 def with_replacement(make, index, length):
@@ -310,8 +318,9 @@ class PairDataset(torch.utils.data.Dataset):
 class StreamingTrainDataset(torch.utils.data.IterableDataset):
     """The same examples from a streamed (iterable) `datasets` split, shuffled with a buffer per epoch."""
 
-    def __init__(self, ds, spec, tokenizer, resolution, center_crop=False, random_flip=False, seed=0, shuffle_buffer=1000):
-        self.item = TrainDataset(ds, spec, tokenizer, resolution, center_crop, random_flip, seed)
+    def __init__(self, ds, spec, tokenizer, resolution, center_crop=False, random_flip=False, seed=0, shuffle_buffer=1000,
+                 empty_prompt_prob=0.0):
+        self.item = TrainDataset(ds, spec, tokenizer, resolution, center_crop, random_flip, seed, empty_prompt_prob=empty_prompt_prob)
         self.ds = ds.shuffle(seed=seed, buffer_size=shuffle_buffer) if shuffle_buffer else ds
         self.epoch = 0
 

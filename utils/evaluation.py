@@ -195,17 +195,24 @@ def summarize(per_prompt, models, metrics, baseline, resamples=1000, seed=0):
 # ----------------------------------------------------------------------------- report
 
 
-def markdown_report(summary, models, metrics, baseline, prompts_name, n_prompts):
+def markdown_report(summary, models, metrics, baseline, prompts_name, n_prompts, distribution=()):
+    """Means, medians and win rates of the per-image metrics; one value per model for distribution metrics."""
     def table(title, cell):
         head = "| model | " + " | ".join(metrics) + " |\n|---|" + "---|" * len(metrics) + "\n"
         rows = "".join(f"| {m} | " + " | ".join(cell(m, k) for k in metrics) + " |\n" for m in models)
         return f"### {title}\n\n{head}{rows}\n"
 
-    md = f"# Evaluation on {prompts_name} ({n_prompts} prompts)\n\nBaseline for win rates: `{baseline}`.\n\n"
-    md += table("Mean", lambda m, k: f"{summary[m][k]['mean']:.4f}")
-    md += table("Median", lambda m, k: f"{summary[m][k]['median']:.4f}")
-    md += table(f"Win rate against {baseline} (95% bootstrap CI)", lambda m, k: _rate(summary[m][k]))
-    md += "| model | average win rate |\n|---|---|\n" + "".join(f"| {m} | {_rate(summary[m]['average'])} |\n" for m in models)
+    md = f"# Evaluation on {prompts_name} ({n_prompts} prompts)\n\n"
+    if metrics:
+        md += f"Baseline for win rates: `{baseline}`.\n\n"
+        md += table("Mean", lambda m, k: f"{summary[m][k]['mean']:.4f}")
+        md += table("Median", lambda m, k: f"{summary[m][k]['median']:.4f}")
+        md += table(f"Win rate against {baseline} (95% bootstrap CI)", lambda m, k: _rate(summary[m][k]))
+        md += "| model | average win rate |\n|---|---|\n" + "".join(f"| {m} | {_rate(summary[m]['average'])} |\n" for m in models)
+    if distribution:
+        head = "| model | " + " | ".join(distribution) + " |\n|---|" + "---|" * len(distribution) + "\n"
+        rows = "".join(f"| {m} | " + " | ".join(f"{summary[m][k]['value']:.4f}" for k in distribution) + " |\n" for m in models)
+        md += f"\n### Distribution metrics (one value per model from all its images; lower is better)\n\n{head}{rows}"
     return md
 
 

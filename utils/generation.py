@@ -22,6 +22,36 @@ def make_grid(images, cols=None):
     return grid
 
 
+def labelled_grid(rows, row_labels, col_labels, min_cell=128, label_width=260):
+    """A grid with a header row naming the columns (models) and a left column giving each row's text (prompt).
+    `rows` is a list of lists of PIL images; small images are enlarged (nearest neighbour) to `min_cell` px."""
+    import textwrap
+
+    from PIL import ImageDraw, ImageFont
+
+    if not rows or not rows[0]:
+        raise ValueError("labelled_grid needs at least one image")
+    w, h = rows[0][0].size
+    scale = max(1, -(-min_cell // max(w, h)))
+    cw, ch = w * scale, h * scale
+    font = ImageFont.load_default()
+    line = 12
+    header_lines = [textwrap.wrap(str(c), max(4, cw // 7)) or [""] for c in col_labels]
+    header = 6 + line * max(len(x) for x in header_lines)
+    grid = Image.new("RGB", (label_width + cw * len(col_labels), header + ch * len(rows)), "white")
+    draw = ImageDraw.Draw(grid)
+    for j, lines in enumerate(header_lines):
+        for k, text in enumerate(lines):
+            draw.text((label_width + j * cw + 4, 3 + k * line), text, fill="black", font=font)
+    for i, (images, label) in enumerate(zip(rows, row_labels)):
+        top = header + i * ch
+        for k, text in enumerate(textwrap.wrap(str(label), max(8, label_width // 7))[: max(1, ch // line)]):
+            draw.text((4, top + 4 + k * line), text, fill="black", font=font)
+        for j, img in enumerate(images):
+            grid.paste(img.convert("RGB").resize((cw, ch), Image.NEAREST), (label_width + j * cw, top))
+    return grid
+
+
 def prompt_seed(seed, index):
     """The generation seed of prompt `index`: the same for every model, so images are comparable."""
     return (seed * 1_000_003 + index) % (2**63)

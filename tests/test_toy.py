@@ -1,0 +1,107 @@
+"""The toy world (examples/toy/): its judges read drawings exactly, evaluate.py serves them as metrics, and the
+protocol runs end to end through the real scripts in its quick mode. No claim about the method is asserted here:
+the claims live in the experiment (README "Does it work?")."""
+
+import json
+import random
+import sys
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "examples" / "toy"))
+
+import world  # noqa: E402
+from scorers.toy import ToyAdherence, checks, frechet_distance, parse_caption  # noqa: E402
+
+SPEC = world.world_spec() | {"resolution": 32}
+
+
+@pytest.fixture(scope="module")
+def judge_dir(tmp_path_factory):
+    d = tmp_path_factory.mktemp("judge")
+    (d / "world.json").write_text(json.dumps(SPEC))
+    return d
+
+
+def test_captions_parse_to_their_scene():
+    caps = world.all_captions()
+    assert len(caps) == 48 + 432 and len(set(caps)) == len(caps)
+    assert parse_caption("a red circle above a blue square", SPEC) == {
+        "objects": [("red", "circle"), ("blue", "square")], "relation": "above"}
+    assert parse_caption("a green triangle on the left", SPEC) == {"objects": [("green", "triangle")], "position": "left"}
+    assert parse_caption("an astronaut riding a horse", SPEC) is None
+
+
+def test_judge_reads_real_drawings_and_rejects_wrong_ones(judge_dir):
+    rng = random.Random(0)
+    caps = rng.sample(world.all_captions(), 80)
+    real = [Image.fromarray(world.render(c, seed=123)) for c in caps]
+    wrong = [Image.fromarray(world.render(world.wrong_caption(c, rng), seed=123)) for c in caps]
+    strict, soft = ToyAdherence(judge_dir), ToyAdherence(judge_dir, strict=False)
+    assert sum(strict.score(real, caps)) / len(caps) >= 0.95
+    assert sum(strict.score(wrong, caps)) / len(caps) <= 0.05  # one attribute changed: not what was asked
+    attrs = soft.score(wrong, caps)
+    assert 0.3 < sum(attrs) / len(attrs) < 0.9 and max(attrs) < 1  # much of the caption still holds, never all of it
+    blank = Image.new("RGB", (32, 32), (51, 51, 51))
+    assert checks(caps[0], blank, SPEC)[0] is False and strict.score([blank], caps[:1]) == [0.0]
+
+
+def test_splits_hold_out_prompts_and_pairs_are_honest(tmp_path):
+    import pyarrow.parquet as pq
+
+    split = world.build_datasets(tmp_path, pretrain_images=20)
+    assert not set(split["finetune"]) & set(split["held_out"])
+    t = pq.read_table(tmp_path / "finetune_pickapic.parquet").to_pydict()
+    spec = SPEC
+    for i in range(10):
+        win, lose = ("jpg_0", "jpg_1") if t["label_0"][i] == 1 else ("jpg_1", "jpg_0")
+        import io
+
+        assert all(checks(t["caption"][i], Image.open(io.BytesIO(t[win][i])), spec))
+        assert not all(checks(t["caption"][i], Image.open(io.BytesIO(t[lose][i])), spec))
+
+
+def test_frechet_distance_is_zero_for_the_same_set_and_grows_with_a_shift():
+    import numpy as np
+
+    a = np.random.default_rng(0).normal(size=(500, 8))
+    assert frechet_distance(a, a) == pytest.approx(0, abs=1e-6)
+    assert frechet_distance(a + 1.0, a) == pytest.approx(8.0, rel=0.05)
+
+
+def test_toy_metrics_need_a_judge(capsys):
+    import evaluate
+
+    with pytest.raises(SystemExit):
+        evaluate.parse_args(["--model", "a=b", "--metrics", "toy_adherence"])
+    assert "--toy_judge" in capsys.readouterr().err
+
+
+def test_quick_protocol_writes_results_plots_and_a_labelled_grid(tmp_path):
+    """run.py --preset quick: theta_0 built from scratch, every arm through the scripts, 2 seeds, all outputs."""
+    import run
+
+    out = tmp_path / "toy"
+    results = run.main(run.parse_args(["--preset", "quick", "--seeds", "0", "1", "--output_dir", str(out)]))
+    rows = json.loads((out / "results.json").read_text())["runs"]
+    assert rows == [{k: r[k] for k in ("arm", "seed", "iteration", "epoch", "compute", "metrics", "model")} for r in results["runs"]]
+    assert {r["arm"] for r in rows} == {"base", "sft", "spin", "spin-iter1-continued", "dpo"}
+    assert {r["seed"] for r in rows} == {0, 1}
+    assert {r["iteration"] for r in rows if r["arm"] == "spin"} == {1, 2, 3}
+    for r in rows:
+        assert set(r["metrics"]) == {"toy_adherence", "toy_attributes", "toy_fd"}
+        assert 0 <= r["metrics"]["toy_adherence"] <= 1 and r["metrics"]["toy_fd"] >= 0
+    spin3 = max(r["compute"] for r in rows if r["arm"] == "spin")
+    sft = max(r["compute"] for r in rows if r["arm"] == "sft")
+    assert abs(sft - spin3) / spin3 < 0.25  # SFT gets SPIN's compute (generation included)
+    md = (out / "results.md").read_text()
+    assert "| claim |" in md and "SPIN iteration 1 beats SFT" in md
+    for name in ("fig5_epochs.png", "fig3_iterations.png", "grid.png"):
+        assert Image.open(out / name).size[0] > 300
+    n_models = len({r["model"] for r in rows})
+    width, height = Image.open(out / "grid.png").size
+    assert width == 260 + 128 * n_models  # prompt labels on the left, one column per model
+    assert height > 128 * 6  # a header row with the model names above the 6 prompt rows

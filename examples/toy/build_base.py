@@ -114,7 +114,7 @@ def pretrain_theta0(out, data, size, steps, seed, lr=1e-3, batch_size=64):
 
     args = train_sft.parse_args([
         "--pretrained_model_name_or_path", str(out / "init"), "--dataset_name", str(data / "pretrain.parquet"),
-        "--image_column", "image", "--caption_column", "caption", "--resolution", str(size), "--center_crop",
+        "--image_column", "image", "--caption_column", "caption", "--resolution", str(size), "--center_crop", "--cache_latents",
         "--proportion_empty_prompts", "0.1", "--train_batch_size", str(batch_size), "--max_train_steps", str(steps),
         "--learning_rate", str(lr), "--lr_scheduler", "cosine", "--lr_warmup_steps", "20", "--adam_weight_decay", "0",
         "--checkpointing_steps", str(steps), "--checkpoints_total_limit", "1", "--resume_from_checkpoint", "latest",
@@ -188,21 +188,21 @@ def train_judge(out, data, size, steps, seed, num_images=4000):
     return {"judge_accuracy_real": acc_real, "judge_accuracy_reconstructed": acc_recon}
 
 
-def build(output_dir, size=32, pretrain_images=6000, vae_steps=400, pretrain_steps=600, judge_steps=400, seed=0):
+def build(output_dir, size=32, pretrain_images=6000, vae_steps=400, pretrain_steps=600, judge_steps=400, judge_images=4000, seed=0):
     """Every step whose output is missing; returns the build's record (also in build.json)."""
     out = Path(output_dir)
     out.mkdir(parents=True, exist_ok=True)
     record_path = out / "build.json"
     record = json.loads(record_path.read_text()) if record_path.exists() else {}
     settings = {"resolution": size, "pretrain_images": pretrain_images, "vae_steps": vae_steps,
-                "pretrain_steps": pretrain_steps, "judge_steps": judge_steps, "seed": seed}
+                "pretrain_steps": pretrain_steps, "judge_steps": judge_steps, "judge_images": judge_images, "seed": seed}
     if record.get("settings", settings) != settings:
         raise SystemExit(f"error: {out} was built with other settings {record['settings']}; use another --output_dir")
     record["settings"] = settings
     data = out / "data"
     steps = [("data", data / "eval_prompts.txt", lambda: world.build_datasets(data, size, pretrain_images, seed=seed) and {}),
              ("init", out / "init" / "model_index.json", lambda: build_init(out, data, size, vae_steps, seed)),
-             ("judge", out / "judge" / "model.safetensors", lambda: train_judge(out, data, size, judge_steps, seed)),
+             ("judge", out / "judge" / "model.safetensors", lambda: train_judge(out, data, size, judge_steps, seed, judge_images)),
              ("theta0", out / "theta0" / "model_index.json", lambda: pretrain_theta0(out, data, size, pretrain_steps, seed))]
     for name, done, run in steps:
         if done.exists():

@@ -47,12 +47,12 @@ import numpy as np  # noqa: E402
 # The protocol's sizes. "full" is the README's experiment; "demo" is `make demo`; "quick" checks the pipeline (CI).
 PRESETS = {
     "full": dict(base=dict(pretrain_images=6000, vae_steps=400, pretrain_steps=600, judge_steps=400),
-                 prompts=None, eval_prompts=None, eval_images=3, eval_steps=10, guidance=3.0,
+                 prompts=None, eval_prompts=None, eval_images=2, eval_steps=10, guidance=3.0,
                  spin_steps=40, spin_batch=32, gen_steps=10, sft_batch=64, long_factor=2),
     "demo": dict(base=dict(pretrain_images=6000, vae_steps=400, pretrain_steps=600, judge_steps=400),
                  prompts=None, eval_prompts=48, eval_images=2, eval_steps=10, guidance=3.0,
                  spin_steps=24, spin_batch=32, gen_steps=10, sft_batch=64, long_factor=2),
-    "quick": dict(base=dict(pretrain_images=300, vae_steps=8, pretrain_steps=4, judge_steps=10),
+    "quick": dict(base=dict(pretrain_images=300, vae_steps=8, pretrain_steps=4, judge_steps=10, judge_images=256),
                   prompts=16, eval_prompts=6, eval_images=1, eval_steps=2, guidance=3.0,
                   spin_steps=2, spin_batch=4, gen_steps=2, sft_batch=8, long_factor=2),
 }
@@ -119,7 +119,7 @@ def spin_flags(base, cfg, seed, out, steps, every, hp, iterations, negative="sel
         "--dataset_name", str(cfg["finetune_pickapic"]), "--num_iterations", str(iterations),
         "--negative_source", negative, "--beta", str(hp["beta"]), "--learning_rate", str(hp["learning_rate"]),
         "--train_batch_size", str(cfg["spin_batch"]), "--max_train_steps", str(steps), "--checkpointing_steps", str(every),
-        "--gen_num_inference_steps", str(cfg["gen_steps"]), "--gen_guidance_scale", str(cfg["guidance"]),
+        "--gen_num_inference_steps", str(cfg["gen_steps"]), "--gen_guidance_scale", str(hp.get("gen_guidance_scale", cfg["guidance"])),
         "--gen_batch_size", "64", "--gen_shard_size", "512"]
 
 
@@ -164,16 +164,16 @@ def evaluate(base, cfg, models, out, seed=0):
 # ----------------------------------------------------------------------------- one seed
 
 
-def run_seed(base, cfg, seed, out, timer, hparams):
+def run_seed(base, cfg, seed, out, timer, hparams, arms=("sft", "spin", "spin-long", "dpo"), eval_seed=0):
     """All arms for one seed; returns the result rows (one per evaluated checkpoint)."""
     n_prompts = cfg["n_finetune"]
     S, half = cfg["spin_steps"], max(1, cfg["spin_steps"] // 2)
-    gen = compute_generation(n_prompts, cfg["gen_steps"], cfg["guidance"])
+    gen = compute_generation(n_prompts, cfg["gen_steps"], hparams["spin"].get("gen_guidance_scale", cfg["guidance"]))
     per_iter = gen + compute_pairs(S, cfg["spin_batch"])
     total = 3 * per_iter
-    sft_steps = max(2, round(total / (3 * cfg["sft_batch"])))
-    sft_every = max(1, sft_steps // 6)
-    dpo_steps = max(2, round(total / (8 * cfg["spin_batch"])))
+    sft_steps = 3 * max(1, round(total / (9 * cfg["sft_batch"])))  # 3 evaluated checkpoints: one per SPIN iteration
+    sft_every = max(1, sft_steps // 3)
+    dpo_steps = 3 * max(1, round(total / (24 * cfg["spin_batch"])))
     dpo_every = max(1, dpo_steps // 3)
     long_steps = cfg["long_factor"] * S
     epochs_per_step = cfg["spin_batch"] / n_prompts
@@ -181,9 +181,11 @@ def run_seed(base, cfg, seed, out, timer, hparams):
     d = out / f"seed_{seed}"
     timer.run(f"seed{seed}/sft", lambda: run_sft(base, cfg, seed, d / "sft", sft_steps, sft_every, hparams["sft"]))
     timer.run(f"seed{seed}/spin", lambda: run_spin(base, cfg, seed, d / "spin", S, half, hparams["spin"], 3))
-    timer.run(f"seed{seed}/spin-long", lambda: run_spin_long(base, cfg, seed, d / "spin", d / "spin-long", long_steps, half,
-                                                             hparams["spin"]))
-    timer.run(f"seed{seed}/dpo", lambda: run_spin(base, cfg, seed, d / "dpo", dpo_steps, dpo_every, hparams["dpo"], 1, "dataset"))
+    if "spin-long" in arms:
+        timer.run(f"seed{seed}/spin-long", lambda: run_spin_long(base, cfg, seed, d / "spin", d / "spin-long", long_steps, half,
+                                                                 hparams["spin"]))
+    if "dpo" in arms:
+        timer.run(f"seed{seed}/dpo", lambda: run_spin(base, cfg, seed, d / "dpo", dpo_steps, dpo_every, hparams["dpo"], 1, "dataset"))
 
     # The checkpoints to evaluate: name -> (path, row fields)
     models = {"base": (base / "theta0", dict(arm="base", iteration=0, epoch=0.0, compute=0))}
@@ -197,15 +199,16 @@ def run_seed(base, cfg, seed, out, timer, hparams):
         for step, path in ((half, d / "spin" / f"iter_{k}" / f"checkpoint-{half}"), (S, d / "spin" / f"iter_{k}")):
             models[f"spin{k}-{step}"] = (path, dict(arm="spin", iteration=k, epoch=((k - 1) * S + step) * epochs_per_step,
                                                     compute=(k - 1) * per_iter + gen + compute_pairs(step, cfg["spin_batch"])))
-    for step in range(S + half, long_steps + 1, half):
+    for step in range(S + half, long_steps + 1, half) if "spin-long" in arms else ():
         path = d / "spin-long" / "iter_1" / f"checkpoint-{step}" if step < long_steps else d / "spin-long" / "iter_1"
         models[f"long-{step}"] = (path, dict(arm="spin-iter1-continued", iteration=1, epoch=step * epochs_per_step,
                                              compute=gen + compute_pairs(step, cfg["spin_batch"])))
-    for step in range(dpo_every, dpo_steps + 1, dpo_every):
+    for step in range(dpo_every, dpo_steps + 1, dpo_every) if "dpo" in arms else ():
         path = d / "dpo" / "iter_1" / f"checkpoint-{step}" if step < dpo_steps else d / "dpo" / "iter_1"
         models[f"dpo-{step}"] = (path, dict(arm="dpo", iteration=None, epoch=step * epochs_per_step,
                                             compute=compute_pairs(step, cfg["spin_batch"])))
-    results = timer.run(f"seed{seed}/evaluate", lambda: evaluate(base, cfg, {n: p for n, (p, _) in models.items()}, d / "eval"))
+    results = timer.run(f"seed{seed}/evaluate", lambda: evaluate(base, cfg, {n: p for n, (p, _) in models.items()}, d / "eval",
+                                                                     eval_seed))
     rows = []
     per_prompt = results["per_prompt"]
     for name, (_, fields) in models.items():
@@ -284,12 +287,12 @@ def report(rows, out, cfg, seeds):
           f"{cfg['eval_images']} images. Means with 95% CIs: two-level bootstrap over seeds and prompts "
           "(adherence, attributes), t-interval over seeds (FD, lower is better). Compute: UNet forward-equivalents "
           "per sample, generation included (see run.py).\n",
-          "| checkpoint | arm | iteration | epochs | compute (M) | adherence | attributes | FD |",
+          "| checkpoint | arm | iteration | epochs | compute (k) | adherence | attributes | FD |",
           "|---|---|---|---|---|---|---|---|"]
     for m in order:
         r0, d = g[m][0], describe(g[m])
         md.append(f"| {m} | {r0['arm']} | {r0['iteration'] if r0['iteration'] is not None else '-'} | {r0['epoch']:.1f} | "
-                  f"{r0['compute'] / 1e6:.3f} | {fmt(*d['toy_adherence'])} | {fmt(*d['toy_attributes'])} | "
+                  f"{r0["compute"] / 1e3:.0f} | {fmt(*d['toy_adherence'])} | {fmt(*d['toy_attributes'])} | "
                   f"{fmt(*d['toy_fd'], d=2)} |")
     S, half = cfg["spin_steps"], max(1, cfg["spin_steps"] // 2)
     last = lambda k: f"spin{k}-{S}"  # noqa: E731
@@ -401,7 +404,13 @@ def parse_args(argv=None):
     p.add_argument("--preset", choices=sorted(PRESETS), default="full")
     p.add_argument("--hparams", default=None, help="JSON file overriding HPARAMS ({arm: {learning_rate, beta}}), for tuning runs.")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice).")
+    p.add_argument("--arms", default="sft,spin,spin-long,dpo", help="Comma-separated arms to run (tuning runs use sft,spin).")
+    p.add_argument("--eval_seed", type=int, default=0, help="Seed of the evaluation images (the same for every model).")
     args = p.parse_args(argv)
+    args.arms = [a.strip() for a in args.arms.split(",") if a.strip()]
+    unknown = set(args.arms) - {"sft", "spin", "spin-long", "dpo"}
+    if unknown or "sft" not in args.arms or "spin" not in args.arms:
+        p.error(f"--arms: sft and spin are required; the others are spin-long, dpo (got {args.arms})")
     if len(set(args.seeds)) != len(args.seeds):
         p.error(f"--seeds must be distinct, got {args.seeds}")
     return args
@@ -444,7 +453,7 @@ def main(args):
 
     rows = []
     for seed in args.seeds:
-        rows += run_seed(base, cfg, seed, out, timer, hparams)
+        rows += run_seed(base, cfg, seed, out, timer, hparams, args.arms, args.eval_seed)
         log(f"seed {seed} done ({time.time() - t0:.0f} s so far)")
     claims = report(rows, out, cfg, args.seeds)
     plots(rows, out, cfg)

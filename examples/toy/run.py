@@ -292,7 +292,7 @@ def report(rows, out, cfg, seeds):
     for m in order:
         r0, d = g[m][0], describe(g[m])
         md.append(f"| {m} | {r0['arm']} | {r0['iteration'] if r0['iteration'] is not None else '-'} | {r0['epoch']:.1f} | "
-                  f"{r0["compute"] / 1e3:.0f} | {fmt(*d['toy_adherence'])} | {fmt(*d['toy_attributes'])} | "
+                  f"{r0['compute'] / 1e3:.0f} | {fmt(*d['toy_adherence'])} | {fmt(*d['toy_attributes'])} | "
                   f"{fmt(*d['toy_fd'], d=2)} |")
     S, half = cfg["spin_steps"], max(1, cfg["spin_steps"] // 2)
     last = lambda k: f"spin{k}-{S}"  # noqa: E731

@@ -96,8 +96,6 @@ def parse_args(input_args=None):
     if toy and not (args.toy_judge and (Path(args.toy_judge) / "world.json").is_file()):
         p.error(f"--metrics {','.join(toy)} needs --toy_judge DIR holding world.json (built by examples/toy/build_base.py); "
                 f"got {args.toy_judge!r}")
-    if "toy_fd" in args.metrics and not (Path(args.toy_judge) / "model.safetensors").is_file():
-        p.error(f"--metrics toy_fd: {args.toy_judge} has no judge network (model.safetensors)")
     names = [m.partition("=")[0] for m in args.model]
     bad = [n for n in names if not re.fullmatch(r"[A-Za-z0-9_.+-]+", n)]
     if bad:

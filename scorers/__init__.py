@@ -49,6 +49,6 @@ def load_scorer(name, device="cpu", dtype=None, batch_size=16, **locations):
         if not kw.get("toy_judge"):
             raise ValueError(f"{name} needs --toy_judge (the judge folder built by examples/toy/build_base.py)")
         if name == "toy_fd":
-            return ToyFD(kw["toy_judge"], device=device)
+            return ToyFD(kw["toy_judge"])
         return ToyAdherence(kw["toy_judge"], strict=name == "toy_adherence")
     raise ValueError(f"unknown metric {name!r}; choose from {', '.join(ALL_METRICS)}")

@@ -8,13 +8,13 @@ only approximate human taste.
   tells the shape (square ~1, circle ~0.79, triangle ~0.5) and its centroid the position.
 - `toy_attributes`: the share of the caption's checks that hold (each object's colour and shape, the
   position or relation, no extra object): a smoother view of the same parse.
-- `toy_fd`: a distribution metric per model, lower is better: the Frechet distance between the
-  judge network's penultimate features of the model's images and those of real images of the same
-  prompts (drawn by the world, cached with the judge).
+- `toy_fd`: a distribution metric per model, lower is better: the Frechet distance between the judge's
+  description of each drawing (per colour: presence, shape fill, position, size; plus stray pixels and
+  sharpness) over the model's images and over real images of the same prompts (drawn by the world).
 
-The judge folder (`--toy_judge DIR`) holds world.json (palette and vocabulary), and for toy_fd the feature
-network (config.json + model.safetensors) and `reference_images.npz` (real images per prompt). Built by
-examples/toy/build_base.py.
+The judge folder (`--toy_judge DIR`) holds world.json (palette and vocabulary), written by
+examples/toy/build_base.py. Nothing is trained: the judges are exact, so a reconstruction-blurred or
+generated image is judged by the same rules as a real one.
 """
 
 import json
@@ -155,49 +155,21 @@ class ToyAdherence:
         return out
 
 
-class ToyFeatures:
-    """The judge network: a small CNN trained (examples/toy/build_base.py) to tell each colour's shape and place
-    on real images and their VAE reconstructions; its penultimate layer gives the features of toy_fd."""
-
-    @staticmethod
-    def build(config):
-        import torch.nn as nn
-
-        c = config["channels"]
-        return nn.Sequential(
-            nn.Conv2d(3, c, 3, padding=1), nn.SiLU(), nn.Conv2d(c, c, 3, padding=1, stride=2), nn.SiLU(),
-            nn.Conv2d(c, 2 * c, 3, padding=1), nn.SiLU(), nn.Conv2d(2 * c, 2 * c, 3, padding=1, stride=2), nn.SiLU(),
-            nn.Flatten(), nn.LazyLinear(config["features"]), nn.SiLU(), nn.Linear(config["features"], config["outputs"]))
-
-    @classmethod
-    def load(cls, folder, device="cpu"):
-        import torch
-        from safetensors.torch import load_file
-
-        config = json.loads((Path(folder) / "config.json").read_text())
-        net = cls.build(config)
-        net(torch.zeros(1, 3, config["resolution"], config["resolution"]))  # materialise the lazy layer
-        net.load_state_dict(load_file(str(Path(folder) / "model.safetensors")))
-        return net.to(device).eval(), config
-
-
-def image_batch(images, resolution):
-    """PIL images -> float tensor (N, 3, R, R) in [-1, 1]."""
-    import torch
-
-    arrs = [np.asarray(im.convert("RGB").resize((resolution, resolution)), dtype=np.float32) / 127.5 - 1 for im in images]
-    return torch.from_numpy(np.stack(arrs)).permute(0, 3, 1, 2)
-
-
-def features(net, images, resolution, device="cpu", batch_size=256):
-    import torch
-
+def drawing_features(image, world):
+    """The judge's description of a drawing as a vector: per palette colour (presence, and if present its shape
+    fill, vertical mass offset, centroid x and y, area share), plus the share of pixels near no palette colour
+    nor the background (blur, smudges) and the mean gradient magnitude (sharpness)."""
+    found = parse_drawing(image, world)
+    arr = np.asarray(image.convert("RGB"), dtype=np.float32) / 255.0
+    h, w, _ = arr.shape
     out = []
-    with torch.no_grad():
-        for i in range(0, len(images), batch_size):
-            x = image_batch(images[i:i + batch_size], resolution).to(device)
-            out.append(net[:-1](x).double().cpu().numpy())
-    return np.concatenate(out)
+    for colour in world["colours"]:
+        o = found.get(colour)
+        out += [1.0, o["fill"], o["low"], o["x"], o["y"], o["area"] / (h * w)] if o else [0.0] * 6
+    palette = np.array(list(world["colours"].values()) + [world["background"]], dtype=np.float32)
+    stray = (np.linalg.norm(arr[:, :, None, :] - palette[None, None], axis=-1).min(-1) > TOLERANCE).mean()
+    grad = np.abs(np.diff(arr, axis=0)).mean() + np.abs(np.diff(arr, axis=1)).mean()
+    return np.array(out + [stray, grad], dtype=np.float64)
 
 
 def frechet_distance(a, b):
@@ -211,28 +183,28 @@ def frechet_distance(a, b):
 
 
 class ToyFD:
-    """Per model: the Frechet distance of its images' judge features to real images of the same prompts."""
+    """Per model: the Frechet distance between the judge's drawing features (`drawing_features`) of its images and
+    those of real images of the same prompts, drawn by the world's renderer (8 per prompt, fixed seeds)."""
 
     kind = "distribution"
 
-    def __init__(self, judge, device="cpu", batch_size=256, **_):
+    def __init__(self, judge, **_):
         self.world = load_world(judge)
-        self.net, self.config = ToyFeatures.load(judge, device)
-        self.device, self.batch_size = device, batch_size
-        self.judge = Path(judge)
 
     def reference(self, prompts):
         """Real images of these prompts from the world renderer (examples/toy/world.py), 8 per prompt."""
-        import sys
+        import importlib.util
 
-        sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "examples" / "toy"))
-        import world  # the toy world's renderer: judged prompts must come from it
         from PIL import Image
 
+        path = Path(__file__).resolve().parent.parent / "examples" / "toy" / "world.py"
+        spec = importlib.util.spec_from_file_location("toy_world", path)  # the renderer the prompts come from
+        world = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(world)
         res = self.world.get("resolution", 32)
         return [Image.fromarray(world.render(p, seed=5_000_000 + j, size=res)) for p in prompts for j in range(8)]
 
     def distribution(self, images, prompts):
-        real = features(self.net, self.reference(sorted(set(prompts))), self.config["resolution"], self.device, self.batch_size)
-        fake = features(self.net, images, self.config["resolution"], self.device, self.batch_size)
+        real = np.stack([drawing_features(im, self.world) for im in self.reference(sorted(set(prompts)))])
+        fake = np.stack([drawing_features(im, self.world) for im in images])
         return frechet_distance(fake, real)

@@ -46,13 +46,13 @@ import numpy as np  # noqa: E402
 
 # The protocol's sizes. "full" is the README's experiment; "demo" is `make demo`; "quick" checks the pipeline (CI).
 PRESETS = {
-    "full": dict(base=dict(pretrain_images=6000, vae_steps=400, pretrain_steps=600, judge_steps=400),
+    "full": dict(base=dict(pretrain_images=6000, vae_steps=400, pretrain_steps=800),
                  prompts=None, eval_prompts=None, eval_images=2, eval_steps=10, guidance=3.0,
                  spin_steps=40, spin_batch=32, gen_steps=10, sft_batch=64, long_factor=2),
-    "demo": dict(base=dict(pretrain_images=6000, vae_steps=400, pretrain_steps=600, judge_steps=400),
+    "demo": dict(base=dict(pretrain_images=6000, vae_steps=400, pretrain_steps=600),
                  prompts=None, eval_prompts=48, eval_images=2, eval_steps=10, guidance=3.0,
                  spin_steps=24, spin_batch=32, gen_steps=10, sft_batch=64, long_factor=2),
-    "quick": dict(base=dict(pretrain_images=300, vae_steps=8, pretrain_steps=4, judge_steps=10, judge_images=256),
+    "quick": dict(base=dict(pretrain_images=300, vae_steps=8, pretrain_steps=4),
                   prompts=16, eval_prompts=6, eval_images=1, eval_steps=2, guidance=3.0,
                   spin_steps=2, spin_batch=4, gen_steps=2, sft_batch=8, long_factor=2),
 }

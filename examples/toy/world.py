@@ -179,7 +179,7 @@ def build_datasets(output_dir, size=32, pretrain_images=6000, finetune_per_capti
         caption = rng.choice(everything)
         image = render(caption, seed=10_000 + n, size=size)
         u = rng.random()
-        text = caption if u < 0.45 else vague_caption(caption, rng) if u < 0.75 else wrong_caption(caption, rng)
+        text = caption if u < 0.55 else vague_caption(caption, rng) if u < 0.8 else wrong_caption(caption, rng)
         rows["image"].append({"bytes": png_bytes(image), "path": None})
         rows["caption"].append(text)
     pq.write_table(pa.table(rows), out / "pretrain.parquet")

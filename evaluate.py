@@ -250,7 +250,8 @@ def push_results(specs, summary, metrics, prompts_name, token):
         keep = [r for r in (card.data.eval_results or []) if r.dataset_name != prompts_name]
         card.data.eval_results = keep + [
             EvalResult(task_type="text-to-image", dataset_type=prompts_name, dataset_name=prompts_name, metric_type=k,
-                       metric_name=f"{k} (mean)", metric_value=round(summary[spec.name][k]["mean"], 6)) for k in metrics]
+                       metric_name=f"{k} (mean)" if "mean" in summary[spec.name][k] else k,
+                       metric_value=round(summary[spec.name][k].get("mean", summary[spec.name][k].get("value")), 6)) for k in metrics]
         card.push_to_hub(spec.location, token=token, commit_message=f"Add {prompts_name} evaluation (evaluate.py)")
         print(f"results added to the model card of {spec.location}")
 

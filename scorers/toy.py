@@ -25,6 +25,31 @@ import numpy as np
 
 MIN_AREA = 10 / 1024  # smallest blob counted as an object, as a share of the image (10 px at 32x32)
 TOLERANCE = 0.28  # max RGB distance (0-1 scale) from a palette colour for a pixel to belong to it
+SHAPE_NAMES = ("circle", "square", "triangle")
+TEMPLATE_BLUR = 2  # passes of blur on the ideal shapes: a blurred square stays closer to a blurred square than to a circle
+GROW = 2  # pixels around a blob that count towards its soft coverage (blurred edges)
+
+
+def _template(shape, cx, cy, area, h, w, ss=4):
+    """Soft coverage (h x w) of the ideal shape with this area and centroid (a triangle points up; its centroid
+    lies a third of its half-height below the centre of its box)."""
+    ys, xs = (np.mgrid[0:h * ss, 0:w * ss] + 0.5) / ss
+    if shape == "circle":
+        r = np.sqrt(area / np.pi)
+        mask = (xs - cx) ** 2 + (ys - cy) ** 2 <= r * r
+    elif shape == "square":
+        half = np.sqrt(area) / 2
+        mask = (np.abs(xs - cx) <= half) & (np.abs(ys - cy) <= half)
+    else:
+        r = np.sqrt(area / 2)
+        top = cy - r / 3 - r
+        mask = (ys >= top) & (ys <= top + 2 * r) & (np.abs(xs - cx) <= (ys - top) / 2)
+    soft = mask.reshape(h, ss, w, ss).mean(axis=(1, 3))
+    for _ in range(TEMPLATE_BLUR):  # a [1, 2, 1] / 4 blur per pass, like the softening of a decoded image
+        soft = np.pad(soft, 1, mode="edge")
+        soft = (soft[:-2] + 2 * soft[1:-1] + soft[2:]) / 4
+        soft = (soft[:, :-2] + 2 * soft[:, 1:-1] + soft[:, 2:]) / 4
+    return soft
 
 
 def parse_caption(caption, world):
@@ -84,25 +109,32 @@ def parse_drawing(image, world):
         if area < MIN_AREA * h * w:
             continue
         # Soft coverage of each pixel by this colour (edges are antialiased mixtures with the background),
-        # inside the blob grown by one pixel: the shape's widest row and tallest column, measured exactly.
+        # inside the blob grown by GROW pixels: the shape's widest row and tallest column, measured exactly.
         region = np.zeros((h, w), bool)
         region[ys, xs] = True
         grown = region.copy()
-        grown[1:] |= region[:-1]
-        grown[:-1] |= region[1:]
-        grown[:, 1:] |= region[:, :-1]
-        grown[:, :-1] |= region[:, 1:]
+        for _ in range(GROW):
+            edge = grown.copy()
+            grown[1:] |= edge[:-1]
+            grown[:-1] |= edge[1:]
+            grown[:, 1:] |= edge[:, :-1]
+            grown[:, :-1] |= edge[:, 1:]
         grown &= ~(close & (nearest != k) & (nearest != len(names)))
         axis = palette[k] - bg
         alpha = np.clip(((arr - bg) @ axis) / (axis @ axis), 0, 1) * grown
         fill = alpha.sum() / max(alpha.sum(1).max() * alpha.sum(0).max(), 1e-6)
-        rows = alpha.sum(1)  # a triangle (apex up) has its mass low in its extent; circles and squares are symmetric
-        extent = np.nonzero(rows >= 0.5)[0]
-        centre = (rows * np.arange(h)).sum() / rows.sum()
-        low = (centre - (extent.min() + extent.max()) / 2) / (extent.max() - extent.min() + 1)
-        shape = "triangle" if low >= 0.055 or fill < 0.64 else "square" if fill >= 0.94 else "circle"
+        # The shape whose ideal drawing, at the blob's soft area and centroid, best matches its soft coverage. The
+        # VAE's blur smooths all three candidates alike, so this holds on decoded images too, where a square's fill
+        # ratio drifts towards a circle's.
+        area_soft = alpha.sum()
+        yy, xx = np.mgrid[0:h, 0:w] + 0.5
+        cy, cx = (alpha * yy).sum() / area_soft, (alpha * xx).sum() / area_soft
+        errors = {name: ((alpha - _template(name, cx, cy, area_soft, h, w)) ** 2).sum() for name in SHAPE_NAMES}
+        shape = min(errors, key=errors.get)
+        fill = alpha.sum() / max(alpha.sum(1).max() * alpha.sum(0).max(), 1e-6)
+        low = errors["circle"] - min(errors["square"], errors["triangle"])  # > 0: cornered
         objects[colour] = {"shape": shape, "x": (xs.mean() + 0.5) / w, "y": (ys.mean() + 0.5) / h, "area": area,
-                           "fill": float(fill), "low": float(low)}
+                           "fill": float(fill), "cornered": float(low)}
     return objects
 
 
@@ -165,7 +197,7 @@ def drawing_features(image, world):
     out = []
     for colour in world["colours"]:
         o = found.get(colour)
-        out += [1.0, o["fill"], o["low"], o["x"], o["y"], o["area"] / (h * w)] if o else [0.0] * 6
+        out += [1.0, o["fill"], o["cornered"], o["x"], o["y"], o["area"] / (h * w)] if o else [0.0] * 6
     palette = np.array(list(world["colours"].values()) + [world["background"]], dtype=np.float32)
     stray = (np.linalg.norm(arr[:, :, None, :] - palette[None, None], axis=-1).min(-1) > TOLERANCE).mean()
     grad = np.abs(np.diff(arr, axis=0)).mean() + np.abs(np.diff(arr, axis=1)).mean()

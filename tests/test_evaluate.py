@@ -58,7 +58,13 @@ def test_two_models_six_prompts_all_metrics(assets, tmp_path, monkeypatch):
         assert (out / f).stat().st_size > 1000
     from PIL import Image
 
-    assert Image.open(out / "grid.png").size == (2 * 32, 6 * 32)  # prompts x models
+    grid = Image.open(out / "grid.png").convert("L")
+    width, height = grid.size  # 32 px images enlarged to 128 px; prompt text on the left, model names on top
+    assert width == 260 + 2 * 128 and 6 * 128 < height < 6 * 128 + 60
+    header = height - 6 * 128
+    for row in range(6):  # each row's prompt is written in the label column
+        assert grid.crop((0, header + row * 128, 260, header + (row + 1) * 128)).getextrema()[0] < 100
+    assert grid.crop((260, 0, width, header)).getextrema()[0] < 100  # the model names
     images = sorted((out / "images").rglob("*.png"))
     assert len(images) == 12
     mtimes = {p: p.stat().st_mtime_ns for p in images}

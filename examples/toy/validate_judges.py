@@ -35,7 +35,7 @@ def main(argv=None):
     p.add_argument("--base_dir", required=True)
     p.add_argument("--output_dir", required=True)
     p.add_argument("--images_per_prompt", type=int, default=3)
-    p.add_argument("--shuffled_steps", type=int, default=400, help="train_sft.py steps of the shuffled-caption model (0: skip).")
+    p.add_argument("--shuffled_steps", type=int, default=200, help="train_sft.py steps of the shuffled-caption model (0: skip).")
     a = p.parse_args(argv)
     base, out = Path(a.base_dir), Path(a.output_dir)
     out.mkdir(parents=True, exist_ok=True)

@@ -222,6 +222,7 @@ class ToyFD:
 
     def __init__(self, judge, **_):
         self.world = load_world(judge)
+        self._reference = {}  # prompts -> real features: computed once, shared by every model scored
 
     def reference(self, prompts):
         """Real images of these prompts from the world renderer (examples/toy/world.py), 8 per prompt."""
@@ -237,6 +238,9 @@ class ToyFD:
         return [Image.fromarray(world.render(p, seed=5_000_000 + j, size=res)) for p in prompts for j in range(8)]
 
     def distribution(self, images, prompts):
-        real = np.stack([drawing_features(im, self.world) for im in self.reference(sorted(set(prompts)))])
+        key = tuple(sorted(set(prompts)))
+        if key not in self._reference:
+            self._reference[key] = np.stack([drawing_features(im, self.world) for im in self.reference(list(key))])
+        real = self._reference[key]
         fake = np.stack([drawing_features(im, self.world) for im in images])
         return frechet_distance(fake, real)

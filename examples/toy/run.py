@@ -492,7 +492,7 @@ def main(args):
                                  args.eval_seed)
             done.write_text(json.dumps(seed_rows) + "\n")
         rows += json.loads(done.read_text())
-        timer.data |= {f"seed{seed}/{k}": v for k, v in json.loads((out / f"seed_{seed}" / "timings.json").read_text()).items()}
+        timer.data |= json.loads((out / f"seed_{seed}" / "timings.json").read_text())  # keys: seedN/phase
         log(f"seed {seed} done ({time.time() - t0:.0f} s so far)")
     if args.seed_only:
         return None

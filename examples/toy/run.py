@@ -49,9 +49,9 @@ PRESETS = {
     "full": dict(base=dict(pretrain_images=6000, vae_steps=400, pretrain_steps=800),
                  prompts=None, eval_prompts=None, eval_images=2, eval_steps=10, guidance=3.0,
                  spin_steps=40, spin_batch=32, gen_steps=10, sft_batch=64, long_factor=2),
-    "demo": dict(base=dict(pretrain_images=3000, vae_steps=250, pretrain_steps=300),
-                 prompts=None, eval_prompts=48, eval_images=1, eval_steps=10, guidance=3.0,
-                 spin_steps=16, spin_batch=32, gen_steps=10, sft_batch=64, long_factor=2),
+    "demo": dict(base=dict(pretrain_images=3000, vae_steps=200, pretrain_steps=250),
+                 prompts=256, eval_prompts=32, eval_images=1, eval_steps=10, guidance=3.0,
+                 spin_steps=12, spin_batch=32, gen_steps=10, sft_batch=64, long_factor=2),
     "quick": dict(base=dict(pretrain_images=300, vae_steps=8, pretrain_steps=4),
                   prompts=16, eval_prompts=6, eval_images=1, eval_steps=2, guidance=3.0,
                   spin_steps=2, spin_batch=4, gen_steps=2, sft_batch=8, long_factor=2),
@@ -471,7 +471,7 @@ def main(args):
     eval_prompts = [p for p in eval_prompts if p][: preset["eval_prompts"] or None]
     cfg["eval_prompts_file"] = data / "eval_prompts.txt"
     n_finetune = len(__import__("datasets").load_dataset("parquet", data_files=str(cfg["finetune"]), split="train"))
-    if preset["prompts"]:  # quick mode: a subset of the fine-tuning prompts
+    if preset["prompts"]:  # demo and quick modes: a subset of the fine-tuning prompts
         import datasets
 
         for key in ("finetune", "finetune_pickapic"):

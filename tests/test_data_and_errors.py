@@ -112,3 +112,28 @@ def test_streaming_run(assets, tmp_path):
     run_sft(*sft_args(assets, out, "--use_lora", "--streaming", "--max_train_steps", "3",
                       "--validation_prompts", "a red apple"))
     assert trained_lora(out) and (out / "validation_grid.png").exists()
+
+
+def test_proportion_empty_prompts_drops_captions_reproducibly(assets):
+    """--proportion_empty_prompts: about that share of the examples trains on the empty prompt, the same ones for
+    the same (seed, epoch, index), other ones in another epoch; 1.0 or more is refused."""
+    from transformers import CLIPTokenizer
+
+    from utils.data import TrainDataset
+
+    args = data_args(assets, "--proportion_empty_prompts", "0.5")
+    ds, spec = load_training_dataset(args)
+    tokenizer = CLIPTokenizer.from_pretrained(str(assets["pipeline"]), subfolder="tokenizer")
+    empty = tokenizer([""], max_length=tokenizer.model_max_length, padding="max_length", return_tensors="pt").input_ids[0]
+
+    def dropped(epoch):
+        train = TrainDataset(ds, spec, tokenizer, 32, center_crop=True, seed=0, empty_prompt_prob=0.5)
+        train.set_epoch(epoch)
+        return [bool((train[i]["input_ids"] == empty).all()) for i in range(len(train))]
+
+    first = dropped(0)
+    assert 0 < sum(first) < len(first) and dropped(0) == first and dropped(1) != first
+    plain = TrainDataset(ds, spec, tokenizer, 32, center_crop=True, seed=0)
+    assert not any(bool((plain[i]["input_ids"] == empty).all()) for i in range(len(plain)))
+    with pytest.raises(SystemExit):
+        data_args(assets, "--proportion_empty_prompts", "1.0")

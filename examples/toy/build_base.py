@@ -29,7 +29,7 @@ import torch  # noqa: E402
 
 import world  # noqa: E402
 
-UNET_CONFIG = dict(  # 0.8M parameters; attention at the 8x8 level only
+UNET_CONFIG = dict(  # 0.8M parameters; attention at the 8x8 level only (at 32 px; sample_size follows the resolution)
     sample_size=8, in_channels=4, out_channels=4, layers_per_block=1, block_out_channels=(32, 64),
     down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
     cross_attention_dim=64, attention_head_dim=8, norm_num_groups=16)
@@ -152,7 +152,7 @@ def build_init(out, data, size, vae_steps, seed):
     arrays = [np.asarray(Image.open(io.BytesIO(r["bytes"])).convert("RGB")) for r in ds["image"][:4000]]
     vae, mse = train_vae(images_tensor(arrays), vae_steps, seed)
     torch.manual_seed(seed + 1)
-    unet = UNet2DConditionModel(**UNET_CONFIG)
+    unet = UNet2DConditionModel(**UNET_CONFIG | {"sample_size": size // 4})
     pipe = StableDiffusionPipeline(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet,
                                    scheduler=DDIMScheduler(clip_sample=False, **SD15_SCHEDULER_KWARGS),
                                    safety_checker=None, feature_extractor=None, requires_safety_checker=False)

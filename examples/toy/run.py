@@ -176,7 +176,7 @@ def run_seeds_in_parallel(args, base, out):
     def work(seed):
         cmd = [sys.executable, __file__, "--seeds", str(seed), "--output_dir", str(out), "--base_dir", str(base),
                "--preset", args.preset, "--arms", ",".join(args.arms), "--eval_seed", str(args.eval_seed),
-               "--threads", "1", "--seed_only"] + (["--hparams", args.hparams] if args.hparams else [])
+               "--threads", "1", "--resolution", str(args.resolution), "--seed_only"] + (["--hparams", args.hparams] if args.hparams else [])
         logfile = out / f"seed_{seed}.log"
         with open(logfile, "w") as f:
             code = subprocess.call(cmd, stdout=f, stderr=subprocess.STDOUT)
@@ -432,6 +432,7 @@ def parse_args(argv=None):
     p.add_argument("--base_dir", default=None, help="Where theta_0 and the judge are (built there if missing). Default: OUTPUT_DIR/base.")
     p.add_argument("--preset", choices=sorted(PRESETS), default="full")
     p.add_argument("--hparams", default=None, help="JSON file overriding HPARAMS ({arm: {learning_rate, beta}}), for tuning runs.")
+    p.add_argument("--resolution", type=int, default=32, help="Image size of the world (a multiple of 8; latents are 1/4 of it).")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice).")
     p.add_argument("--arms", default="sft,spin,spin-long,dpo", help="Comma-separated arms to run (tuning runs use sft,spin).")
     p.add_argument("--eval_seed", type=int, default=0, help="Seed of the evaluation images (the same for every model).")
@@ -442,6 +443,8 @@ def parse_args(argv=None):
     unknown = set(args.arms) - {"sft", "spin", "spin-long", "dpo"}
     if unknown or "sft" not in args.arms or "spin" not in args.arms:
         p.error(f"--arms: sft and spin are required; the others are spin-long, dpo (got {args.arms})")
+    if args.resolution < 16 or args.resolution % 8:
+        p.error(f"--resolution must be a multiple of 8 and at least 16, got {args.resolution}")
     if len(set(args.seeds)) != len(args.seeds):
         p.error(f"--seeds must be distinct, got {args.seeds}")
     return args
@@ -464,9 +467,9 @@ def main(args):
             hparams[arm] |= values
     timer = Timer(out / "timings.json")
     t0 = time.time()
-    built = timer.run("base", lambda: build_base.build(base, 32, seed=0, **preset["base"]))
+    built = timer.run("base", lambda: build_base.build(base, args.resolution, seed=0, **preset["base"]))
     data = base / "data"
-    cfg = dict(preset, resolution=32, finetune=data / "finetune.parquet", finetune_pickapic=data / "finetune_pickapic.parquet")
+    cfg = dict(preset, resolution=args.resolution, finetune=data / "finetune.parquet", finetune_pickapic=data / "finetune_pickapic.parquet")
     eval_prompts = (data / "eval_prompts.txt").read_text().split("\n")
     eval_prompts = [p for p in eval_prompts if p][: preset["eval_prompts"] or None]
     cfg["eval_prompts_file"] = data / "eval_prompts.txt"
@@ -485,13 +488,18 @@ def main(args):
     if args.jobs > 1 and len(args.seeds) > 1:
         run_seeds_in_parallel(args, base, out)
     rows = []
+    made_with = {"preset": args.preset, "resolution": args.resolution, "hparams": hparams, "arms": args.arms,
+                 "eval_seed": args.eval_seed, "base": str(base.resolve())}
     for seed in args.seeds:
         done = out / f"seed_{seed}" / "rows.json"  # a seed's rows: written when it is complete (a rerun skips it)
         if not done.exists():
             seed_rows = run_seed(base, cfg, seed, out, Timer(out / f"seed_{seed}" / "timings.json"), hparams, args.arms,
                                  args.eval_seed)
-            done.write_text(json.dumps(seed_rows) + "\n")
-        rows += json.loads(done.read_text())
+            done.write_text(json.dumps({"made_with": made_with, "rows": seed_rows}) + "\n")
+        saved = json.loads(done.read_text())
+        if saved["made_with"] != json.loads(json.dumps(made_with)):
+            raise SystemExit(f"error: {done} was made with other settings ({saved['made_with']}); use another --output_dir")
+        rows += saved["rows"]
         timer.data |= json.loads((out / f"seed_{seed}" / "timings.json").read_text())  # keys: seedN/phase
         log(f"seed {seed} done ({time.time() - t0:.0f} s so far)")
     if args.seed_only:

@@ -15,7 +15,6 @@ Into --output_dir (each step is skipped when its output is already there, so a r
 
 import argparse
 import json
-import random
 import sys
 import time
 from pathlib import Path

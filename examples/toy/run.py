@@ -27,7 +27,6 @@ import argparse
 import json
 import math
 import os
-import random
 import shutil
 import sys
 import time
@@ -321,7 +320,7 @@ def report(rows, out, cfg, seeds):
         md.append(f"| {m} | {r0['arm']} | {r0['iteration'] if r0['iteration'] is not None else '-'} | {r0['epoch']:.1f} | "
                   f"{r0['compute'] / 1e3:.0f} | {fmt(*d['toy_adherence'])} | {fmt(*d['toy_attributes'])} | "
                   f"{fmt(*d['toy_fd'], d=2)} |")
-    S, half = cfg["spin_steps"], max(1, cfg["spin_steps"] // 2)
+    S = cfg["spin_steps"]
     last = lambda k: f"spin{k}-{S}"  # noqa: E731
     claims = []
     for k in (1, 2, 3):

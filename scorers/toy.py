@@ -93,7 +93,7 @@ def _largest_blob(mask):
 
 
 def parse_drawing(image, world):
-    """{colour: {"shape", "x", "y", "area"}} for every palette colour with a blob big enough to be an object.
+    """{colour: {"shape", "x", "y", "area", "fill", "cornered"}} for every palette colour with a blob big enough to be an object.
     x and y are the blob's centroid in [0, 1] (y grows downwards)."""
     arr = np.asarray(image.convert("RGB"), dtype=np.float32) / 255.0
     h, w, _ = arr.shape
@@ -108,8 +108,8 @@ def parse_drawing(image, world):
         area, ys, xs = _largest_blob((nearest == k) & close)
         if area < MIN_AREA * h * w:
             continue
-        # Soft coverage of each pixel by this colour (edges are antialiased mixtures with the background),
-        # inside the blob grown by GROW pixels: the shape's widest row and tallest column, measured exactly.
+        # Soft coverage of each pixel by this colour (edges are antialiased or blurred mixtures with the
+        # background), inside the blob grown by GROW pixels and away from the other colours' blobs.
         region = np.zeros((h, w), bool)
         region[ys, xs] = True
         grown = region.copy()
@@ -122,7 +122,6 @@ def parse_drawing(image, world):
         grown &= ~(close & (nearest != k) & (nearest != len(names)))
         axis = palette[k] - bg
         alpha = np.clip(((arr - bg) @ axis) / (axis @ axis), 0, 1) * grown
-        fill = alpha.sum() / max(alpha.sum(1).max() * alpha.sum(0).max(), 1e-6)
         # The shape whose ideal drawing, at the blob's soft area and centroid, best matches its soft coverage. The
         # VAE's blur smooths all three candidates alike, so this holds on decoded images too, where a square's fill
         # ratio drifts towards a circle's.
@@ -132,9 +131,9 @@ def parse_drawing(image, world):
         errors = {name: ((alpha - _template(name, cx, cy, area_soft, h, w)) ** 2).sum() for name in SHAPE_NAMES}
         shape = min(errors, key=errors.get)
         fill = alpha.sum() / max(alpha.sum(1).max() * alpha.sum(0).max(), 1e-6)
-        low = errors["circle"] - min(errors["square"], errors["triangle"])  # > 0: cornered
+        cornered = errors["circle"] - min(errors["square"], errors["triangle"])  # > 0: a cornered shape fits better
         objects[colour] = {"shape": shape, "x": (xs.mean() + 0.5) / w, "y": (ys.mean() + 0.5) / h, "area": area,
-                           "fill": float(fill), "cornered": float(low)}
+                           "fill": float(fill), "cornered": float(cornered)}
     return objects
 
 

@@ -87,7 +87,10 @@ def test_quick_protocol_writes_results_plots_and_a_labelled_grid(tmp_path):
     out = tmp_path / "toy"
     results = run.main(run.parse_args(["--preset", "quick", "--seeds", "0", "1", "--output_dir", str(out)]))
     rows = json.loads((out / "results.json").read_text())["runs"]
-    assert rows == [{k: r[k] for k in ("arm", "seed", "iteration", "epoch", "compute", "metrics", "model")} for r in results["runs"]]
+    assert rows == results["runs"]
+    for seed in (0, 1):  # one row per evaluated checkpoint, each of which evaluate.py rendered
+        rendered = {p.name for p in (out / f"seed_{seed}" / "eval" / "images").iterdir()}
+        assert {r["model"] for r in rows if r["seed"] == seed} == rendered and len(rendered) >= 12
     assert {r["arm"] for r in rows} == {"base", "sft", "spin", "spin-iter1-continued", "dpo"}
     assert {r["seed"] for r in rows} == {0, 1}
     assert {r["iteration"] for r in rows if r["arm"] == "spin"} == {1, 2, 3}

@@ -6,10 +6,14 @@ preferred images of Pick-a-Pic (ties dropped), or on any image-caption dataset. 
         --dataset_name yuvalkirstain/pickapic_v2 --use_lora --output_dir sd15-sft-lora
 
 The output folder loads with `StableDiffusionPipeline.from_pretrained(output_dir)` (full) or
-`pipe.load_lora_weights(output_dir)` (LoRA).
+`pipe.load_lora_weights(output_dir)` (LoRA). If the push fails, the result stays saved and rerunning the same
+command pushes it without training again.
 """
 
+import hashlib
+import json
 import math
+import os
 import sys
 from pathlib import Path
 
@@ -26,10 +30,14 @@ from utils.args import (
     add_training_args,
     make_parser,
     parse_with_config,
+    public_args,
+    rerun_command,
     tracker_config,
     validate_training_args,
 )
 from utils.checkpointing import (
+    CheckpointError,
+    RunState,
     load_checkpoint,
     register_checkpoint_hooks,
     resolve_resume_checkpoint,
@@ -49,11 +57,13 @@ from utils.data import (
     set_epoch,
 )
 from utils.generation import log_images, make_grid, render
-from utils.hub import push_folder, write_model_card
+from utils.hub import HubError, describe, hub_user, push_folder, validate_repo_name, write_model_card
 from utils.losses import diffusion_target, min_snr_weights, per_sample_mse, sample_noise_and_timesteps, sft_loss, step_generator
 from utils.models import (
+    ModelError,
     add_lora,
     batch_prompt_embeds,
+    check_model_source,
     encode_images,
     make_optimizer,
     optimize_unet,
@@ -62,7 +72,14 @@ from utils.models import (
     trainable_parameters,
     vae_latent_params,
 )
-from utils.training import init_run, load_frozen_components, optimizer_step
+from utils.training import (
+    DivergedError,
+    assert_finite_weights,
+    check_finite_step,
+    init_run,
+    load_frozen_components,
+    optimizer_step,
+)
 
 logger = get_logger(__name__)
 
@@ -76,12 +93,27 @@ def parse_args(input_args=None):
     parser.add_argument("--num_validation_images", type=int, default=4,
                         help="Images in the final sample grid when no --validation_prompts are given (training captions are used).")
     args = parse_with_config(parser, input_args)
-    return validate_training_args(parser, args)
+    args = validate_training_args(parser, args)
+    args.command = rerun_command("train_sft.py", sys.argv[1:] if input_args is None else input_args)
+    return args
 
 
 def main(args):
     output_dir = Path(args.output_dir)
+    # 0. Hub identity and the model first: a bad token, repo id or model name fails in seconds.
+    if args.push_to_hub:
+        validate_repo_name(args.hub_model_id or output_dir.resolve().name)
+        hub_user(args.hub_token, args.hub_retry_max_time)
+    check_model_source(args.pretrained_model_name_or_path, args.revision, args.hub_token)
+    state = RunState(output_dir / "sft_state.json")
+    if args.push_to_hub and state.get("trained") == settings_key(args) and not state.get("pushed"):
+        if os.environ.get("RANK", "0") == "0":  # before the Accelerator exists: the launcher's rank
+            print(f"{output_dir} already holds this run's result (sft_state.json): pushing it without training")
+            push_result(args, state)
+        return
     accelerator = init_run(args)
+    if accelerator.is_main_process:
+        state.update(trained=None)  # until this run's result is saved, output_dir holds no pushable result
 
     # 1. Data first: a bad path, column or empty split fails here, before any model is loaded.
     hf_dataset, spec = load_training_dataset(args, accelerator.num_processes, accelerator.process_index)
@@ -153,6 +185,7 @@ def main(args):
     # 4. Resume: restore weights, optimizer, scheduler, EMA; skip the batches already seen this epoch.
     global_step, first_epoch, skip_batches, micro_step = 0, 0, 0, 0
     checkpoint = resolve_resume_checkpoint(output_dir, args.resume_from_checkpoint)
+    last_good = checkpoint or "none (the run starts from the start model)"
     if args.resume_from_checkpoint and checkpoint is None:
         logger.info("no checkpoint to resume from in %s: starting a new run", output_dir)
     if checkpoint is not None:
@@ -197,14 +230,17 @@ def main(args):
             window_loss, window_batches = 0.0, 0
             if grad_norm is not None:
                 logs["grad_norm"] = float(grad_norm)
+            check_finite_step(logs, where=f"step {global_step}", last_checkpoint=last_good,
+                              skipped=accelerator.optimizer_step_was_skipped)
             if skipped_images:
                 logs["skipped_images"] = skipped_images
             progress.update(1)
             progress.set_postfix(loss=f"{logs['loss']:.4f}", lr=f"{logs['lr']:.2e}")
             accelerator.log(logs, step=global_step)
             if global_step % args.checkpointing_steps == 0:
-                path = save_checkpoint(accelerator, output_dir, global_step, args.checkpoints_total_limit)
-                logger.info(f"saved {path}")
+                assert_finite_weights(unet, f"checkpoint-{global_step}")
+                last_good = save_checkpoint(accelerator, output_dir, global_step, args.checkpoints_total_limit)
+                logger.info(f"saved {last_good}")
             if args.validation_steps and global_step % args.validation_steps == 0 and accelerator.is_main_process:
                 run_validation(args, accelerator, unet, vae, text_encoder, tokenizer, ema_unet, dtype, global_step)
             if global_step >= max_train_steps:
@@ -242,11 +278,35 @@ def main(args):
             | {"prediction_type": noise_scheduler.config.prediction_type}
             | {"max_train_steps": max_train_steps, "images_per_step": total_batch},
             metrics={"final_loss": logs["loss"]} if "loss" in logs else None)
-        if args.push_to_hub:
-            repo_id = push_folder(output_dir, args.hub_model_id or output_dir.resolve().name, token=args.hub_token,
-                                  private=args.hub_private_repo, commit_message=f"train_sft.py: step {global_step}")
-            logger.info(f"pushed to {repo_id}")
+        state.update(trained=settings_key(args), step=global_step, pushed=None)
     accelerator.end_training()
+    if args.push_to_hub and accelerator.is_main_process:
+        push_result(args, state)
+
+
+def settings_key(args):
+    """What the result depends on (every flag but the Hub, logging and resume ones): a rerun with the same key
+    and an unpushed result only pushes."""
+    ignored = {"push_to_hub", "hub_model_id", "hub_private_repo", "hub_retry_max_time", "report_to", "logging_dir",
+               "resume_from_checkpoint", "dataloader_num_workers", "config"}
+    settings = {k: v for k, v in public_args(args).items() if k not in ignored}
+    return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def push_result(args, state):
+    """Push output_dir (retried on transient failures). If it still fails, the result stays saved, sft_state.json
+    records the error, and HubError tells the user to rerun the same command (which then only pushes)."""
+    output_dir = Path(args.output_dir)
+    try:
+        repo_id = push_folder(output_dir, args.hub_model_id or output_dir.resolve().name, token=args.hub_token,
+                              private=args.hub_private_repo, commit_message=f"train_sft.py: step {state.get('step')}",
+                              max_time=args.hub_retry_max_time)
+    except Exception as e:
+        state.update(push_error=describe(e))
+        raise HubError(f"the result is saved in {output_dir} but the push failed ({describe(e)}). Rerun the same "
+                       f"command to push it (nothing is trained again):\n  {args.command}") from e
+    state.update(pushed=repo_id, push_error=None)
+    print(f"pushed to {repo_id}")
 
 
 def sft_forward(unet, vae, text_encoder, noise_scheduler, batch, generator, dtype, noise_offset=0.0, snr_gamma=None):
@@ -266,12 +326,14 @@ def save_result(args, unet, ema_unet, vae, text_encoder, tokenizer):
     """Write the LoRA weights or the full pipeline into output_dir; return a pipeline for the sample grid."""
     kw = dict(prediction_type=args.prediction_type, revision=args.revision, variant=args.variant, cache_dir=args.cache_dir)
     if args.use_lora:
+        assert_finite_weights(unet, "the result")
         save_lora(unet, args.output_dir)
         pipeline = sd_pipeline(args.pretrained_model_name_or_path, **kw)
         pipeline.load_lora_weights(args.output_dir)
         return pipeline
     if ema_unet is not None:
         ema_unet.copy_to(unet.parameters())
+    assert_finite_weights(unet, "the result")  # a diverged model is never saved as a result
     pipeline = sd_pipeline(args.pretrained_model_name_or_path, unet=unet, **kw)
     pipeline.save_pretrained(args.output_dir, safe_serialization=True)
     return pipeline
@@ -298,8 +360,13 @@ def run_validation(args, accelerator, unet, vae, text_encoder, tokenizer, ema_un
     model.train()
 
 
-if __name__ == "__main__":
+def cli(argv=None):
+    """The command line: bad input, a diverged run or a failed push end with one `error:` line."""
     try:
-        main(parse_args())
-    except DataError as e:
+        main(parse_args(argv))
+    except (DataError, ModelError, HubError, DivergedError, CheckpointError) as e:
         sys.exit(f"error: {e}")
+
+
+if __name__ == "__main__":
+    cli()

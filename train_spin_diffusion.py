@@ -12,9 +12,11 @@ reference, for one iteration: that is Diffusion-DPO, the paper's main baseline.
     accelerate launch train_spin_diffusion.py --pretrained_model_name_or_path runwayml/stable-diffusion-v1-5 \\
         --dataset_name yuvalkirstain/pickapic_v2 --max_train_samples 50000 --use_lora --output_dir sd15-spin
 
-Rerunning the same command resumes: finished generation shards, checkpoints and iterations are kept.
+Rerunning the same command resumes: finished generation shards, checkpoints and iterations are kept, and
+iterations whose push failed are pushed without training again.
 """
 
+import gc
 import hashlib
 import json
 import math
@@ -34,6 +36,7 @@ from utils.args import (
     add_training_args,
     make_parser,
     parse_with_config,
+    rerun_command,
     save_args,
     tracker_config,
     validate_training_args,
@@ -59,12 +62,14 @@ from utils.data import (
     tokenize,
 )
 from utils.generation import SyntheticStore, generate_opponent_samples
-from utils.hub import push_folder, write_model_card
+from utils.hub import HubError, describe, hub_user, move_tag, push_folder, validate_repo_name, write_model_card
 from utils.losses import min_snr_weights, spin_loss, step_generator
 from utils.models import (
+    ModelError,
     Reference,
     add_lora,
     batch_prompt_embeds,
+    check_model_source,
     load_lora,
     load_unet,
     make_optimizer,
@@ -74,7 +79,14 @@ from utils.models import (
     trainable_parameters,
 )
 from utils.spin import pair_errors, pair_inputs, precompute_reference
-from utils.training import init_run, load_frozen_components, optimizer_step
+from utils.training import (
+    DivergedError,
+    assert_finite_weights,
+    check_finite_step,
+    init_run,
+    load_frozen_components,
+    optimizer_step,
+)
 
 logger = get_logger(__name__)
 LOGGED = ("loss", "implicit_acc", "reward_margin", "model_err_real", "model_err_gen", "ref_err_real", "ref_err_gen")
@@ -115,8 +127,11 @@ def parse_args(input_args=None):
     if args.streaming:
         parser.error("--streaming is not supported by SPIN: every training prompt gets a generated sample; "
                      "use --max_train_samples to train on a subset")
-    if args.num_iterations < 1 or args.beta <= 0 or args.gen_batch_size < 1 or args.gen_shard_size < 1:
-        parser.error("--num_iterations, --beta, --gen_batch_size and --gen_shard_size must be positive")
+    for name in ("num_iterations", "beta", "gen_batch_size", "gen_shard_size", "gen_num_inference_steps"):
+        if not getattr(args, name) > 0:
+            parser.error(f"--{name} must be positive, got {getattr(args, name)}")
+    if args.gen_guidance_scale < 0:
+        parser.error(f"--gen_guidance_scale must be >= 0, got {args.gen_guidance_scale}")
     if args.precompute_reference and args.negative_source == "dataset":
         parser.error("--precompute_reference works with --negative_source self (it runs during the generation phase)")
     if args.precompute_reference and (args.noise_offset or args.random_flip):
@@ -129,34 +144,34 @@ def parse_args(input_args=None):
                      "flags; SPIN stores its own latents and logs per-iteration metrics (evaluate.py renders samples)")
     if args.push_synthetic_dataset and not args.push_to_hub:
         parser.error("--push_synthetic_dataset needs --push_to_hub")
-    return validate_training_args(parser, args)
+    args = validate_training_args(parser, args)
+    args.command = rerun_command("train_spin_diffusion.py", sys.argv[1:] if input_args is None else input_args)
+    return args
 
 
 def main(args):
     output_dir = Path(args.output_dir)
+    # 1. Hub identity, model, data: bad input fails here, before any model is loaded.
+    hub_repo = resolve_hub_repo(args) if args.push_to_hub else None
+    check_model_source(args.pretrained_model_name_or_path, args.revision, args.hub_token)
     accelerator = init_run(args)
-
-    # 1. Data and Hub identity first: bad input fails before any model is loaded.
     hf_dataset, spec = load_training_dataset(args)
     if args.negative_source == "dataset" and spec["kind"] != "pickapic":
         raise DataError("--negative_source dataset needs a Pick-a-Pic-shaped dataset (it trains against the loser image)")
     captions = [caption_of(c) for c in hf_dataset[spec["caption"]]]
-    hub_repo = resolve_hub_repo(args) if args.push_to_hub else None
     num_iterations = 1 if args.negative_source == "dataset" else args.num_iterations
     state = RunState(output_dir / "spin_state.json")
-    logger.info(f"{len(captions)} training prompts; {num_iterations} iteration(s); state: {state.data}")
+    todo = [k for k in range(num_iterations) if k + 1 not in state.get("done")]
+    logger.info(f"{len(captions)} training prompts; {num_iterations} iteration(s), {len(todo)} to train; state: {state.data}")
 
-    set_seed(args.seed)
-    tokenizer, text_encoder, vae, _, noise_scheduler, dtype = load_frozen_components(args, accelerator)
+    if todo:  # a rerun that only has pushes left loads no model
+        set_seed(args.seed)
+        tokenizer, text_encoder, vae, _, noise_scheduler, dtype = load_frozen_components(args, accelerator)
     if accelerator.is_main_process:
         state.update(num_iterations=num_iterations)
 
-    for k in range(num_iterations):
+    for k in todo:
         it_dir = output_dir / f"iter_{k + 1}"
-        if k + 1 in state.get("done"):
-            if args.push_to_hub and accelerator.is_main_process:
-                push_iteration(args, state, hub_repo, k, it_dir)  # retried here if an earlier push failed
-            continue
         if accelerator.is_main_process:
             state.update(iteration=k + 1, phase="generate")
         # theta_k: the policy starts from it; it also generates the negatives and is the frozen reference.
@@ -205,18 +220,27 @@ def main(args):
             state.update(phase="save")
             save_iteration(args, accelerator.unwrap_model(unet), it_dir, k, hub_repo, metrics)
             state.update(done=sorted(set(state.get("done")) | {k + 1}), phase="push" if args.push_to_hub else "done")
-            if args.push_to_hub:
-                push_iteration(args, state, hub_repo, k, it_dir)
+            if args.push_to_hub:  # this iteration, and any earlier one whose push failed
+                push_unpushed(args, state, hub_repo)
             state.update(phase="done")
         vae.to(accelerator.device)
         text_encoder.to(accelerator.device)
         accelerator.free_memory()
         del unet, reference
+        gc.collect()
         accelerator.wait_for_everyone()
 
+    unpushed = []
     if accelerator.is_main_process:
+        if args.push_to_hub:
+            unpushed = push_unpushed(args, state, hub_repo) if not todo else unpushed_iterations(state)
         print_summary(output_dir, num_iterations, state)
     accelerator.end_training()
+    if unpushed:
+        errors = state.get("push_errors", {})
+        lines = "\n".join(f"  iteration {it}: {output_dir / f'iter_{it}'} ({errors.get(str(it), 'not pushed')})" for it in unpushed)
+        raise HubError(f"{len(unpushed)} iteration(s) trained and saved but not pushed:\n{lines}\n"
+                       f"Rerun the same command to push them (nothing is generated or trained again):\n  {args.command}")
 
 
 def load_policy_and_reference(args, k, dtype, device):
@@ -330,7 +354,9 @@ def train_iteration(args, accelerator, k, it_dir, unet, reference, store, hf_dat
         accelerator.init_trackers("train_spin_diffusion", config=tracker_config(args))
 
     global_step, first_epoch, skip_batches, micro_step = 0, 0, 0, 0
-    checkpoint = resolve_resume_checkpoint(it_dir, "latest")
+    checkpoint = resolve_resume_checkpoint(it_dir, "latest")  # the newest complete one
+    last_good = checkpoint or (f"none in this iteration (it starts from {Path(args.output_dir) / f'iter_{k}'})" if k > 0
+                               else "none (the run starts from the start model)")
     if checkpoint is not None:  # rerunning the same command resumes mid-iteration
         load_checkpoint(accelerator, checkpoint, optimizer)
         global_step = step_of(checkpoint)
@@ -373,18 +399,23 @@ def train_iteration(args, accelerator, k, it_dir, unet, reference, store, hf_dat
             logs = dict(zip(LOGGED, values)) | {"lr": lr_scheduler.get_last_lr()[0], "skipped_images": skipped_images}
             if grad_norm is not None:
                 logs["grad_norm"] = float(grad_norm)
-            first = first or dict(logs, step=global_step)
-            counted += 1
-            for name, v in logs.items():
-                if name != "skipped_images":
-                    sums[name] = sums.get(name, 0.0) + v
+            overflow = accelerator.optimizer_step_was_skipped  # fp16: the scaler skipped this step (weights unchanged)
+            check_finite_step(logs, where=f"iteration {k + 1}, step {global_step}", last_checkpoint=last_good,
+                              skipped=overflow)
+            if not overflow:  # the iteration's first step and means count the steps that updated the weights
+                first = first or dict(logs, step=global_step)
+                counted += 1
+                for name, v in logs.items():
+                    if name != "skipped_images":
+                        sums[name] = sums.get(name, 0.0) + v
             progress.update(1)
             progress.set_postfix(loss=f"{logs['loss']:.4f}", acc=f"{logs['implicit_acc']:.2f}", lr=f"{logs['lr']:.2e}")
             accelerator.log({f"{name}": v for name, v in logs.items()} | {"iteration": k + 1}, step=k * max_train_steps + global_step)
             if global_step % args.checkpointing_steps == 0:
                 tally = {"sums": sums, "first": first, "logs": logs, "counted": counted}
-                save_checkpoint(accelerator, it_dir, global_step, args.checkpoints_total_limit,
-                                extra_files={"spin_metrics.json": json.dumps(tally)})
+                assert_finite_weights(unet, f"iteration {k + 1}, checkpoint-{global_step}")
+                last_good = save_checkpoint(accelerator, it_dir, global_step, args.checkpoints_total_limit,
+                                            extra_files={"spin_metrics.json": json.dumps(tally)})
             if global_step >= max_train_steps:
                 break
     progress.close()
@@ -399,6 +430,7 @@ def train_iteration(args, accelerator, k, it_dir, unet, reference, store, hf_dat
 def save_iteration(args, unet, it_dir, k, hub_repo, metrics):
     """theta_{k+1} into iter_{k+1}/: LoRA weights (relative to the base model) or a full pipeline, plus the card,
     the args and the metrics."""
+    assert_finite_weights(unet, f"iteration {k + 1}")  # a diverged model is never saved as a result
     it_dir.mkdir(parents=True, exist_ok=True)
     if args.use_lora:
         save_lora(unet, it_dir)
@@ -429,39 +461,56 @@ def save_iteration(args, unet, it_dir, k, hub_repo, metrics):
 
 
 def resolve_hub_repo(args):
-    """The full repo id base (namespace/name) for pushes; checks the token now, not after hours of training."""
-    from huggingface_hub import whoami
-
-    user = whoami(token=args.hub_token)["name"]  # a bad or missing token fails here
+    """The full repo id base (namespace/name) for pushes. Checks the token and the names of every repo the run
+    will create now, not after hours of training (HubError)."""
     name = args.hub_model_id or Path(args.output_dir).resolve().name
-    return name if "/" in name else f"{user}/{name}"
+    validate_repo_name(name)
+    repo = name if "/" in name else f"{hub_user(args.hub_token, args.hub_retry_max_time)}/{name}"
+    last = 1 if args.negative_source == "dataset" else args.num_iterations
+    longest = f"{repo}-iter{last}" + ("-synthetic" if args.push_synthetic_dataset else "")
+    validate_repo_name(longest if args.hub_versioning == "repos" else repo)
+    return repo
 
 
-def push_iteration(args, state, hub_repo, k, it_dir):
-    """Push iteration k+1 (once). A failure leaves the local iteration as it is; a rerun retries."""
-    from huggingface_hub import create_tag, delete_tag
-
-    key = str(k + 1)
-    if key in state.get("pushed"):
-        return
+def push_iteration(args, hub_repo, k, it_dir):
+    """Push iteration k+1 (weights, card, metrics; its samples with --push_synthetic_dataset). Returns where it
+    went. Each write is retried (utils/hub.py); the error of the last attempt is raised."""
+    kw = dict(token=args.hub_token, private=args.hub_private_repo, max_time=args.hub_retry_max_time)
+    message = f"SPIN-Diffusion iteration {k + 1}"
     if args.hub_versioning == "repos":
-        repo = push_folder(it_dir, f"{hub_repo}-iter{k + 1}", token=args.hub_token, private=args.hub_private_repo,
-                           commit_message=f"SPIN-Diffusion iteration {k + 1}")
-        where = repo
+        where = push_folder(it_dir, f"{hub_repo}-iter{k + 1}", commit_message=message, **kw)
     else:
-        repo = push_folder(it_dir, hub_repo, token=args.hub_token, private=args.hub_private_repo,
-                           commit_message=f"SPIN-Diffusion iteration {k + 1}")
-        try:  # a rerun into the same repo moves the tag to the new weights
-            delete_tag(repo, tag=f"iter{k + 1}", token=args.hub_token)
-        except Exception:
-            pass
-        create_tag(repo, tag=f"iter{k + 1}", token=args.hub_token)
+        repo = push_folder(it_dir, hub_repo, commit_message=message, **kw)
+        move_tag(repo, f"iter{k + 1}", token=args.hub_token, max_time=args.hub_retry_max_time)  # a rerun moves it
         where = f"{repo}@iter{k + 1}"
     if args.push_synthetic_dataset and (it_dir / "synthetic").is_dir():
-        push_folder(it_dir / "synthetic", f"{hub_repo}-iter{k + 1}-synthetic", token=args.hub_token,
-                    private=args.hub_private_repo, repo_type="dataset", ignore_patterns=["*.tmp"])
-    state.update(pushed=state.get("pushed") | {key: where})
-    logger.info(f"iteration {k + 1} pushed to {where}")
+        push_folder(it_dir / "synthetic", f"{hub_repo}-iter{k + 1}-synthetic", repo_type="dataset",
+                    ignore_patterns=["*.tmp", "*.corrupt"], **kw)
+    return where
+
+
+def unpushed_iterations(state):
+    return [it for it in sorted(state.get("done")) if str(it) not in state.get("pushed")]
+
+
+def push_unpushed(args, state, hub_repo):
+    """Push every saved iteration that is not on the Hub yet, oldest first. A push that still fails after its
+    retries is logged and recorded in spin_state.json (`push_errors`), and the run goes on: the iteration stays
+    saved, and the push is tried again after the next iteration and by a rerun. Returns the unpushed iterations."""
+    for it in unpushed_iterations(state):
+        try:
+            where = push_iteration(args, hub_repo, it - 1, Path(args.output_dir) / f"iter_{it}")
+        except Exception as e:
+            state.update(push_errors=state.get("push_errors", {}) | {str(it): describe(e)})
+            logger.error(f"iteration {it}: push failed ({describe(e)}); it stays saved in {args.output_dir}/iter_{it}/ "
+                         f"and the push is retried after the next iteration and by rerunning the same command")
+            if args.hub_versioning == "revisions":  # one repo: keep the commits in iteration order
+                break
+            continue
+        errors = {key: v for key, v in state.get("push_errors", {}).items() if key != str(it)}
+        state.update(pushed=state.get("pushed") | {str(it): where}, push_errors=errors)
+        logger.info(f"iteration {it} pushed to {where}")
+    return unpushed_iterations(state)
 
 
 def print_summary(output_dir, num_iterations, state):
@@ -475,8 +524,13 @@ def print_summary(output_dir, num_iterations, state):
                   f"{m['mean'].get('implicit_acc', float('nan')):>18.3f}  {where}")
 
 
-if __name__ == "__main__":
+def cli(argv=None):
+    """The command line: bad input, a diverged run or an unpushed iteration end with one `error:` line."""
     try:
-        main(parse_args())
-    except DataError as e:
+        main(parse_args(argv))
+    except (DataError, ModelError, HubError, DivergedError) as e:
         sys.exit(f"error: {e}")
+
+
+if __name__ == "__main__":
+    cli()

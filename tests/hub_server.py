@@ -24,6 +24,10 @@ What is implemented (model, dataset and space repos):
 Xet is NOT implemented: the client must run with ``HF_HUB_DISABLE_XET=1`` (``setup_test_environment`` sets it,
 ``hub_online`` enforces it).
 
+Faults: ``HubServer.inject(...)`` makes matching requests fail, a given number of times or until
+``clear_faults()``: an HTTP status (e.g. 429 with ``Retry-After``, 500, 503) or a dropped connection (the socket
+is closed without an answer). ``WRITE_ENDPOINTS`` names the requests that change a repo.
+
 Authentication: when the server has a ``token``, a request carrying any other bearer token gets
 ``401 Invalid credentials in Authorization header``; write endpoints without a token get 401; private repos are
 invisible (``401`` + ``X-Error-Code: RepoNotFound``) to requests without the token.  Every bearer token the server
@@ -57,9 +61,11 @@ from urllib.parse import parse_qs, quote, unquote, urlsplit
 import pytest
 
 __all__ = [
+    "Fault",
     "HubServer",
     "TEST_TOKEN",
     "TEST_USER",
+    "WRITE_ENDPOINTS",
     "hub_online",
     "hub_server",
     "setup_test_environment",
@@ -85,6 +91,12 @@ _REPO_SUBPATHS = {
     "resolve", "lfs-files", "discussions", "auth-check", "super-squash", "likers", "like", "treesize",
     "xet-read-token", "xet-write-token", "scan", "parquet", "safetensors-metadata",
 }  # fmt: skip
+# Requests that change a repo (create, preupload, LFS, commit, tags, branches, settings, delete): what
+# `inject(..., path=WRITE_ENDPOINTS)` fails while reads (whoami, downloads) keep working.
+WRITE_ENDPOINTS = (
+    r"^/api/repos/(create|delete)|/preupload/|/commit/|/(tag|branch)/|/settings$|/info/lfs/objects/batch$"
+    r"|^/lfs-upload/|^/api/lfs-verify$"
+)
 _HEX40 = re.compile(r"^[0-9a-f]{40}$")
 _HEX_PREFIX = re.compile(r"^[0-9a-f]{7,39}$")
 
@@ -201,6 +213,22 @@ class _Repo:
         return sha
 
 
+class Fault:
+    """One injected failure: requests whose method matches ``method`` (None: any) and whose raw path matches the
+    regex ``path`` get ``status`` (with ``Retry-After: retry_after`` when given) or, with ``drop``, a closed
+    connection, for the next ``times`` matching requests (None: until cleared). ``hits`` counts them."""
+
+    def __init__(self, method, path, status, times, retry_after, drop):
+        self.method, self.path, self.status = method, re.compile(path), status
+        self.remaining, self.retry_after, self.drop = times, retry_after, drop
+        self.hits: list[tuple[str, str]] = []
+
+    def matches(self, method: str, path: str) -> bool:
+        if self.remaining is not None and self.remaining <= 0:
+            return False
+        return (self.method is None or self.method == method) and self.path.search(path) is not None
+
+
 class _ThreadingServer(ThreadingHTTPServer):
     daemon_threads = True
     block_on_close = False  # keep-alive connections of the client must not block stop()
@@ -252,6 +280,8 @@ class HubServer:
         self.seen_tokens: list[str] = []  # every bearer token received, in order (duplicates kept)
         self.request_log: list[tuple[str, str, int]] = []  # (method, raw path, status)
         self.uploaded_paths: list[str] = []  # every path_in_repo received in a preupload or commit payload
+
+        self.faults: list[Fault] = []
 
         self._lock = threading.RLock()
         self._repos: dict[tuple[str, str], _Repo] = {}
@@ -306,6 +336,38 @@ class HubServer:
 
     def __exit__(self, *exc) -> None:
         self.stop()
+
+    # ------------------------------------------------------------------ faults
+
+    def inject(
+        self,
+        method: str | None = None,
+        path: str = ".*",
+        *,
+        status: int = 500,
+        times: int | None = 1,
+        retry_after: float | None = None,
+        drop: bool = False,
+    ) -> Fault:
+        """Make the next ``times`` requests matching ``method`` and the ``path`` regex fail (see ``Fault``)."""
+        fault = Fault(method, path, status, times, retry_after, drop)
+        with self._lock:
+            self.faults.append(fault)
+        return fault
+
+    def clear_faults(self) -> None:
+        with self._lock:
+            self.faults.clear()
+
+    def _take_fault(self, method: str, path: str) -> Fault | None:
+        with self._lock:
+            for fault in self.faults:
+                if fault.matches(method, path):
+                    if fault.remaining is not None:
+                        fault.remaining -= 1
+                    fault.hits.append((method, path))
+                    return fault
+        return None
 
     # ------------------------------------------------------------------ test helpers
 
@@ -496,7 +558,16 @@ class _Handler(BaseHTTPRequestHandler):
             token = auth[7:].strip() if auth.lower().startswith("bearer ") else auth.strip()
             with self.hub._lock:
                 self.hub.seen_tokens.append(token)
+        fault = self.hub._take_fault(method, self.path)
+        if fault is not None and fault.drop:  # hang up without an answer (the request body is left unread)
+            self.close_connection = True
+            with contextlib.suppress(OSError):
+                self.connection.shutdown(socket.SHUT_RDWR)
+            return
         try:
+            if fault is not None:
+                headers = {"Retry-After": f"{fault.retry_after:g}"} if fault.retry_after is not None else {}
+                raise _HubError(fault.status, f"Injected fault: {fault.status}", headers=headers)
             self._route(method)
         except _HubError as err:
             self._send_error(err)

@@ -9,11 +9,13 @@ import argparse
 import json
 import os
 import re
+import shlex
 from pathlib import Path
 
 import yaml
 
 SECRET_KEYS = ("hub_token",)
+NOT_RECORDED = SECRET_KEYS + ("command",)  # `command`: the rerun command line the scripts print, set after parsing
 
 
 def add_model_args(parser):
@@ -118,6 +120,9 @@ def add_hub_args(parser):
     g.add_argument("--hub_model_id", type=str, default=None, help="Repo to push to. Default: the name of --output_dir under your account.")
     g.add_argument("--hub_token", type=str, default=None, help="Hub token. Default: the cached login (huggingface-cli login) or HF_TOKEN.")
     g.add_argument("--hub_private_repo", action="store_true", help="Create the repo as private.")
+    g.add_argument("--hub_retry_max_time", type=float, default=600.0,
+                   help="Seconds a push keeps retrying on 429, 5xx or dropped connections (exponential backoff, honouring "
+                        "Retry-After). A push that still fails leaves the result saved; rerunning the same command pushes it.")
     return g
 
 
@@ -171,6 +176,17 @@ def validate_training_args(parser, args):
         parser.error(f"--proportion_empty_prompts must be in [0, 1), got {args.proportion_empty_prompts}")
     if args.resolution % 8 != 0:
         parser.error(f"--resolution must be a multiple of 8, got {args.resolution}")
+    for name in ("learning_rate", "hub_retry_max_time"):
+        if not getattr(args, name) > 0:
+            parser.error(f"--{name} must be > 0, got {getattr(args, name)}")
+    if args.max_grad_norm is not None and args.max_grad_norm < 0:
+        parser.error(f"--max_grad_norm must be >= 0 (0 turns clipping off), got {args.max_grad_norm}")
+    if Path(args.output_dir).exists() and not Path(args.output_dir).is_dir():
+        parser.error(f"--output_dir {args.output_dir}: exists and is not a folder")
+    model = args.pretrained_model_name_or_path
+    if not Path(model).expanduser().is_dir() and (model.startswith((".", "/", "~")) or model.count("/") > 1):
+        parser.error(f"--pretrained_model_name_or_path {model}: no such folder (give a local diffusers pipeline "
+                     f"folder or a Hub repo id such as runwayml/stable-diffusion-v1-5)")
     mixed = args.mixed_precision or os.environ.get("ACCELERATE_MIXED_PRECISION")
     if mixed == "fp16" and not _has_fp16_device():
         parser.error("--mixed_precision fp16 needs a GPU and none is visible; use --mixed_precision bf16 (works on CPU) or no")
@@ -187,6 +203,18 @@ def validate_training_args(parser, args):
     return args
 
 
+def rerun_command(script, argv):
+    """The command line that reruns `script` with `argv` (the token, if given on it, shown as $HF_TOKEN)."""
+    argv = list(argv)
+    for i, a in enumerate(argv):
+        if a == "--hub_token" and i + 1 < len(argv):
+            argv[i + 1] = "$HF_TOKEN"
+        elif a.startswith("--hub_token="):
+            argv[i] = "--hub_token=$HF_TOKEN"
+    return f"accelerate launch {script} " + " ".join(a if a == "$HF_TOKEN" or a.endswith("=$HF_TOKEN") else shlex.quote(a)
+                                                     for a in argv)
+
+
 def _has_fp16_device():
     import torch
 
@@ -197,7 +225,7 @@ def public_args(args):
     """The args as a JSON-safe dict without secrets (what goes into training_args.json, trackers and cards)."""
     out = {}
     for k, v in vars(args).items():
-        if k in SECRET_KEYS:
+        if k in NOT_RECORDED:
             continue
         out[k] = v if isinstance(v, (str, int, float, bool, type(None), list)) else str(v)
     return out

@@ -2,10 +2,18 @@
 diffusers weights (full) or LoRA weights, plus the EMA weights, and restore them on load."""
 
 import json
+import logging
 import os
 import re
 import shutil
+import zipfile
 from pathlib import Path
+
+logger = logging.getLogger(__name__)
+
+class CheckpointError(ValueError):
+    """A checkpoint named on the command line that cannot be resumed from."""
+
 
 CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")
 
@@ -21,16 +29,56 @@ def list_checkpoints(output_dir):
     return sorted(out)
 
 
+def checkpoint_problem(path):
+    """None when every file of a checkpoint folder reads back whole (safetensors headers cover their files,
+    torch.save zips pass their CRC check, JSON parses), else what is wrong with the first bad file."""
+    files = sorted(f for f in Path(path).rglob("*") if f.is_file())
+    if not files:
+        return "the folder is empty"
+    for f in files:
+        try:
+            if f.suffix == ".safetensors":
+                from safetensors import safe_open
+
+                with safe_open(str(f), framework="pt"):
+                    pass
+            elif f.suffix in (".bin", ".pkl", ".pt", ".pth"):
+                with zipfile.ZipFile(f) as z:
+                    bad = z.testzip()
+                if bad is not None:
+                    return f"{f.relative_to(path)}: member {bad} is corrupt"
+            elif f.suffix == ".json":
+                json.loads(f.read_text())
+        except Exception as e:
+            return f"{f.relative_to(path)} is truncated or corrupt ({type(e).__name__}: {str(e).splitlines()[0][:120]})"
+    return None
+
+
+def latest_complete_checkpoint(output_dir):
+    """The newest checkpoint that reads back whole, or None; each newer corrupt one is named in a warning and
+    left where it is (the run overwrites it when it gets there again)."""
+    for _, path in reversed(list_checkpoints(output_dir)):
+        problem = checkpoint_problem(path)
+        if problem is None:
+            return path
+        logger.warning(f"checkpoint {path} is unusable ({problem}): falling back to the previous complete one")
+    return None
+
+
 def resolve_resume_checkpoint(output_dir, resume_from_checkpoint):
-    """Path of the checkpoint to resume from, or None to start fresh ("latest" with none saved yet).
-    Raises FileNotFoundError for an explicit checkpoint that does not exist."""
+    """Path of the checkpoint to resume from, or None to start fresh ("latest" with none saved yet). "latest"
+    skips corrupt checkpoints with a warning. Raises FileNotFoundError for an explicit checkpoint that does not
+    exist, CheckpointError for one that is corrupt."""
     if resume_from_checkpoint is None:
         return None
     if resume_from_checkpoint == "latest":
-        ckpts = list_checkpoints(output_dir)
-        return ckpts[-1][1] if ckpts else None
+        return latest_complete_checkpoint(output_dir)
     for candidate in (Path(resume_from_checkpoint), Path(output_dir) / resume_from_checkpoint):
         if candidate.is_dir():
+            problem = checkpoint_problem(candidate)
+            if problem is not None:
+                raise CheckpointError(f"--resume_from_checkpoint {resume_from_checkpoint}: {problem}; "
+                                 f"pass an earlier checkpoint-N or 'latest' (the newest complete one)")
             return candidate
     raise FileNotFoundError(f"--resume_from_checkpoint {resume_from_checkpoint}: no such checkpoint folder "
                             f"(looked in . and {output_dir})")

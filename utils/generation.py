@@ -2,11 +2,14 @@
 
 import contextlib
 import json
+import logging
 import os
 from pathlib import Path
 
 import torch
 from PIL import Image
+
+logger = logging.getLogger(__name__)
 
 
 def make_grid(images, cols=None):
@@ -126,7 +129,33 @@ class SyntheticStore:
         return range(k * self.shard_size, min((k + 1) * self.shard_size, self.num_prompts))
 
     def missing_shards(self, process_index=0, num_processes=1):
-        return [k for k in range(process_index, self.num_shards, num_processes) if not self.shard_path(k).exists()]
+        """This process's shards still to generate. A shard that does not read back whole (e.g. truncated by a
+        full disk) is renamed to `*.corrupt`, named in a warning, and generated again."""
+        missing = []
+        for k in range(process_index, self.num_shards, num_processes):
+            path = self.shard_path(k)
+            if path.exists():
+                problem = self.shard_problem(k)
+                if problem is None:
+                    continue
+                logger.warning(f"synthetic shard {path} is unusable ({problem}): regenerating it")
+                os.replace(path, path.with_suffix(".corrupt"))
+            missing.append(k)
+        return missing
+
+    def shard_problem(self, k):
+        """None if shard `k` reads back with the rows it should hold, else what is wrong."""
+        from safetensors import safe_open
+
+        try:
+            with safe_open(str(self.shard_path(k)), framework="pt") as f:
+                index = f.get_tensor("index").tolist()
+                rows = f.get_slice("latents").get_shape()[0]
+        except Exception as e:
+            return f"{type(e).__name__}: {str(e).splitlines()[0][:120]}"
+        if index != list(self.shard_indices(k)) or rows != len(index):
+            return f"holds rows {index[:3]}... ({rows} latents), expected prompts {self.shard_indices(k)}"
+        return None
 
     def complete(self):
         return not self.missing_shards()

@@ -1,11 +1,85 @@
-"""Model cards and Hub pushes. The Hub address comes from HF_ENDPOINT, the token from the argument,
-else HF_TOKEN or the cached login; the token is never written anywhere."""
+"""Model cards and Hub pushes that survive a flaky Hub. The Hub address comes from HF_ENDPOINT, the token from
+the argument, else HF_TOKEN or the cached login; the token is never written anywhere.
 
+Every write (repo creation, upload, tags) goes through `with_retries`: bounded exponential backoff on 429, 5xx
+and dropped connections, honouring `Retry-After`, never retrying 401/403/404 (they need the user, not time).
+"""
+
+import logging
+import time
 from pathlib import Path
+
+logger = logging.getLogger(__name__)
+TRANSIENT_STATUS = (408, 429, 500, 502, 503, 504)
+
+
+class HubError(RuntimeError):
+    """A Hub problem the user has to fix (token, repo id, permission), or a write that kept failing."""
+
+
+def http_status(err):
+    """The HTTP status of a Hub client error, or None (e.g. a dropped connection)."""
+    response = getattr(err, "response", None)
+    return getattr(response, "status_code", None)
+
+
+def is_transient(err):
+    """Worth retrying: 429, 408, 5xx, or a network failure (connection refused or dropped, timeout)."""
+    status = http_status(err)
+    if status is not None:
+        return status in TRANSIENT_STATUS or status >= 500
+    if isinstance(err, (ConnectionError, TimeoutError)):
+        return True
+    # huggingface_hub's HTTP client (httpx2 / httpx) raises its own network errors: match them by name
+    names = {cls.__name__ for cls in type(err).__mro__}
+    return bool(names & {"TransportError", "NetworkError", "TimeoutException", "RemoteProtocolError", "ConnectError"})
+
+
+def retry_after(err):
+    """Seconds from the `Retry-After` header of a failed response (delay-seconds form), or None."""
+    response = getattr(err, "response", None)
+    value = getattr(response, "headers", {}).get("Retry-After") if response is not None else None
+    try:
+        return max(0.0, float(value)) if value is not None else None
+    except ValueError:
+        return None
+
+
+def with_retries(fn, *args, what="Hub request", max_time=600.0, base_delay=2.0, max_delay=60.0, deadline=None,
+                 sleep=time.sleep, **kwargs):
+    """`fn(*args, **kwargs)`, retried on transient failures (`is_transient`) with exponential backoff from
+    `base_delay` up to `max_delay` seconds, or the server's `Retry-After`, until `max_time` seconds have passed
+    (or the monotonic `deadline`). The last error is raised, with the attempts noted in its log lines."""
+    deadline = deadline if deadline is not None else time.monotonic() + max_time
+    attempt = 0
+    while True:
+        try:
+            return fn(*args, **kwargs)
+        except Exception as err:
+            if not is_transient(err):
+                raise
+            attempt += 1
+            delay = retry_after(err)
+            delay = min(max_delay, base_delay * 2 ** (attempt - 1)) if delay is None else delay
+            left = deadline - time.monotonic()
+            if delay > left:
+                logger.warning(f"{what} failed ({describe(err)}); giving up after {attempt} attempt(s): the retry "
+                               f"time limit is spent")
+                raise
+            logger.warning(f"{what} failed ({describe(err)}); retry {attempt} in {delay:.0f}s")
+            sleep(delay)
+
+
+def describe(err):
+    """A one-line account of a Hub failure, without the token."""
+    status = http_status(err)
+    text = str(err).strip().splitlines()[0] if str(err).strip() else ""
+    return f"HTTP {status}: {text}" if status is not None else f"{type(err).__name__}: {text}"
 
 # Never uploaded with a model: resumable training state, logs, caches and SPIN samples stay local
 # (fnmatch patterns: "*" also matches "/").
-PUSH_IGNORE = ["checkpoint-*", "logs/*", "latent_cache/*", "synthetic/*", "*.partial/*", "spin_state.json"]
+PUSH_IGNORE = ["checkpoint-*", "logs/*", "latent_cache/*", "synthetic/*", "*.partial/*", "spin_state.json",
+               "sft_state.json"]
 
 
 def write_model_card(output_dir, *, base_model, dataset, title, description, tags, hyperparameters,
@@ -49,14 +123,59 @@ Base model: `{base_model}`. {dataset_line}
 
 
 def push_folder(folder, repo_id, token=None, private=False, commit_message="Upload model", revision=None,
-                ignore_patterns=PUSH_IGNORE, repo_type="model"):
-    """Create `repo_id` if needed and upload `folder` (without checkpoints/logs). Returns the full repo id."""
+                ignore_patterns=PUSH_IGNORE, repo_type="model", max_time=600.0):
+    """Create `repo_id` if needed and upload `folder` (without checkpoints/logs), each retried on transient
+    failures for up to `max_time` seconds in all. Returns the full repo id. An upload is one commit: a retry
+    after a failed commit re-sends only what the Hub does not already hold."""
     from huggingface_hub import create_repo, upload_folder
 
-    repo_id = create_repo(repo_id, token=token, private=private, exist_ok=True, repo_type=repo_type).repo_id
-    upload_folder(repo_id=repo_id, folder_path=str(folder), token=token, commit_message=commit_message,
-                  ignore_patterns=ignore_patterns, revision=revision, repo_type=repo_type)
+    deadline = time.monotonic() + max_time
+    repo_id = with_retries(create_repo, repo_id, token=token, private=private, exist_ok=True, repo_type=repo_type,
+                           what=f"creating {repo_id}", deadline=deadline).repo_id
+    with_retries(upload_folder, repo_id=repo_id, folder_path=str(folder), token=token, commit_message=commit_message,
+                 ignore_patterns=ignore_patterns, revision=revision, repo_type=repo_type,
+                 what=f"uploading {folder} to {repo_id}", deadline=deadline)
     return repo_id
+
+
+def move_tag(repo_id, tag, token=None, max_time=600.0):
+    """Point `tag` at the repo's newest commit (delete it first if it exists), retried like `push_folder`."""
+    from huggingface_hub import create_tag, delete_tag
+
+    deadline = time.monotonic() + max_time
+    try:
+        with_retries(delete_tag, repo_id, tag=tag, token=token, what=f"deleting tag {tag} of {repo_id}", deadline=deadline)
+    except Exception as err:
+        if http_status(err) != 404:  # 404: no such tag yet
+            raise
+    with_retries(create_tag, repo_id, tag=tag, token=token, what=f"tagging {repo_id} {tag}", deadline=deadline)
+
+
+def hub_user(token=None, max_time=600.0):
+    """The account name behind the token, checked now so that a push cannot fail on it after hours of training.
+    Raises HubError saying what to fix: no token, a refused token, or a Hub that cannot be reached."""
+    from huggingface_hub import constants, whoami
+    from huggingface_hub.errors import LocalTokenNotFoundError
+
+    try:
+        return with_retries(whoami, token=token, what="checking the Hub token", max_time=max_time)["name"]
+    except LocalTokenNotFoundError as err:
+        raise HubError("--push_to_hub needs a Hub token: run `hf auth login`, set HF_TOKEN, or pass --hub_token") from err
+    except Exception as err:
+        if http_status(err) in (401, 403):
+            raise HubError(f"the Hub refused the token (HTTP {http_status(err)}): check --hub_token, HF_TOKEN or "
+                           f"the cached login (`hf auth login`)") from err
+        raise HubError(f"could not check the Hub token at {constants.ENDPOINT}: {describe(err)}") from err
+
+
+def validate_repo_name(name, flag="--hub_model_id"):
+    """Raise HubError when `name` (namespace/name or name) is not a valid Hub repo id."""
+    from huggingface_hub.utils import HFValidationError, validate_repo_id
+
+    try:
+        validate_repo_id(name)
+    except HFValidationError as err:
+        raise HubError(f"{flag} {name!r} is not a valid Hub repo id: {str(err).splitlines()[0]}") from err
 
 
 def resolve_file(location, default_filename=None, revision=None, token=None):

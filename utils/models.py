@@ -3,6 +3,8 @@
 Only the UNet is trained; the VAE and text encoder are frozen in the compute dtype.
 """
 
+from pathlib import Path
+
 import torch
 
 WEIGHT_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16}
@@ -13,17 +15,54 @@ def weight_dtype(mixed_precision):
     return WEIGHT_DTYPES.get(mixed_precision, torch.float32)
 
 
+class ModelError(ValueError):
+    """A model that cannot be used as given (missing folder or repo, unloadable files, LoRA targets that match
+    nothing), reported with the flag that names it."""
+
+
+def check_model_source(name, revision=None, token=None, flag="--pretrained_model_name_or_path"):
+    """Before any download: `name` must be a local diffusers pipeline folder or a Hub model repo that exists
+    (and has `revision`). When the Hub cannot be asked (offline mode, no network), loading decides later."""
+    from huggingface_hub import model_info
+    from huggingface_hub.errors import RepositoryNotFoundError, RevisionNotFoundError
+    from huggingface_hub.utils import HFValidationError, validate_repo_id
+
+    path = Path(name).expanduser()
+    if path.is_dir():
+        if not (path / "model_index.json").is_file():
+            raise ModelError(f"{flag} {name}: not a diffusers pipeline folder (no model_index.json in it)")
+        return
+    try:
+        validate_repo_id(name)
+    except HFValidationError:
+        raise ModelError(f"{flag} {name}: neither a local folder nor a valid Hub repo id") from None
+    try:
+        model_info(name, revision=revision, token=token)
+    except RepositoryNotFoundError:
+        raise ModelError(f"{flag} {name}: no such model repo on the Hub (or it is private or gated and the token "
+                         f"cannot read it)") from None
+    except RevisionNotFoundError:
+        raise ModelError(f"{flag} {name}: the repo has no revision {revision!r} (--revision)") from None
+    except Exception:  # offline or unreachable: the cache may still hold it
+        pass
+
+
 def load_sd_components(name, revision=None, variant=None, prediction_type=None, cache_dir=None):
-    """tokenizer, text_encoder, vae, unet and the training noise scheduler (DDPM with the model's betas)."""
+    """tokenizer, text_encoder, vae, unet and the training noise scheduler (DDPM with the model's betas).
+    Raises ModelError naming the model when its files cannot be found or read."""
     from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
     from transformers import CLIPTextModel, CLIPTokenizer
 
     kw = dict(revision=revision, cache_dir=cache_dir)
-    tokenizer = CLIPTokenizer.from_pretrained(name, subfolder="tokenizer", **kw)
-    text_encoder = CLIPTextModel.from_pretrained(name, subfolder="text_encoder", variant=variant, **kw)
-    vae = AutoencoderKL.from_pretrained(name, subfolder="vae", variant=variant, **kw)
-    unet = UNet2DConditionModel.from_pretrained(name, subfolder="unet", variant=variant, **kw)
-    scheduler = DDPMScheduler.from_pretrained(name, subfolder="scheduler", **kw)
+    try:
+        tokenizer = CLIPTokenizer.from_pretrained(name, subfolder="tokenizer", **kw)
+        text_encoder = CLIPTextModel.from_pretrained(name, subfolder="text_encoder", variant=variant, **kw)
+        vae = AutoencoderKL.from_pretrained(name, subfolder="vae", variant=variant, **kw)
+        unet = UNet2DConditionModel.from_pretrained(name, subfolder="unet", variant=variant, **kw)
+        scheduler = DDPMScheduler.from_pretrained(name, subfolder="scheduler", **kw)
+    except (OSError, ValueError) as e:
+        raise ModelError(f"--pretrained_model_name_or_path {name}: could not load its Stable Diffusion components "
+                         f"({type(e).__name__}: {str(e).strip().splitlines()[0][:300]})") from e
     if prediction_type is not None:
         scheduler.register_to_config(prediction_type=prediction_type)
     return tokenizer, text_encoder, vae, unet, scheduler
@@ -39,6 +78,12 @@ def add_lora(unet, rank, alpha, target_modules=("to_k", "to_q", "to_v", "to_out.
     """Freeze the UNet and add a trainable peft LoRA adapter on the given attention projections."""
     from peft import LoraConfig
 
+    names = [n for n, _ in unet.named_modules()]
+    unmatched = [t for t in target_modules if not any(n == t or n.endswith("." + t) for n in names)]
+    if unmatched:
+        examples = sorted({n.rsplit(".", 1)[-1] for n in names if n.endswith(("to_q", "to_k", "to_v", "proj_in", "conv1"))})
+        raise ModelError(f"--lora_target_modules: {unmatched} match no module of the UNet (module names end in e.g. "
+                         f"{examples}; the default is to_k,to_q,to_v,to_out.0)")
     unet.requires_grad_(False)
     config = LoraConfig(r=rank, lora_alpha=alpha, init_lora_weights="gaussian", target_modules=list(target_modules))
     unet.add_adapter(config, adapter_name=adapter_name)

@@ -2,6 +2,7 @@
 and the frozen Stable Diffusion components. The training loops themselves stay in the scripts."""
 
 import logging
+import math
 from pathlib import Path
 
 import torch
@@ -67,3 +68,30 @@ def optimizer_step(accelerator, model, optimizer, lr_scheduler, max_grad_norm=No
     lr_scheduler.step()
     optimizer.zero_grad(set_to_none=True)
     return grad_norm
+
+
+class DivergedError(RuntimeError):
+    """Training produced a non-finite loss, gradient or weight: the run stops before saving or pushing it."""
+
+
+def check_finite_step(logs, *, where, last_checkpoint, skipped=False):
+    """Stop the run (DivergedError) when an optimizer step's loss or gradient norm is inf/NaN. `where` names the
+    step ("iteration 2, step 37"), `last_checkpoint` what is left to resume from. A step the fp16 grad scaler
+    `skipped` on overflow is normal (the scaler lowers its scale and the weights did not change): not divergence."""
+    if skipped:
+        return
+    bad = [f"{name}={logs[name]}" for name in ("loss", "grad_norm") if name in logs and not math.isfinite(logs[name])]
+    if bad:
+        raise DivergedError(
+            f"training diverged at {where}: non-finite {', '.join(bad)}. Nothing from this step was saved or pushed; "
+            f"the last finite checkpoint is {last_checkpoint}. Lower --learning_rate (or raise --max_grad_norm "
+            f"clipping), then rerun the same command to resume from it")
+
+
+def assert_finite_weights(model, what):
+    """Raise DivergedError if any parameter of `model` holds inf/NaN: checked before anything is saved."""
+    params = list(model.named_parameters())
+    if not params or torch.stack([torch.isfinite(p.detach()).all() for _, p in params]).all():
+        return
+    bad = [name for name, p in params if not torch.isfinite(p.detach()).all()]
+    raise DivergedError(f"{what}: {len(bad)} parameter tensor(s) hold non-finite values (e.g. {bad[0]}); not saved")

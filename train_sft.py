@@ -189,7 +189,7 @@ def main(args):
     if args.resume_from_checkpoint and checkpoint is None:
         logger.info("no checkpoint to resume from in %s: starting a new run", output_dir)
     if checkpoint is not None:
-        load_checkpoint(accelerator, checkpoint, optimizer)
+        load_checkpoint(accelerator, checkpoint, optimizer, lr_scheduler, args.learning_rate)
         global_step = step_of(checkpoint)
         first_epoch, skip_batches, micro_step = resume_position(
             global_step, args.gradient_accumulation_steps, None if args.streaming else len(train_dataloader))

@@ -358,7 +358,7 @@ def train_iteration(args, accelerator, k, it_dir, unet, reference, store, hf_dat
     last_good = checkpoint or (f"none in this iteration (it starts from {Path(args.output_dir) / f'iter_{k}'})" if k > 0
                                else "none (the run starts from the start model)")
     if checkpoint is not None:  # rerunning the same command resumes mid-iteration
-        load_checkpoint(accelerator, checkpoint, optimizer)
+        load_checkpoint(accelerator, checkpoint, optimizer, lr_scheduler, args.learning_rate)
         global_step = step_of(checkpoint)
         first_epoch, skip_batches, micro_step = resume_position(global_step, args.gradient_accumulation_steps, len(train_dataloader))
         logger.info(f"iteration {k + 1}: resumed from {checkpoint} at step {global_step}")

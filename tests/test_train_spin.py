@@ -292,3 +292,32 @@ def test_full_ema_iteration_resumed_after_checkpoint(assets, tmp_path, monkeypat
     m_straight, m_resumed = metrics(tmp_path / "straight", 1), metrics(out, 1)
     assert m_resumed["first_step"] == m_straight["first_step"]  # the running metrics came back with the checkpoint
     assert m_resumed["mean"]["loss"] == pytest.approx(m_straight["mean"]["loss"], abs=1e-6)
+
+
+def truncate(path):
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+
+
+def test_corrupt_latest_checkpoint_and_shard_are_replaced_and_rerun_equals_uninterrupted(assets, tmp_path, monkeypatch,
+                                                                                          uninterrupted, caplog):
+    """A truncated newest checkpoint: resume from the previous complete one, with a warning naming the bad one. A
+    truncated synthetic shard: generated again, with a warning naming it. The result equals an uninterrupted run."""
+    out = tmp_path / "corrupt"
+    argv = spin_args(assets, out, "--use_lora", "--max_train_steps", "4", "--checkpointing_steps", "1")
+    with monkeypatch.context() as m:  # iteration 2, right after checkpoint-3
+        kill_on(m, train_spin_diffusion, "save_checkpoint", lambda acc, d, step, *a, **k: "iter_2" in str(d) and step == 3)
+        with pytest.raises(Killed):
+            run_spin(*argv)
+    bad_checkpoint, bad_shard = out / "iter_2" / "checkpoint-3", out / "iter_2" / "synthetic" / "shard-00001.safetensors"
+    truncate(bad_checkpoint / "pytorch_lora_weights.safetensors")
+    good_shard = bad_shard.read_bytes()
+    truncate(bad_shard)
+    with caplog.at_level("WARNING"):
+        run_spin(*argv)
+    warnings = "\n".join(r.getMessage() for r in caplog.records if r.levelname == "WARNING")
+    assert f"checkpoint {bad_checkpoint} is unusable" in warnings
+    assert f"synthetic shard {bad_shard} is unusable" in warnings
+    assert bad_shard.read_bytes() == good_shard  # regenerated: the same seeds give the same samples
+    final = tensors(out / "iter_2" / "pytorch_lora_weights.safetensors")
+    assert max_abs_diff(final, uninterrupted) < 1e-5

@@ -120,13 +120,22 @@ def save_checkpoint(accelerator, output_dir, step, total_limit=None, extra_files
     return final
 
 
-def load_checkpoint(accelerator, checkpoint, optimizer):
+def load_checkpoint(accelerator, checkpoint, optimizer, lr_scheduler=None, learning_rate=None):
     """`accelerator.load_state`, then the optimizer states put in their parameters' memory layout: a checkpoint
     saved with the other --channels_last setting restores them in the layout they were saved in, which fused
-    AdamW refuses and 8-bit Adam (flat memory) would pair with the wrong elements."""
+    AdamW refuses and 8-bit Adam (flat memory) would pair with the wrong elements. With `learning_rate`, a
+    resumed run uses that peak rate (e.g. lowered after a divergence) on the checkpoint's schedule position."""
     import torch
 
     accelerator.load_state(str(checkpoint))
+    schedule = getattr(lr_scheduler, "scheduler", lr_scheduler)
+    if learning_rate is not None and hasattr(schedule, "lr_lambdas") and schedule.base_lrs != [learning_rate] * len(schedule.base_lrs):
+        logger.warning(f"resuming with --learning_rate {learning_rate} (the checkpoint was trained with {schedule.base_lrs[0]})")
+        schedule.base_lrs = [learning_rate] * len(schedule.base_lrs)
+        for group, factor in zip(schedule.optimizer.param_groups, schedule.lr_lambdas):
+            group["initial_lr"] = learning_rate
+            group["lr"] = learning_rate * factor(schedule.last_epoch)
+        schedule._last_lr = [group["lr"] for group in schedule.optimizer.param_groups]
     for group in optimizer.param_groups:
         for p in group["params"]:
             state = optimizer.state.get(p, {})

@@ -84,8 +84,9 @@ def check_finite_step(logs, *, where, last_checkpoint, skipped=False):
     if bad:
         raise DivergedError(
             f"training diverged at {where}: non-finite {', '.join(bad)}. Nothing from this step was saved or pushed; "
-            f"the last finite checkpoint is {last_checkpoint}. Lower --learning_rate (or raise --max_grad_norm "
-            f"clipping), then rerun the same command to resume from it")
+            f"the last finite checkpoint is {last_checkpoint}. Lower --learning_rate or clip harder (a smaller "
+            f"--max_grad_norm) and resume from it (a resumed run takes the new rate); if it diverges again, its "
+            f"weights are already damaged: remove the newest checkpoint-N folders and rerun")
 
 
 def assert_finite_weights(model, what):

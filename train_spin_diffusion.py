@@ -465,7 +465,8 @@ def resolve_hub_repo(args):
     will create now, not after hours of training (HubError)."""
     name = args.hub_model_id or Path(args.output_dir).resolve().name
     validate_repo_name(name)
-    repo = name if "/" in name else f"{hub_user(args.hub_token, args.hub_retry_max_time)}/{name}"
+    user = hub_user(args.hub_token, args.hub_retry_max_time)  # a missing or refused token fails here
+    repo = name if "/" in name else f"{user}/{name}"
     last = 1 if args.negative_source == "dataset" else args.num_iterations
     longest = f"{repo}-iter{last}" + ("-synthetic" if args.push_synthetic_dataset else "")
     validate_repo_name(longest if args.hub_versioning == "repos" else repo)

@@ -1,0 +1,169 @@
+"""Bad input ends in seconds with one `error:` line that names the flag, file or repo, before any sample is
+generated or any step trained, and without a traceback. Each row of the README's "Bad input" table is a case
+here; `test_readme_table_matches_the_cases` keeps the two in step."""
+
+import re
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import torch
+from helpers import reset_accelerate, sft_args, spin_args
+from hub_server import TEST_TOKEN, hub_online
+
+ROOT = Path(__file__).resolve().parent.parent
+
+# (case, script, flags added to a working command line ("drop:flag" removes one), message fragment).
+# Paths are relative to the test's working folder, which `workdir` fills with the files named here.
+CASES = [
+    ("no model given", "sft", ["drop:--pretrained_model_name_or_path"], "--pretrained_model_name_or_path is required"),
+    ("missing local model folder", "sft", ["--pretrained_model_name_or_path", "./no-such-model"],
+     "--pretrained_model_name_or_path ./no-such-model: no such folder"),
+    ("folder that is not a pipeline", "spin", ["--pretrained_model_name_or_path", "empty-folder"],
+     "--pretrained_model_name_or_path empty-folder: not a diffusers pipeline folder"),
+    ("model repo that does not exist", "spin", ["--pretrained_model_name_or_path", "nobody/no-such-model"],
+     "--pretrained_model_name_or_path nobody/no-such-model: no such model repo on the Hub"),
+    ("model revision that does not exist", "sft", ["--pretrained_model_name_or_path", "test-user/tiny-sd",
+                                                   "--revision", "v9"], "the repo has no revision 'v9'"),
+    ("no Hub token", "spin", ["--push_to_hub", "--hub_model_id", "test-user/x"], "--push_to_hub needs a Hub token"),
+    ("bad Hub token", "sft", ["--push_to_hub", "--hub_model_id", "test-user/x", "--hub_token", "hf_wrong"],
+     "the Hub refused the token (HTTP 401)"),
+    ("invalid --hub_model_id", "spin", ["--push_to_hub", "--hub_model_id", "bad id!", "--hub_token", TEST_TOKEN],
+     "--hub_model_id 'bad id!' is not a valid Hub repo id"),
+    ("--hub_model_id too long for its -iterN repos", "spin",
+     ["--push_to_hub", "--hub_model_id", "test-user/" + "a" * 92, "--hub_token", TEST_TOKEN],
+     "-iter2' is not a valid Hub repo id"),
+    ("--output_dir is a file", "sft", ["--output_dir", "out.txt"], "--output_dir out.txt: exists and is not a folder"),
+    ("LoRA targets that match nothing", "spin", ["--use_lora", "--lora_target_modules", "to_q,attn_q"],
+     "--lora_target_modules: ['attn_q'] match no module of the UNet"),
+    ("corrupt checkpoint named to resume from", "sft", ["--output_dir", "run", "--resume_from_checkpoint", "checkpoint-2"],
+     "--resume_from_checkpoint checkpoint-2: pytorch_lora_weights.safetensors is truncated or corrupt"),
+    ("checkpoint that does not exist", "sft", ["--resume_from_checkpoint", "checkpoint-99"],
+     "--resume_from_checkpoint checkpoint-99: no such checkpoint folder"),
+    ("no dataset given", "spin", ["drop:--dataset_name"], "--dataset_name is required"),
+    ("dataset file that does not exist", "sft", ["--dataset_name", "./missing.parquet"],
+     "--dataset_name ./missing.parquet: no such file or folder"),
+    ("dataset file of an unknown type", "sft", ["--dataset_name", "data.xyz"], "unsupported file type '.xyz'"),
+    ("column that is not in the dataset", "sft", ["--caption_column", "prompt"], "missing column(s) ['prompt']"),
+    ("only ties in a Pick-a-Pic dataset", "spin", ["--dataset_name", "ties.parquet"], "no examples left"),
+    ("DPO on an image-caption dataset", "spin", ["--dataset_name", "captions.parquet", "--image_column", "image", "--caption_column", "text",
+                                                 "--negative_source", "dataset"],
+     "--negative_source dataset needs a Pick-a-Pic-shaped dataset"),
+    ("--resolution not a multiple of 8", "sft", ["--resolution", "30"], "--resolution must be a multiple of 8, got 30"),
+    ("fp16 without a GPU", "sft", ["--mixed_precision", "fp16"], "--mixed_precision fp16 needs a GPU"),
+    ("zero learning rate", "spin", ["--learning_rate", "0"], "--learning_rate must be > 0, got 0.0"),
+    ("zero batch size", "sft", ["--train_batch_size", "0"], "--train_batch_size must be >= 1, got 0"),
+    ("zero sampling steps", "spin", ["--gen_num_inference_steps", "0"], "--gen_num_inference_steps must be positive, got 0"),
+    ("non-positive --beta", "spin", ["--beta", "0"], "--beta must be positive, got 0.0"),
+    ("EMA with LoRA", "sft", ["--use_ema", "--use_lora"], "--use_ema and --use_lora conflict"),
+    ("SPIN with --streaming", "spin", ["--streaming"], "--streaming is not supported by SPIN"),
+    ("config file that does not exist", "sft", ["--config", "missing.yaml"], "--config missing.yaml: file not found"),
+    ("config key that is not a flag", "spin", ["--config", "typo.yaml"], "--config typo.yaml: unknown keys ['learnin_rate']"),
+    ("negative Hub retry time", "sft", ["--hub_retry_max_time", "-1"], "--hub_retry_max_time must be > 0, got -1.0"),
+]
+
+
+@pytest.fixture
+def workdir(assets, tmp_path, monkeypatch):
+    """A working folder holding the files the cases name; the scripts must not reach training."""
+    import train_sft
+    import train_spin_diffusion
+    from safetensors.torch import save_file
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "out.txt").write_text("a file, not a folder\n")
+    (tmp_path / "empty-folder").mkdir()
+    (tmp_path / "data.xyz").write_text("?")
+    (tmp_path / "typo.yaml").write_text("learnin_rate: 1e-4\n")
+    table = pq.read_table(assets["pickapic"])
+    pq.write_table(table.set_column(table.column_names.index("label_0"), "label_0",
+                                    pa.array([0.5] * len(table), pa.float64())), tmp_path / "ties.parquet")
+    checkpoint = tmp_path / "run" / "checkpoint-2"
+    checkpoint.mkdir(parents=True)
+    save_file({"w": torch.zeros(64, 64)}, str(checkpoint / "pytorch_lora_weights.safetensors"))
+    data = (checkpoint / "pytorch_lora_weights.safetensors").read_bytes()
+    (checkpoint / "pytorch_lora_weights.safetensors").write_bytes(data[: len(data) // 2])
+
+    def training_started(*a, **k):
+        raise AssertionError("bad input must be reported before any sample is generated or step trained")
+
+    monkeypatch.setattr(train_sft, "optimizer_step", training_started)
+    monkeypatch.setattr(train_spin_diffusion, "optimizer_step", training_started)
+    monkeypatch.setattr(train_spin_diffusion, "generate_opponent_samples", training_started)
+    return tmp_path
+
+
+def command_line(assets, script, flags):
+    """A working command line of `script` on the tiny assets, with `flags` added ("drop:--name" removes --name)."""
+    argv = (sft_args if script == "sft" else spin_args)(assets, "out")
+    for flag in flags:
+        if flag.startswith("drop:"):
+            i = argv.index(flag.removeprefix("drop:"))
+            del argv[i:i + 2]
+    return argv + [f for f in flags if not f.startswith("drop:")]
+
+
+def run_case(assets, script, flags, capsys):
+    """(exit code, the error text the user sees, seconds) of the command line run in-process."""
+    import train_sft
+    import train_spin_diffusion
+
+    cli = train_sft.cli if script == "sft" else train_spin_diffusion.cli
+    argv = [str(assets["captions"]) if a == "captions.parquet" else a for a in command_line(assets, script, flags)]
+    start = time.monotonic()
+    reset_accelerate()
+    with hub_online(), pytest.raises(SystemExit) as exit_:
+        cli(argv)
+    seconds = time.monotonic() - start
+    err = capsys.readouterr().err
+    code = exit_.value.code
+    return (code if isinstance(code, int) else 1), (err if isinstance(code, int) else f"{err}{code}\n"), seconds
+
+
+@pytest.mark.parametrize("case,script,flags,fragment", CASES, ids=[c[0] for c in CASES])
+def test_bad_input_gives_one_error_line(assets, workdir, hub_server, monkeypatch, capsys, case, script, flags, fragment):
+    if case == "no Hub token":
+        monkeypatch.delenv("HF_TOKEN", raising=False)
+    if case == "model revision that does not exist" and not hub_server.repo_exists("test-user/tiny-sd"):
+        from huggingface_hub import create_repo, upload_folder
+
+        with hub_online():
+            create_repo("test-user/tiny-sd", token=TEST_TOKEN)
+            upload_folder(repo_id="test-user/tiny-sd", folder_path=str(assets["pipeline"]), token=TEST_TOKEN)
+    code, text, seconds = run_case(assets, script, flags, capsys)
+    lines = [line for line in text.splitlines() if "error: " in line]
+    assert code != 0 and lines, text
+    assert fragment in lines[0], f"expected {fragment!r} in {lines[0]!r}"
+    assert "Traceback" not in text and seconds < 60
+
+
+def test_entry_points_print_error_lines_without_tracebacks(assets, tmp_path):
+    """The real command lines: a parser error (exit 2) and an error found after parsing (exit 1)."""
+    for script, flags, code, fragment in [
+        ("train_spin_diffusion.py", ["--pretrained_model_name_or_path", "./no-such-model"], 2, "no such folder"),
+        ("train_sft.py", ["--use_lora", "--lora_target_modules", "nothing_here"], 1, "['nothing_here'] match no module"),
+    ]:
+        argv = (sft_args if script == "train_sft.py" else spin_args)(assets, tmp_path / "o")
+        proc = subprocess.run([sys.executable, str(ROOT / script), *argv, *flags], capture_output=True, text=True,
+                              cwd=tmp_path, timeout=120)
+        assert proc.returncode == code, proc.stderr[-2000:]
+        assert "Traceback" not in proc.stderr and re.search(r"error: .*" + re.escape(fragment), proc.stderr)
+
+
+def readme_rows():
+    text = (ROOT / "README.md").read_text()
+    table = text.split("<!-- bad-inputs -->")[1]
+    rows = [line for line in table.splitlines() if line.startswith("| ") and not line.startswith("| case")]
+    return [[cell.strip() for cell in row.strip("|").split(" | ")] for row in rows]
+
+
+def test_readme_table_matches_the_cases():
+    """Every README row is a case tested above, with the same message, and every case has its row."""
+    rows = {row[0]: row for row in readme_rows()}
+    assert set(rows) == {c[0] for c in CASES}
+    for case, _, _, fragment in CASES:
+        assert rows[case][-1] == f"`{fragment}`"

@@ -2,24 +2,41 @@
 Hub (optionally streamed) or from local files, turned into (pixel_values or cached latents, input_ids).
 
 Pick-a-Pic rule (Diffusion-DPO's): keep rows whose label_0 is 0 or 1 (about 12% are ties at 0.5),
-the winner is image 0 when label_0 == 1, else image 1.
+the winner is image 0 when label_0 == 1, else image 1. Labels may be numbers or numeric text ("1", "0.5\\n"), as
+in webdataset copies, whose columns (`jpg_0.jpg`, `label_0.txt`, `original_prompt.txt`) are mapped to the usual names.
 
 Everything that can be checked without a model (paths, columns, empty splits) is checked by
 `load_training_dataset`, which raises `DataError` with the problem named.
 """
 
+import glob
 import hashlib
 import io
 import json
+import logging
 import math
 import random
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
 import torch
 from PIL import Image
 
-FILE_BUILDERS = {".parquet": "parquet", ".json": "json", ".jsonl": "json", ".csv": "csv", ".arrow": "arrow"}
+FILE_BUILDERS = {".parquet": "parquet", ".json": "json", ".jsonl": "json", ".csv": "csv", ".arrow": "arrow",
+                 ".tar": "webdataset"}
+CAPTION_FALLBACKS = ("original_prompt", "prompt")  # tried, in either form, when the default caption column is absent
+
+PICKAPIC_V2 = "yuvalkirstain/pickapic_v2"
+PICKAPIC_COPIES = ("a copy: a webdataset archive such as sayakpaul/pickapic_v2_webdataset (the Hub repo, or its .tar "
+                   "shards downloaded: one .tar, a folder of them or a glob), or a local folder or .parquet file")
+COLUMN_FLAGS_HINT = ("If the copy names its columns differently, pass --caption_column, --image_0_column, --image_1_column "
+                     "and --label_0_column (webdataset names such as original_prompt.txt, jpg_0.jpg and label_0.txt are "
+                     "mapped automatically).")
+
+STREAM_LABEL_CHECK_ROWS = 100  # a streamed Pick-a-Pic split has its labels checked on this many first rows
+
+logger = logging.getLogger(__name__)
 
 
 class DataError(ValueError):
@@ -29,33 +46,53 @@ class DataError(ValueError):
 # ----------------------------------------------------------------------------- loading
 
 
-def load_raw_dataset(name, split="train", config_name=None, streaming=False, cache_dir=None):
-    """A `datasets` split from a local file, a local folder (data files or `save_to_disk` output) or the Hub."""
+def removed_dataset_note(name, flag="--dataset_name", hint=COLUMN_FLAGS_HINT):
+    """What to do instead when `name` is a dataset that left the Hub (the original Pick-a-Pic, 404 since April 2025);
+    "" for any other name."""
+    if name.strip().lower() != PICKAPIC_V2:
+        return ""
+    return f" {PICKAPIC_V2} was removed from the Hugging Face Hub in 2025: point {flag} at {PICKAPIC_COPIES}. {hint}"
+
+
+def load_raw_dataset(name, split="train", config_name=None, streaming=False, cache_dir=None, token=None,
+                     flag="--dataset_name", hint=COLUMN_FLAGS_HINT):
+    """A `datasets` split from a local file (.parquet, .tar webdataset shard, ...), a glob of them, a local folder
+    (data files or `save_to_disk` output) or the Hub. `flag` and `hint` word the errors."""
     import datasets
 
     path = Path(name).expanduser()
     try:
+        if glob.has_magic(name) and not path.exists():
+            files = sorted(glob.glob(str(path)))
+            builders = {FILE_BUILDERS.get(Path(f).suffix.lower()) for f in files}
+            if not files:
+                raise DataError(f"{flag} {name}: no file matches")
+            if len(builders) != 1 or None in builders:
+                raise DataError(f"{flag} {name}: the files must share one type among {sorted(FILE_BUILDERS)}")
+            return datasets.load_dataset(builders.pop(), data_files={split: files}, split=split, streaming=streaming,
+                                         cache_dir=cache_dir)
         if path.is_file():
             builder = FILE_BUILDERS.get(path.suffix.lower())
             if builder is None:
-                raise DataError(f"--dataset_name {name}: unsupported file type {path.suffix!r} (use one of {sorted(FILE_BUILDERS)})")
+                raise DataError(f"{flag} {name}: unsupported file type {path.suffix!r} (use one of {sorted(FILE_BUILDERS)})")
             return datasets.load_dataset(builder, data_files={split: str(path)}, split=split, streaming=streaming, cache_dir=cache_dir)
         if path.is_dir():
             if (path / "dataset_dict.json").exists() or (path / "state.json").exists():
                 ds = datasets.load_from_disk(str(path))
                 if isinstance(ds, datasets.DatasetDict):
                     if split not in ds:
-                        raise DataError(f"--dataset_name {name}: no split {split!r}; available: {sorted(ds)}")
+                        raise DataError(f"{flag} {name}: no split {split!r}; available: {sorted(ds)}")
                     ds = ds[split]
                 return ds.to_iterable_dataset() if streaming else ds
             return datasets.load_dataset(str(path), config_name, split=split, streaming=streaming, cache_dir=cache_dir)
         if name.startswith((".", "/", "~")) or name.count("/") > 1 or path.suffix.lower() in FILE_BUILDERS:
-            raise DataError(f"--dataset_name {name}: no such file or folder")
-        return datasets.load_dataset(name, config_name, split=split, streaming=streaming, cache_dir=cache_dir)
+            raise DataError(f"{flag} {name}: no such file or folder")
+        return datasets.load_dataset(name, config_name, split=split, streaming=streaming, cache_dir=cache_dir, token=token)
     except DataError:
         raise
     except Exception as e:  # datasets raises many types; the user needs the name and the reason
-        raise DataError(f"--dataset_name {name} (split {split!r}) could not be loaded: {type(e).__name__}: {e}") from e
+        raise DataError(f"{flag} {name} (split {split!r}) could not be loaded: {type(e).__name__}: {str(e).rstrip('.')}."
+                        f"{removed_dataset_note(name, flag, hint)}") from e
 
 
 def column_names(ds):
@@ -66,30 +103,86 @@ def column_names(ds):
     return list(names)
 
 
+def find_column(names, column, fallbacks=()):
+    """`column` if the dataset has it, else its webdataset form `column.ext` (jpg_0 -> jpg_0.jpg, label_0 ->
+    label_0.txt), else the first of `fallbacks` present in either form; None when none is."""
+    for name in (column, *fallbacks):
+        if name in names:
+            return name
+        forms = sorted(n for n in names if n.startswith(name + "."))
+        if forms:
+            return forms[0]
+    return None
+
+
 def resolve_columns(names, caption_column, image_column=None, image_0_column="jpg_0", image_1_column="jpg_1",
                     label_0_column="label_0", dataset_name="dataset"):
-    """Decide the dataset kind from its columns: a dict {kind, caption, image | image_0, image_1, label_0}."""
-    def need(cols):
-        missing = [c for c in cols if c not in names]
-        if missing:
-            raise DataError(f"{dataset_name}: missing column(s) {missing}; the dataset has {sorted(names)}")
-
+    """Decide the dataset kind from its columns: a dict {kind, caption, image | image_0, image_1, label_0} holding
+    the dataset's real column names (a webdataset's `jpg_0.jpg` for `jpg_0`; logged when they differ)."""
+    wanted = {"caption": caption_column}
     if image_column is not None:
-        need([image_column, caption_column])
-        return {"kind": "image_caption", "caption": caption_column, "image": image_column}
-    pickapic = [caption_column, image_0_column, image_1_column, label_0_column]
-    if image_0_column not in names and image_1_column not in names:
+        wanted["image"] = image_column
+    else:
+        wanted.update(image_0=image_0_column, image_1=image_1_column, label_0=label_0_column)
+    found = {key: find_column(names, column, CAPTION_FALLBACKS if key == "caption" and column == "caption" else ())
+             for key, column in wanted.items()}
+    if image_column is None and found["image_0"] is None and found["image_1"] is None:
         raise DataError(
             f"{dataset_name} is not Pick-a-Pic-shaped (no {image_0_column!r}/{image_1_column!r} columns; it has "
             f"{sorted(names)}). For a plain image-caption dataset pass --image_column (and --caption_column).")
-    need(pickapic)
-    return {"kind": "pickapic", "caption": caption_column, "image_0": image_0_column,
-            "image_1": image_1_column, "label_0": label_0_column}
+    missing = [wanted[key] for key, column in found.items() if column is None]
+    if missing:
+        raise DataError(f"{dataset_name}: missing column(s) {missing}; the dataset has {sorted(names)}")
+    mapped = [f"{wanted[key]} <- {column}" for key, column in found.items() if column != wanted[key]]
+    if mapped:
+        logger.info(f"{dataset_name}: columns mapped: {', '.join(mapped)}")
+    return {"kind": "image_caption" if image_column is not None else "pickapic", **found}
+
+
+def parse_label(value):
+    """A Pick-a-Pic label as a float, from a number, numeric text ("1", " 0.5\\n") or bytes; None when missing.
+    Raises ValueError (or TypeError) when the value is not a number."""
+    if isinstance(value, (bytes, bytearray)):
+        value = value.decode("utf-8", "replace")
+    if isinstance(value, str):
+        value = value.strip() or None
+    return None if value is None else float(value)
+
+
+def label_kind(value):
+    """'decided' (label 0 or 1), 'tie' (any other number, normally 0.5), 'missing' or 'unparseable'."""
+    try:
+        label = parse_label(value)
+    except (TypeError, ValueError):
+        return "unparseable"
+    if label is None:
+        return "missing"
+    return "decided" if label in (0.0, 1.0) else "tie"
 
 
 def is_decided(label):
-    """True for a Pick-a-Pic row with a winner (label_0 of 0 or 1), False for ties and missing labels."""
-    return label is not None and label in (0, 1)
+    """True for a Pick-a-Pic row with a winner (label_0 of 0 or 1), False for ties, missing and unparseable labels."""
+    return label_kind(label) == "decided"
+
+
+def describe_labels(labels, first_rows=False):
+    """'of 24 rows, 4 are ties, 0 have a label that is not a number and 0 have none' (`first_rows`: a stream's head)."""
+    kinds = Counter(label_kind(x) for x in labels)
+    return (f"of {'the first ' if first_rows else ''}{len(labels)} rows, {kinds['tie']} are ties, "
+            f"{kinds['unparseable']} have a label that is not a number and {kinds['missing']} have none")
+
+
+def check_labels(labels, column, dataset_name, split, first_rows=False):
+    """DataError when a label is not a number (the wrong column, or a copy that words its labels), or when no row
+    has a winner; both messages count the ties and the unparseable labels. `first_rows`: only a stream's head was read."""
+    kinds = [label_kind(x) for x in labels]
+    if "unparseable" in kinds:
+        example = labels[kinds.index("unparseable")]
+        raise DataError(f"{dataset_name}: column {column!r} holds labels that are not numbers, e.g. {example!r} "
+                        f"({describe_labels(labels, first_rows)}). Pick-a-Pic labels are 1, 0 or 0.5 (a tie), as numbers "
+                        f"or numeric text; if the preference is in another column, pass --label_0_column")
+    if "decided" not in kinds and not first_rows:
+        raise DataError(f"{dataset_name} split {split!r}: no examples left after dropping ties ({describe_labels(labels)})")
 
 
 def drop_ties(ds, label_0_column):
@@ -98,7 +191,7 @@ def drop_ties(ds, label_0_column):
 
 def winner_and_loser(example, spec):
     """(winner image, loser image) of a Pick-a-Pic row, in whatever form the column holds them."""
-    if example[spec["label_0"]] == 1:
+    if parse_label(example[spec["label_0"]]) == 1:
         return example[spec["image_0"]], example[spec["image_1"]]
     return example[spec["image_1"]], example[spec["image_0"]]
 
@@ -123,15 +216,22 @@ def load_training_dataset(args, num_processes=1, process_index=0):
                            args.image_1_column, args.label_0_column, dataset_name=args.dataset_name)
     keep = [spec[k] for k in ("caption", "image", "image_0", "image_1", "label_0") if k in spec]
     ds = ds.select_columns(keep)
-    if spec["kind"] == "image_caption" and isinstance((ds.features or {}).get(spec["image"]), datasets.Image):
-        ds = ds.cast_column(spec["image"], datasets.Image(decode=False))  # decode ourselves: a bad file is skipped
-    if spec["kind"] == "pickapic":
+    for key in ("image", "image_0", "image_1"):  # webdataset images and Image features: decoded by us, a bad file is skipped
+        if key in spec and isinstance((ds.features or {}).get(spec[key]), datasets.Image):
+            ds = ds.cast_column(spec[key], datasets.Image(decode=False))
+    if spec["kind"] == "pickapic":  # a stream is checked on its head; later unparseable labels are dropped with the ties
+        if args.streaming:
+            labels = [row[spec["label_0"]] for row in ds.take(STREAM_LABEL_CHECK_ROWS)]
+        else:
+            labels = list(ds[spec["label_0"]])
+        check_labels(labels, spec["label_0"], args.dataset_name, args.dataset_split, first_rows=args.streaming)
         ds = drop_ties(ds, spec["label_0"])
     if args.streaming:
         if args.max_train_samples is not None:
             ds = ds.take(args.max_train_samples)
         if next(iter(ds), None) is None:
-            raise DataError(f"{args.dataset_name} split {args.dataset_split!r}: no examples left after dropping ties")
+            why = f"dropping ties ({describe_labels(labels, first_rows=True)})" if spec["kind"] == "pickapic" else "loading"
+            raise DataError(f"{args.dataset_name} split {args.dataset_split!r}: no examples left after {why}")
         if num_processes > 1:
             ds = datasets.distributed.split_dataset_by_node(ds, rank=process_index, world_size=num_processes)
         return ds, spec

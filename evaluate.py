@@ -54,7 +54,13 @@ def parse_args(input_args=None):
     g = p.add_argument_group("prompts")
     g.add_argument("--prompts", default="pickapic_test_unique",
                    help=f"One of {sorted(PROMPT_SETS)}, or a .txt (one prompt per line), .parquet, .csv or .json file.")
-    g.add_argument("--prompt_column", default=None, help="Column of a prompt file (default: prompt, caption, Prompt or text).")
+    g.add_argument("--prompt_column", default=None,
+                   help="Column of a prompt file (default: prompt, caption, Prompt or text), or of "
+                        "--pickapic_prompts_dataset (default: caption, else original_prompt or prompt, also as caption.txt ...).")
+    g.add_argument("--pickapic_prompts_dataset", default=PROMPT_SETS["pickapic_test_unique"][0],
+                   help="Where --prompts pickapic_test_unique reads from: the original repo (removed from the Hub in 2025) "
+                        "or a copy: a Hub repo, a local folder, .parquet, webdataset .tar or glob of shards.")
+    g.add_argument("--pickapic_prompts_split", default="test_unique", help="Split of --pickapic_prompts_dataset.")
     g.add_argument("--max_prompts", type=int, default=None)
     g = p.add_argument_group("generation")
     g.add_argument("--num_inference_steps", type=int, default=50)
@@ -65,9 +71,9 @@ def parse_args(input_args=None):
     g.add_argument("--batch_size", type=int, default=8, help="Prompts per generation batch.")
     g.add_argument("--mixed_precision", choices=["no", "fp16", "bf16"], default="no", help="Generation dtype.")
     g = p.add_argument_group("scoring")
-    g.add_argument("--metrics", default=",".join(METRICS),
-                   help=f"Comma-separated subset of {','.join(ALL_METRICS)} (the toy_* judges are for examples/toy/; "
-                        "toy_fd is one value per model, lower is better).")
+    g.add_argument("--metrics", nargs="+", default=list(METRICS),
+                   help=f"Subset of {','.join(ALL_METRICS)}, space- or comma-separated (the toy_* judges are for "
+                        "examples/toy/; toy_fd is one value per model, lower is better).")
     g.add_argument("--score_batch_size", type=int, default=16)
     g.add_argument("--pickscore_model", default=None, help="Default yuvalkirstain/PickScore_v1.")
     g.add_argument("--pickscore_processor", default=None, help="Default laion/CLIP-ViT-H-14-laion2B-s32B-b79K.")
@@ -88,7 +94,7 @@ def parse_args(input_args=None):
 
     if not args.model:
         p.error("give at least one --model NAME=SPEC")
-    args.metrics = [m.strip() for m in args.metrics.split(",") if m.strip()]
+    args.metrics = [m.strip() for item in args.metrics for m in item.split(",") if m.strip()]
     unknown = [m for m in args.metrics if m not in ALL_METRICS]
     if unknown or not args.metrics:
         p.error(f"--metrics: unknown metric(s) {unknown}; choose from {','.join(ALL_METRICS)}")
@@ -108,6 +114,8 @@ def parse_args(input_args=None):
     for name in ("num_inference_steps", "num_images_per_prompt", "resolution", "batch_size", "score_batch_size", "grid_prompts"):
         if getattr(args, name) < 1:
             p.error(f"--{name} must be >= 1")
+    if args.resolution % 8:
+        p.error(f"--resolution must be a multiple of 8, got {args.resolution}")
     if args.mixed_precision == "fp16" and not torch.cuda.is_available():
         p.error("--mixed_precision fp16 needs a GPU; use bf16 or no")
     return args
@@ -121,7 +129,8 @@ def main(args):
     needs_base = [s.name for s in specs if s.kind != "pipeline"]
     if needs_base:
         resolve_model(f"base={args.base_model}", args.hub_token)
-    prompts = load_prompts(args.prompts, args.prompt_column, args.max_prompts, args.hub_token)
+    prompts = load_prompts(args.prompts, args.prompt_column, args.max_prompts, args.hub_token,
+                           args.pickapic_prompts_dataset, args.pickapic_prompts_split)
     n_img = args.num_images_per_prompt
     if state.is_main_process:
         out.mkdir(parents=True, exist_ok=True)

@@ -9,7 +9,7 @@ from pathlib import Path
 
 PROMPT_SETS = {
     # name: (Hub dataset repo, how to read it)
-    "pickapic_test_unique": ("yuvalkirstain/pickapic_v2", "split test_unique, column caption"),
+    "pickapic_test_unique": ("yuvalkirstain/pickapic_v2", "split test_unique, column caption (or a copy)"),
     "parti": ("nateraw/parti-prompts", "split train, column Prompt"),
     "hpsv2": ("zhwang/HPDv2", "benchmark/{anime,concept-art,paintings,photo}.json, 800 each"),
 }
@@ -107,8 +107,15 @@ def load_pipeline(spec, base_model, dtype, device, token=None):
 # ----------------------------------------------------------------------------- prompts
 
 
-def load_prompts(source, prompt_column=None, max_prompts=None, token=None):
-    """Prompts from a named benchmark (PROMPT_SETS) or a local .txt (one per line), .parquet, .csv or .json(l)."""
+PICKAPIC_PROMPTS_HINT = ("Its split and caption column may be named differently: pass --pickapic_prompts_split and "
+                         "--prompt_column; or give your own prompts with --prompts FILE.")
+
+
+def load_prompts(source, prompt_column=None, max_prompts=None, token=None,
+                 pickapic_dataset=PROMPT_SETS["pickapic_test_unique"][0], pickapic_split="test_unique"):
+    """Prompts from a named benchmark (PROMPT_SETS) or a local .txt (one per line), .parquet, .csv or .json(l).
+    pickapic_test_unique reads the unique captions of `pickapic_dataset` (the Hub repo or a copy of it: a repo, a local
+    folder, .parquet or webdataset .tar) at `pickapic_split`."""
     path = Path(source).expanduser()
     if path.is_file():
         if path.suffix.lower() == ".txt":
@@ -122,13 +129,16 @@ def load_prompts(source, prompt_column=None, max_prompts=None, token=None):
         for style in HPS_STYLES:
             f = hf_hub_download(PROMPT_SETS["hpsv2"][0], f"benchmark/{style}.json", repo_type="dataset", token=token)
             prompts += json.loads(Path(f).read_text())
-    elif source in ("pickapic_test_unique", "parti"):
+    elif source == "pickapic_test_unique":
+        prompts = pickapic_prompts(pickapic_dataset, pickapic_split, prompt_column or "caption", max_prompts, token)
+    elif source == "parti":
         import datasets
 
-        repo = PROMPT_SETS[source][0]
-        split, column = ("test_unique", "caption") if source == "pickapic_test_unique" else ("train", "Prompt")
-        ds = datasets.load_dataset(repo, split=split, streaming=True, token=token).select_columns([column])
-        prompts = [row[column] for row in ds]
+        try:
+            ds = datasets.load_dataset(PROMPT_SETS["parti"][0], split="train", streaming=True, token=token)
+            prompts = [row["Prompt"] for row in ds.select_columns(["Prompt"])]
+        except Exception as e:
+            raise EvalError(f"--prompts parti: {PROMPT_SETS['parti'][0]} could not be read: {type(e).__name__}: {e}") from e
     else:
         raise EvalError(f"--prompts {source}: not a file and not one of {sorted(PROMPT_SETS)}")
     prompts = [str(p) for p in prompts if p is not None and str(p).strip()]
@@ -137,6 +147,33 @@ def load_prompts(source, prompt_column=None, max_prompts=None, token=None):
     if not prompts:
         raise EvalError(f"--prompts {source}: no prompts found")
     return prompts
+
+
+def pickapic_prompts(dataset, split, column="caption", max_prompts=None, token=None):
+    """The unique captions of a Pick-a-Pic split, streamed (up to `max_prompts`). A copy's webdataset column names
+    (caption.txt, original_prompt.txt) are found as in training."""
+    from .data import CAPTION_FALLBACKS, DataError, column_names, find_column, load_raw_dataset
+
+    flag = "--pickapic_prompts_dataset"
+    try:
+        ds = load_raw_dataset(dataset, split, streaming=True, token=token, flag=flag, hint=PICKAPIC_PROMPTS_HINT)
+        names = column_names(ds)
+        found = find_column(names, column, CAPTION_FALLBACKS if column == "caption" else ())
+        if found is None:
+            raise EvalError(f"{flag} {dataset}: no column {column!r} (columns: {sorted(names)}); pass --prompt_column")
+        prompts = {}  # insertion-ordered set
+        for row in ds.select_columns([found]):
+            if row[found] is not None and str(row[found]).strip():
+                prompts.setdefault(row[found])
+            if max_prompts and len(prompts) >= max_prompts:
+                break
+        return list(prompts)
+    except DataError as e:
+        raise EvalError(str(e)) from e
+    except EvalError:
+        raise
+    except Exception as e:  # a stream can fail after it opened
+        raise EvalError(f"{flag} {dataset} (split {split!r}) could not be read: {type(e).__name__}: {e}") from e
 
 
 def _column_prompts(path, column):

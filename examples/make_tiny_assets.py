@@ -7,6 +7,7 @@ Everything here is generated locally from fixed seeds (no downloads):
 * a tiny SD-1.5-shaped ``StableDiffusionPipeline`` (random weights),
 * a parquet file shaped like ``yuvalkirstain/pickapic_v2``,
 * a plain image/caption parquet file readable by ``datasets``.
+* a webdataset ``.tar`` copy of a Pick-a-Pic parquet, shaped like ``sayakpaul/pickapic_v2_webdataset``.
 
 Usage as a script::
 
@@ -25,6 +26,7 @@ import io
 import json
 import re
 import sys
+import tarfile
 import time
 import uuid
 from collections import Counter
@@ -598,6 +600,34 @@ def build_caption_parquet(
     )
     table = pa.table({image_column: pa.array(images, type=image_type), caption_column: captions}, schema=schema)
     pq.write_table(table, str(path))
+    return path
+
+
+LABEL_TEXT_FORMS = ("{:g}", "{:.1f}\n", " {:g}\n")  # "1", "1.0\n", " 0.5\n": label files seen in the wild
+
+
+def build_pickapic_webdataset(parquet: Path, path: Path, rows: range | None = None) -> Path:
+    """Write rows of a Pick-a-Pic parquet (all by default) as a webdataset shard, the layout of
+    ``sayakpaul/pickapic_v2_webdataset``, and return its path.
+
+    Sample ``k`` (its row number, 6 digits) has the members ``k.original_prompt.txt`` (the caption),
+    ``k.jpg_0.jpg``, ``k.jpg_1.jpg`` (the same JPEG bytes as the parquet) and ``k.label_0.txt``,
+    ``k.label_1.txt``: labels as text, in the forms of :data:`LABEL_TEXT_FORMS` by turns (ties are "0.5").
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    table = pq.read_table(str(parquet), columns=["caption", "jpg_0", "jpg_1", "label_0", "label_1"]).to_pylist()
+    rows = range(len(table)) if rows is None else rows
+    with tarfile.open(path, "w") as tar:
+        for i in rows:
+            row, form = table[i], LABEL_TEXT_FORMS[i % len(LABEL_TEXT_FORMS)]
+            members = {"original_prompt.txt": row["caption"].encode(), "jpg_0.jpg": row["jpg_0"], "jpg_1.jpg": row["jpg_1"],
+                       "label_0.txt": form.format(row["label_0"]).encode(),
+                       "label_1.txt": form.format(row["label_1"]).encode()}
+            for name, data in members.items():
+                info = tarfile.TarInfo(f"{i:06d}.{name}")
+                info.size = len(data)
+                tar.addfile(info, io.BytesIO(data))
     return path
 
 

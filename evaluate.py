@@ -40,6 +40,7 @@ from utils.evaluation import (
     summarize,
 )
 from utils.generation import labelled_grid, prompt_seed
+from utils.hub import with_retries
 from utils.models import WEIGHT_DTYPES
 
 
@@ -261,12 +262,18 @@ def push_results(specs, summary, metrics, prompts_name, token):
             EvalResult(task_type="text-to-image", dataset_type=prompts_name, dataset_name=prompts_name, metric_type=k,
                        metric_name=f"{k} (mean)" if "mean" in summary[spec.name][k] else k,
                        metric_value=round(summary[spec.name][k].get("mean", summary[spec.name][k].get("value")), 6)) for k in metrics]
-        card.push_to_hub(spec.location, token=token, commit_message=f"Add {prompts_name} evaluation (evaluate.py)")
+        with_retries(card.push_to_hub, spec.location, token=token, what=f"adding results to {spec.location}'s card",
+                     commit_message=f"Add {prompts_name} evaluation (evaluate.py)")
         print(f"results added to the model card of {spec.location}")
 
 
-if __name__ == "__main__":
+def cli(argv=None):
+    """The command line: bad input ends with one `error:` line, before anything is generated."""
     try:
-        main(parse_args())
+        main(parse_args(argv))
     except EvalError as e:
         sys.exit(f"error: {e}")
+
+
+if __name__ == "__main__":
+    cli()

@@ -3,7 +3,7 @@
 preferred images of Pick-a-Pic (ties dropped), or on any image-caption dataset. Full or LoRA.
 
     accelerate launch train_sft.py --pretrained_model_name_or_path runwayml/stable-diffusion-v1-5 \\
-        --dataset_name yuvalkirstain/pickapic_v2 --use_lora --output_dir sd15-sft-lora
+        --dataset_name sayakpaul/pickapic_v2_webdataset --use_lora --output_dir sd15-sft-lora
 
 The output folder loads with `StableDiffusionPipeline.from_pretrained(output_dir)` (full) or
 `pipe.load_lora_weights(output_dir)` (LoRA). If the push fails, the result stays saved and rerunning the same
@@ -103,7 +103,7 @@ def main(args):
     # 0. Hub identity and the model first: a bad token, repo id or model name fails in seconds.
     if args.push_to_hub:
         validate_repo_name(args.hub_model_id or output_dir.resolve().name)
-        hub_user(args.hub_token, args.hub_retry_max_time)
+        hub_user(args.hub_token, args.hub_retry_max_time, repo_id=args.hub_model_id)
     check_model_source(args.pretrained_model_name_or_path, args.revision, args.hub_token)
     state = RunState(output_dir / "sft_state.json")
     if args.push_to_hub and state.get("trained") == settings_key(args) and not state.get("pushed"):

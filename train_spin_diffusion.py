@@ -10,7 +10,7 @@ Per iteration k = 0 .. K-1, with theta_k the model of the previous iteration (th
 reference, for one iteration: that is Diffusion-DPO, the paper's main baseline.
 
     accelerate launch train_spin_diffusion.py --pretrained_model_name_or_path runwayml/stable-diffusion-v1-5 \\
-        --dataset_name yuvalkirstain/pickapic_v2 --max_train_samples 50000 --use_lora --output_dir sd15-spin
+        --dataset_name sayakpaul/pickapic_v2_webdataset --max_train_samples 50000 --use_lora --output_dir sd15-spin
 
 Rerunning the same command resumes: finished generation shards, checkpoints and iterations are kept, and
 iterations whose push failed are pushed without training again.
@@ -42,6 +42,7 @@ from utils.args import (
     validate_training_args,
 )
 from utils.checkpointing import (
+    CheckpointError,
     RunState,
     load_checkpoint,
     register_checkpoint_hooks,
@@ -465,7 +466,7 @@ def resolve_hub_repo(args):
     will create now, not after hours of training (HubError)."""
     name = args.hub_model_id or Path(args.output_dir).resolve().name
     validate_repo_name(name)
-    user = hub_user(args.hub_token, args.hub_retry_max_time)  # a missing or refused token fails here
+    user = hub_user(args.hub_token, args.hub_retry_max_time, repo_id=name)  # no or refused token, foreign namespace
     repo = name if "/" in name else f"{user}/{name}"
     last = 1 if args.negative_source == "dataset" else args.num_iterations
     longest = f"{repo}-iter{last}" + ("-synthetic" if args.push_synthetic_dataset else "")
@@ -529,7 +530,7 @@ def cli(argv=None):
     """The command line: bad input, a diverged run or an unpushed iteration end with one `error:` line."""
     try:
         main(parse_args(argv))
-    except (DataError, ModelError, HubError, DivergedError) as e:
+    except (DataError, ModelError, HubError, DivergedError, CheckpointError) as e:
         sys.exit(f"error: {e}")
 
 

@@ -37,6 +37,9 @@ CASES = [
     ("--hub_model_id too long for its -iterN repos", "spin",
      ["--push_to_hub", "--hub_model_id", "test-user/" + "a" * 92, "--hub_token", TEST_TOKEN],
      "-iter2' is not a valid Hub repo id"),
+    ("namespace the token cannot write to", "sft", ["--push_to_hub", "--hub_model_id", "someone-else/x", "--hub_token",
+                                                    TEST_TOKEN], "cannot create repos under 'someone-else'"),
+    ("corrupt run state", "spin", ["--output_dir", "broken"], "broken/spin_state.json is corrupt"),
     ("--output_dir is a file", "sft", ["--output_dir", "out.txt"], "--output_dir out.txt: exists and is not a folder"),
     ("LoRA targets that match nothing", "spin", ["--use_lora", "--lora_target_modules", "to_q,attn_q"],
      "--lora_target_modules: ['attn_q'] match no module of the UNet"),
@@ -53,6 +56,15 @@ CASES = [
     ("DPO on an image-caption dataset", "spin", ["--dataset_name", "captions.parquet", "--image_column", "image", "--caption_column", "text",
                                                  "--negative_source", "dataset"],
      "--negative_source dataset needs a Pick-a-Pic-shaped dataset"),
+    ("labels that are not numbers", "sft", ["--dataset_name", "yes-labels.parquet"],
+     "column 'label_0' holds labels that are not numbers, e.g. 'yes'"),
+    ("the removed Pick-a-Pic repo", "spin", ["--dataset_name", "yuvalkirstain/pickapic_v2"],
+     "was removed from the Hugging Face Hub in 2025: point --dataset_name at a copy"),
+    ("evaluate: --resolution not a multiple of 8", "eval", ["--resolution", "30"],
+     "--resolution must be a multiple of 8, got 30"),
+    ("evaluate: prompts from the removed repo", "eval", ["--prompts", "pickapic_test_unique"],
+     "was removed from the Hugging Face Hub in 2025"),
+    ("evaluate: unknown metric", "eval", ["--metrics", "pickscore", "fidelity"], "--metrics: unknown metric(s) ['fidelity']"),
     ("--resolution not a multiple of 8", "sft", ["--resolution", "30"], "--resolution must be a multiple of 8, got 30"),
     ("fp16 without a GPU", "sft", ["--mixed_precision", "fp16"], "--mixed_precision fp16 needs a GPU"),
     ("zero learning rate", "spin", ["--learning_rate", "0"], "--learning_rate must be > 0, got 0.0"),
@@ -70,6 +82,7 @@ CASES = [
 @pytest.fixture
 def workdir(assets, tmp_path, monkeypatch):
     """A working folder holding the files the cases name; the scripts must not reach training."""
+    import evaluate
     import train_sft
     import train_spin_diffusion
     from safetensors.torch import save_file
@@ -79,9 +92,15 @@ def workdir(assets, tmp_path, monkeypatch):
     (tmp_path / "empty-folder").mkdir()
     (tmp_path / "data.xyz").write_text("?")
     (tmp_path / "typo.yaml").write_text("learnin_rate: 1e-4\n")
+    (tmp_path / "broken").mkdir()
+    (tmp_path / "broken" / "spin_state.json").write_text('{"done": [1')
     table = pq.read_table(assets["pickapic"])
     pq.write_table(table.set_column(table.column_names.index("label_0"), "label_0",
                                     pa.array([0.5] * len(table), pa.float64())), tmp_path / "ties.parquet")
+    (tmp_path / "prompts.txt").write_text("a red circle\n")
+    labels = ["yes"] + [str(x) for x in table.column("label_0").to_pylist()[1:]]
+    pq.write_table(table.set_column(table.column_names.index("label_0"), "label_0", pa.array(labels)),
+                   tmp_path / "yes-labels.parquet")
     checkpoint = tmp_path / "run" / "checkpoint-2"
     checkpoint.mkdir(parents=True)
     save_file({"w": torch.zeros(64, 64)}, str(checkpoint / "pytorch_lora_weights.safetensors"))
@@ -94,12 +113,17 @@ def workdir(assets, tmp_path, monkeypatch):
     monkeypatch.setattr(train_sft, "optimizer_step", training_started)
     monkeypatch.setattr(train_spin_diffusion, "optimizer_step", training_started)
     monkeypatch.setattr(train_spin_diffusion, "generate_opponent_samples", training_started)
+    monkeypatch.setattr(evaluate, "load_pipeline", training_started)
     return tmp_path
 
 
 def command_line(assets, script, flags):
     """A working command line of `script` on the tiny assets, with `flags` added ("drop:--name" removes --name)."""
-    argv = (sft_args if script == "sft" else spin_args)(assets, "out")
+    if script == "eval":
+        argv = ["--model", f"base={assets['pipeline']}", "--prompts", "prompts.txt", "--resolution", "32",
+                "--num_inference_steps", "2", "--metrics", "pickscore", "--output_dir", "eval"]
+    else:
+        argv = (sft_args if script == "sft" else spin_args)(assets, "out")
     for flag in flags:
         if flag.startswith("drop:"):
             i = argv.index(flag.removeprefix("drop:"))
@@ -109,10 +133,11 @@ def command_line(assets, script, flags):
 
 def run_case(assets, script, flags, capsys):
     """(exit code, the error text the user sees, seconds) of the command line run in-process."""
+    import evaluate
     import train_sft
     import train_spin_diffusion
 
-    cli = train_sft.cli if script == "sft" else train_spin_diffusion.cli
+    cli = {"sft": train_sft.cli, "spin": train_spin_diffusion.cli, "eval": evaluate.cli}[script]
     argv = [str(assets["captions"]) if a == "captions.parquet" else a for a in command_line(assets, script, flags)]
     start = time.monotonic()
     reset_accelerate()

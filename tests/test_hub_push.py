@@ -67,9 +67,11 @@ def test_push_full_with_cached_login_then_from_pretrained_repo(assets, tmp_path,
     assert max_abs_diff(trained, tensors(assets["pipeline"] / "unet")) > 1e-5
 
 
-def test_push_with_wrong_token_fails_and_keeps_local_result(assets, tmp_path, hub_server):
+def test_push_with_wrong_token_fails_before_training(assets, tmp_path, hub_server):
+    from utils.hub import HubError
+
     out = tmp_path / "sft-denied"
-    with hub_online(), pytest.raises(Exception, match="401"):
+    with hub_online(), pytest.raises(HubError, match=r"refused the token \(HTTP 401\)"):
         run_sft(*sft_args(assets, out, "--use_lora", "--max_train_steps", "1", "--push_to_hub",
                           "--hub_model_id", "test-user/denied", "--hub_token", "hf_wrong"))
-    assert (out / "pytorch_lora_weights.safetensors").exists()  # nothing already saved is lost
+    assert not (out / "pytorch_lora_weights.safetensors").exists()  # checked before any training

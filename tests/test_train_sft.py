@@ -218,8 +218,8 @@ def test_resume_with_the_other_layout_puts_optimizer_states_in_the_parameters_la
     checked = []
     real_load = utils.checkpointing.load_checkpoint
 
-    def load_and_check(accelerator, checkpoint, optimizer):
-        real_load(accelerator, checkpoint, optimizer)
+    def load_and_check(accelerator, checkpoint, optimizer, *rest):
+        real_load(accelerator, checkpoint, optimizer, *rest)
         states = [(p, s) for g in optimizer.param_groups for p in g["params"] for s in [optimizer.state[p]] if p.dim() == 4]
         checked.append(all(s["exp_avg"].stride() == p.stride() == s["exp_avg_sq"].stride() for p, s in states))
         assert states and not states[0][0].is_contiguous()  # the parameters really are channels-last

@@ -37,7 +37,7 @@ def add_model_args(parser):
 def add_data_args(parser):
     g = parser.add_argument_group("data")
     g.add_argument("--dataset_name", type=str, default=None,
-                   help="Hub dataset id (e.g. yuvalkirstain/pickapic_v2), a local folder, or a local .parquet/.json/.csv file.")
+                   help="Hub dataset id (e.g. sayakpaul/pickapic_v2_webdataset, a copy of the removed yuvalkirstain/pickapic_v2), a local folder, a .parquet/.json/.csv file, or webdataset .tar shards (a file or a glob).")
     g.add_argument("--dataset_config_name", type=str, default=None, help="Dataset configuration name on the Hub.")
     g.add_argument("--dataset_split", type=str, default="train", help="Split to train on.")
     g.add_argument("--streaming", action="store_true",

@@ -200,7 +200,13 @@ class RunState:
 
     def __init__(self, path):
         self.path = Path(path)
-        self.data = json.loads(self.path.read_text()) if self.path.exists() else {"done": [], "pushed": {}}
+        self.data = {"done": [], "pushed": {}}
+        if self.path.exists():
+            try:
+                self.data = json.loads(self.path.read_text())
+            except ValueError as e:
+                raise CheckpointError(f"{self.path} is corrupt ({e}): restore it, or delete it to let the run start "
+                                      f"over (finished iterations are then trained again)") from e
 
     def get(self, key, default=None):
         return self.data.get(key, default)
@@ -218,7 +224,10 @@ def record_settings(path, settings, write=True):
     path = Path(path)
     wanted = json.loads(json.dumps(settings))
     if path.exists():
-        found = json.loads(path.read_text())
+        try:
+            found = json.loads(path.read_text())
+        except ValueError as e:
+            raise ValueError(f"{path} is corrupt ({e}): delete its folder to make those outputs again") from e
         return sorted(k for k in set(found) | set(wanted) if found.get(k) != wanted.get(k))
     if write:
         path.parent.mkdir(parents=True, exist_ok=True)

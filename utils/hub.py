@@ -151,14 +151,22 @@ def move_tag(repo_id, tag, token=None, max_time=600.0):
     with_retries(create_tag, repo_id, tag=tag, token=token, what=f"tagging {repo_id} {tag}", deadline=deadline)
 
 
-def hub_user(token=None, max_time=600.0):
-    """The account name behind the token, checked now so that a push cannot fail on it after hours of training.
-    Raises HubError saying what to fix: no token, a refused token, or a Hub that cannot be reached."""
+def hub_user(token=None, max_time=600.0, repo_id=None):
+    """The account name behind the token, checked now so that a push cannot fail on it after hours of training;
+    with `repo_id`, also that its namespace is that account or one of its organisations. Raises HubError saying
+    what to fix: no token, a refused token, a foreign namespace, or a Hub that cannot be reached."""
     from huggingface_hub import constants, whoami
     from huggingface_hub.errors import LocalTokenNotFoundError
 
     try:
-        return with_retries(whoami, token=token, what="checking the Hub token", max_time=max_time)["name"]
+        me = with_retries(whoami, token=token, what="checking the Hub token", max_time=max_time)
+        namespaces = [me["name"]] + [org.get("name") for org in me.get("orgs") or []]
+        if repo_id and "/" in repo_id and repo_id.split("/")[0] not in namespaces:
+            raise HubError(f"--hub_model_id {repo_id}: the token's account ({me['name']}) cannot create repos under "
+                           f"{repo_id.split('/')[0]!r}; use one of {namespaces}")
+        return me["name"]
+    except HubError:
+        raise
     except LocalTokenNotFoundError as err:
         raise HubError("--push_to_hub needs a Hub token: run `hf auth login`, set HF_TOKEN, or pass --hub_token") from err
     except Exception as err:

@@ -199,7 +199,7 @@ def main(args):
     logger.info(f"training: {max_train_steps} optimizer steps, {total_batch} images per step, "
                 f"{'LoRA rank ' + str(args.rank) if args.use_lora else 'full UNet'}")
     progress = tqdm(range(max_train_steps), initial=global_step, desc="sft", disable=not accelerator.is_local_main_process)
-    skipped_images, logs, window_loss, window_batches = 0, {}, 0.0, 0
+    skipped_images, logs, window_loss, window_batches, overflows = 0, {}, 0.0, 0, 0
     # 5. The loop: plain denoising loss on the real images.
     for epoch in range(first_epoch, num_epochs):
         if global_step >= max_train_steps:
@@ -230,8 +230,9 @@ def main(args):
             window_loss, window_batches = 0.0, 0
             if grad_norm is not None:
                 logs["grad_norm"] = float(grad_norm)
+            overflows = overflows + 1 if accelerator.optimizer_step_was_skipped else 0  # fp16 scaler skips
             check_finite_step(logs, where=f"step {global_step}", last_checkpoint=last_good,
-                              skipped=accelerator.optimizer_step_was_skipped)
+                              skipped=accelerator.optimizer_step_was_skipped, skipped_in_a_row=overflows)
             if skipped_images:
                 logs["skipped_images"] = skipped_images
             progress.update(1)

@@ -21,6 +21,7 @@ import hashlib
 import json
 import math
 import sys
+import time
 from pathlib import Path
 
 import torch
@@ -145,6 +146,9 @@ def parse_args(input_args=None):
                      "flags; SPIN stores its own latents and logs per-iteration metrics (evaluate.py renders samples)")
     if args.push_synthetic_dataset and not args.push_to_hub:
         parser.error("--push_synthetic_dataset needs --push_to_hub")
+    if args.push_to_hub and args.hub_retry_max_time >= args.ddp_timeout / 2:
+        parser.error(f"--hub_retry_max_time {args.hub_retry_max_time:g} must stay well under --ddp_timeout "
+                     f"{args.ddp_timeout} (the other processes wait while the main one pushes): at most half of it")
     args = validate_training_args(parser, args)
     args.command = rerun_command("train_spin_diffusion.py", sys.argv[1:] if input_args is None else input_args)
     return args
@@ -221,8 +225,8 @@ def main(args):
             state.update(phase="save")
             save_iteration(args, accelerator.unwrap_model(unet), it_dir, k, hub_repo, metrics)
             state.update(done=sorted(set(state.get("done")) | {k + 1}), phase="push" if args.push_to_hub else "done")
-            if args.push_to_hub:  # this iteration, and any earlier one whose push failed
-                push_unpushed(args, state, hub_repo)
+            if args.push_to_hub:  # this iteration, and any earlier one whose push failed (all of them at the end)
+                push_unpushed(args, state, hub_repo, stop_at_failure=k != todo[-1])
             state.update(phase="done")
         vae.to(accelerator.device)
         text_encoder.to(accelerator.device)
@@ -234,7 +238,7 @@ def main(args):
     unpushed = []
     if accelerator.is_main_process:
         if args.push_to_hub:
-            unpushed = push_unpushed(args, state, hub_repo) if not todo else unpushed_iterations(state)
+            unpushed = push_unpushed(args, state, hub_repo, stop_at_failure=False) if not todo else unpushed_iterations(state)
         print_summary(output_dir, num_iterations, state)
     accelerator.end_training()
     if unpushed:
@@ -369,7 +373,7 @@ def train_iteration(args, accelerator, k, it_dir, unet, reference, store, hf_dat
     if checkpoint is not None and (checkpoint / "spin_metrics.json").exists():
         tally = json.loads((checkpoint / "spin_metrics.json").read_text())
     sums, first, logs, counted, skipped_images = tally["sums"], tally["first"], tally["logs"], tally["counted"], 0
-    window, window_batches = 0.0, 0
+    window, window_batches, overflows = 0.0, 0, 0
     progress = tqdm(range(max_train_steps), initial=global_step, desc=f"train (iteration {k + 1})",
                     disable=not accelerator.is_local_main_process)
     for epoch in range(first_epoch, num_epochs):
@@ -401,8 +405,9 @@ def train_iteration(args, accelerator, k, it_dir, unet, reference, store, hf_dat
             if grad_norm is not None:
                 logs["grad_norm"] = float(grad_norm)
             overflow = accelerator.optimizer_step_was_skipped  # fp16: the scaler skipped this step (weights unchanged)
+            overflows = overflows + 1 if overflow else 0
             check_finite_step(logs, where=f"iteration {k + 1}, step {global_step}", last_checkpoint=last_good,
-                              skipped=overflow)
+                              skipped=overflow, skipped_in_a_row=overflows)
             if not overflow:  # the iteration's first step and means count the steps that updated the weights
                 first = first or dict(logs, step=global_step)
                 counted += 1
@@ -477,13 +482,14 @@ def resolve_hub_repo(args):
 def push_iteration(args, hub_repo, k, it_dir):
     """Push iteration k+1 (weights, card, metrics; its samples with --push_synthetic_dataset). Returns where it
     went. Each write is retried (utils/hub.py); the error of the last attempt is raised."""
-    kw = dict(token=args.hub_token, private=args.hub_private_repo, max_time=args.hub_retry_max_time)
+    deadline = time.monotonic() + args.hub_retry_max_time  # one budget for all of this iteration's writes
+    kw = dict(token=args.hub_token, private=args.hub_private_repo, deadline=deadline)
     message = f"SPIN-Diffusion iteration {k + 1}"
     if args.hub_versioning == "repos":
         where = push_folder(it_dir, f"{hub_repo}-iter{k + 1}", commit_message=message, **kw)
     else:
         repo = push_folder(it_dir, hub_repo, commit_message=message, **kw)
-        move_tag(repo, f"iter{k + 1}", token=args.hub_token, max_time=args.hub_retry_max_time)  # a rerun moves it
+        move_tag(repo, f"iter{k + 1}", token=args.hub_token, deadline=deadline)  # a rerun moves it
         where = f"{repo}@iter{k + 1}"
     if args.push_synthetic_dataset and (it_dir / "synthetic").is_dir():
         push_folder(it_dir / "synthetic", f"{hub_repo}-iter{k + 1}-synthetic", repo_type="dataset",
@@ -495,10 +501,12 @@ def unpushed_iterations(state):
     return [it for it in sorted(state.get("done")) if str(it) not in state.get("pushed")]
 
 
-def push_unpushed(args, state, hub_repo):
+def push_unpushed(args, state, hub_repo, stop_at_failure=True):
     """Push every saved iteration that is not on the Hub yet, oldest first. A push that still fails after its
     retries is logged and recorded in spin_state.json (`push_errors`), and the run goes on: the iteration stays
-    saved, and the push is tried again after the next iteration and by a rerun. Returns the unpushed iterations."""
+    saved, and the push is tried again after the next iteration and by a rerun. Between iterations the first
+    failure ends the attempt, so the other processes wait at most about --hub_retry_max_time (well under
+    --ddp_timeout). Returns the unpushed iterations."""
     for it in unpushed_iterations(state):
         try:
             where = push_iteration(args, hub_repo, it - 1, Path(args.output_dir) / f"iter_{it}")
@@ -506,7 +514,7 @@ def push_unpushed(args, state, hub_repo):
             state.update(push_errors=state.get("push_errors", {}) | {str(it): describe(e)})
             logger.error(f"iteration {it}: push failed ({describe(e)}); it stays saved in {args.output_dir}/iter_{it}/ "
                          f"and the push is retried after the next iteration and by rerunning the same command")
-            if args.hub_versioning == "revisions":  # one repo: keep the commits in iteration order
+            if stop_at_failure or args.hub_versioning == "revisions":  # revisions: keep commits in iteration order
                 break
             continue
         errors = {key: v for key, v in state.get("push_errors", {}).items() if key != str(it)}

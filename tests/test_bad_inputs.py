@@ -75,6 +75,8 @@ CASES = [
     ("SPIN with --streaming", "spin", ["--streaming"], "--streaming is not supported by SPIN"),
     ("config file that does not exist", "sft", ["--config", "missing.yaml"], "--config missing.yaml: file not found"),
     ("config key that is not a flag", "spin", ["--config", "typo.yaml"], "--config typo.yaml: unknown keys ['learnin_rate']"),
+    ("Hub retry time the other processes cannot wait for", "spin", ["--push_to_hub", "--hub_retry_max_time", "5000"],
+     "--hub_retry_max_time 5000 must stay well under --ddp_timeout 7200"),
     ("negative Hub retry time", "sft", ["--hub_retry_max_time", "-1"], "--hub_retry_max_time must be > 0, got -1.0"),
 ]
 

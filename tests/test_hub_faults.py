@@ -101,14 +101,16 @@ def test_spin_trains_every_iteration_when_all_writes_fail_then_a_rerun_only_push
 
 
 def test_spin_push_recovering_midway_is_retried_after_the_next_iteration(assets, tmp_path, hub_server):
-    """Iteration 1's push fails; the Hub recovers while iteration 2 trains; after iteration 2 both are pushed."""
+    """Iteration 1's push fails; the Hub recovers while iteration 2 trains; iterations 1 and 2 are on the Hub
+    before iteration 3 starts, not only at the end."""
     import train_spin_diffusion
 
     name, out = "test-user/spin-recovers", tmp_path / "out"
     down = hub_server.inject(None, WRITE_ENDPOINTS, status=500, times=None)
-    real = train_spin_diffusion.train_iteration
+    real, on_hub_before = train_spin_diffusion.train_iteration, {}
 
     def train_then_recover(args, accelerator, k, *rest):
+        on_hub_before[k] = [hub_server.repo_exists(f"{name}-iter{i}") for i in (1, 2)]
         if k == 1:  # the Hub comes back during iteration 2
             hub_server.clear_faults()
         return real(args, accelerator, k, *rest)
@@ -116,13 +118,15 @@ def test_spin_push_recovering_midway_is_retried_after_the_next_iteration(assets,
     train_spin_diffusion.train_iteration = train_then_recover
     try:
         with hub_online():
-            run_spin(*spin_args(assets, out, "--use_lora", "--push_to_hub", "--hub_model_id", name,
-                                "--hub_token", TEST_TOKEN, "--hub_retry_max_time", "1"))
+            run_spin(*spin_args(assets, out, "--use_lora", "--num_iterations", "3", "--max_train_steps", "2",
+                                "--push_to_hub", "--hub_model_id", name, "--hub_token", TEST_TOKEN,
+                                "--hub_retry_max_time", "1"))
     finally:
         train_spin_diffusion.train_iteration = real
         hub_server.clear_faults()
     assert down.hits
-    assert set(json.loads((out / "spin_state.json").read_text())["pushed"]) == {"1", "2"}
+    assert on_hub_before == {0: [False, False], 1: [False, False], 2: [True, True]}
+    assert set(json.loads((out / "spin_state.json").read_text())["pushed"]) == {"1", "2", "3"}
 
 
 def test_sft_failed_push_keeps_result_and_rerun_only_pushes(assets, tmp_path, hub_server, monkeypatch):

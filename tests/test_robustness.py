@@ -89,6 +89,8 @@ def test_resumed_run_takes_the_new_learning_rate_on_the_checkpoints_schedule(ass
 
 def test_fp16_overflow_skips_are_not_divergence_but_nan_weights_are_never_saved():
     check_finite_step({"loss": 0.7, "grad_norm": float("inf")}, where="step 3", last_checkpoint="x", skipped=True)
+    with pytest.raises(DivergedError, match="skipped 25 steps in a row"):  # overflowing at any scale: divergence
+        check_finite_step({"loss": float("inf")}, where="step 30", last_checkpoint="x", skipped=True, skipped_in_a_row=25)
     with pytest.raises(DivergedError, match="step 3: non-finite grad_norm=inf"):
         check_finite_step({"loss": 0.7, "grad_norm": float("inf")}, where="step 3", last_checkpoint="x")
     model = torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.Linear(2, 2))

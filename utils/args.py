@@ -242,4 +242,6 @@ def tracker_config(args):
 
 
 def make_parser(description):
-    return argparse.ArgumentParser(description=description, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    # no abbreviated flags: `--hub_tok hf_...` would slip past the masking of the token in printed commands
+    return argparse.ArgumentParser(description=description, formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+                                   allow_abbrev=False)

@@ -30,6 +30,8 @@ def is_transient(err):
         return status in TRANSIENT_STATUS or status >= 500
     if isinstance(err, (ConnectionError, TimeoutError)):
         return True
+    if type(err).__module__.startswith("hf_xet"):  # Xet storage transfers (the Hub's default for large files)
+        return True
     # huggingface_hub's HTTP client (httpx2 / httpx) raises its own network errors: match them by name
     names = {cls.__name__ for cls in type(err).__mro__}
     return bool(names & {"TransportError", "NetworkError", "TimeoutException", "RemoteProtocolError", "ConnectError"})
@@ -60,7 +62,7 @@ def with_retries(fn, *args, what="Hub request", max_time=600.0, base_delay=2.0, 
                 raise
             attempt += 1
             delay = retry_after(err)
-            delay = min(max_delay, base_delay * 2 ** (attempt - 1)) if delay is None else delay
+            delay = min(max_delay, base_delay * 2 ** (attempt - 1)) if delay is None else max(delay, 0.5)
             left = deadline - time.monotonic()
             if delay > left:
                 logger.warning(f"{what} failed ({describe(err)}); giving up after {attempt} attempt(s): the retry "
@@ -123,13 +125,14 @@ Base model: `{base_model}`. {dataset_line}
 
 
 def push_folder(folder, repo_id, token=None, private=False, commit_message="Upload model", revision=None,
-                ignore_patterns=PUSH_IGNORE, repo_type="model", max_time=600.0):
+                ignore_patterns=PUSH_IGNORE, repo_type="model", max_time=600.0, deadline=None):
     """Create `repo_id` if needed and upload `folder` (without checkpoints/logs), each retried on transient
     failures for up to `max_time` seconds in all. Returns the full repo id. An upload is one commit: a retry
-    after a failed commit re-sends only what the Hub does not already hold."""
+    after a failed commit re-sends only what the Hub does not already hold. `deadline` (monotonic) replaces
+    `max_time` to share one budget between several calls."""
     from huggingface_hub import create_repo, upload_folder
 
-    deadline = time.monotonic() + max_time
+    deadline = deadline if deadline is not None else time.monotonic() + max_time
     repo_id = with_retries(create_repo, repo_id, token=token, private=private, exist_ok=True, repo_type=repo_type,
                            what=f"creating {repo_id}", deadline=deadline).repo_id
     with_retries(upload_folder, repo_id=repo_id, folder_path=str(folder), token=token, commit_message=commit_message,
@@ -138,11 +141,11 @@ def push_folder(folder, repo_id, token=None, private=False, commit_message="Uplo
     return repo_id
 
 
-def move_tag(repo_id, tag, token=None, max_time=600.0):
+def move_tag(repo_id, tag, token=None, max_time=600.0, deadline=None):
     """Point `tag` at the repo's newest commit (delete it first if it exists), retried like `push_folder`."""
     from huggingface_hub import create_tag, delete_tag
 
-    deadline = time.monotonic() + max_time
+    deadline = deadline if deadline is not None else time.monotonic() + max_time
     try:
         with_retries(delete_tag, repo_id, tag=tag, token=token, what=f"deleting tag {tag} of {repo_id}", deadline=deadline)
     except Exception as err:

@@ -74,10 +74,19 @@ class DivergedError(RuntimeError):
     """Training produced a non-finite loss, gradient or weight: the run stops before saving or pushing it."""
 
 
-def check_finite_step(logs, *, where, last_checkpoint, skipped=False):
+MAX_OVERFLOW_STREAK = 25  # fp16: the scaler halves its scale per skipped step; 25 in a row means the model overflows
+
+
+def check_finite_step(logs, *, where, last_checkpoint, skipped=False, skipped_in_a_row=0):
     """Stop the run (DivergedError) when an optimizer step's loss or gradient norm is inf/NaN. `where` names the
     step ("iteration 2, step 37"), `last_checkpoint` what is left to resume from. A step the fp16 grad scaler
-    `skipped` on overflow is normal (the scaler lowers its scale and the weights did not change): not divergence."""
+    `skipped` on overflow is normal (the scaler lowers its scale and the weights did not change): not divergence,
+    unless `skipped_in_a_row` reaches MAX_OVERFLOW_STREAK (the forward itself overflows at any scale)."""
+    if skipped and skipped_in_a_row >= MAX_OVERFLOW_STREAK:
+        raise DivergedError(
+            f"training diverged at {where}: the fp16 grad scaler skipped {skipped_in_a_row} steps in a row on "
+            f"overflow (loss={logs.get('loss')}); the last finite checkpoint is {last_checkpoint}. Use bf16 "
+            f"(--mixed_precision bf16) or a lower --learning_rate")
     if skipped:
         return
     bad = [f"{name}={logs[name]}" for name in ("loss", "grad_norm") if name in logs and not math.isfinite(logs[name])]

@@ -239,7 +239,7 @@ def main(args):
             progress.set_postfix(loss=f"{logs['loss']:.4f}", lr=f"{logs['lr']:.2e}")
             accelerator.log(logs, step=global_step)
             if global_step % args.checkpointing_steps == 0:
-                assert_finite_weights(unet, f"checkpoint-{global_step}")
+                assert_finite_weights(unet, f"checkpoint-{global_step}", accelerator)
                 last_good = save_checkpoint(accelerator, output_dir, global_step, args.checkpoints_total_limit)
                 logger.info(f"saved {last_good}")
             if args.validation_steps and global_step % args.validation_steps == 0 and accelerator.is_main_process:

@@ -419,7 +419,7 @@ def train_iteration(args, accelerator, k, it_dir, unet, reference, store, hf_dat
             accelerator.log({f"{name}": v for name, v in logs.items()} | {"iteration": k + 1}, step=k * max_train_steps + global_step)
             if global_step % args.checkpointing_steps == 0:
                 tally = {"sums": sums, "first": first, "logs": logs, "counted": counted}
-                assert_finite_weights(unet, f"iteration {k + 1}, checkpoint-{global_step}")
+                assert_finite_weights(unet, f"iteration {k + 1}, checkpoint-{global_step}", accelerator)
                 last_good = save_checkpoint(accelerator, it_dir, global_step, args.checkpoints_total_limit,
                                             extra_files={"spin_metrics.json": json.dumps(tally)})
             if global_step >= max_train_steps:

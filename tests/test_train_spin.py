@@ -182,7 +182,8 @@ def test_two_process_cpu_run_generates_each_prompt_once(assets, tmp_path):
     out = tmp_path / "ddp"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29533",
            str(ROOT / "train_spin_diffusion.py"),
-           *spin_args(assets, out, "--use_lora", "--num_iterations", "1", "--train_batch_size", "2", "--gen_shard_size", "4")]
+           *spin_args(assets, out, "--use_lora", "--num_iterations", "1", "--train_batch_size", "2", "--gen_shard_size", "4",
+                      "--checkpointing_steps", "2")]  # a checkpoint: both processes agree its weights are finite
     env = dict(os.environ, ACCELERATE_USE_CPU="1", OMP_NUM_THREADS="1")
     proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -190,6 +191,7 @@ def test_two_process_cpu_run_generates_each_prompt_once(assets, tmp_path):
     assert sorted(r["index"] for r in rows) == list(range(20))
     assert {r["process"] for r in rows} == {0, 1}
     assert metrics(out, 1)["steps"] == 3 and (out / "iter_1" / "pytorch_lora_weights.safetensors").exists()
+    assert (out / "iter_1" / "checkpoint-2").is_dir()
 
 
 def test_precomputed_reference_run_holds_no_reference(assets, tmp_path, monkeypatch):

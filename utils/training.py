@@ -98,10 +98,15 @@ def check_finite_step(logs, *, where, last_checkpoint, skipped=False, skipped_in
             f"weights are already damaged: remove the newest checkpoint-N folders and rerun")
 
 
-def assert_finite_weights(model, what):
-    """Raise DivergedError if any parameter of `model` holds inf/NaN: checked before anything is saved."""
+def assert_finite_weights(model, what, accelerator=None):
+    """Raise DivergedError if any parameter of `model` holds inf/NaN: checked before anything is saved. With
+    `accelerator` (a call every process makes), the verdict is agreed across processes, so a NaN in one rank's
+    FSDP/ZeRO shard stops every rank instead of leaving the others waiting in the save."""
     params = list(model.named_parameters())
-    if not params or torch.stack([torch.isfinite(p.detach()).all() for _, p in params]).all():
+    finite = torch.stack([torch.isfinite(p.detach()).all() for _, p in params]).all() if params else torch.tensor(True)
+    if accelerator is not None and accelerator.num_processes > 1:  # any process with a non-finite shard
+        finite = accelerator.reduce((~finite).float().to(accelerator.device), "max") == 0
+    if finite:
         return
-    bad = [name for name, p in params if not torch.isfinite(p.detach()).all()]
+    bad = [name for name, p in params if not torch.isfinite(p.detach()).all()] or ["(on another process)"]
     raise DivergedError(f"{what}: {len(bad)} parameter tensor(s) hold non-finite values (e.g. {bad[0]}); not saved")

@@ -71,6 +71,8 @@ CASES = [
     ("zero batch size", "sft", ["--train_batch_size", "0"], "--train_batch_size must be >= 1, got 0"),
     ("zero sampling steps", "spin", ["--gen_num_inference_steps", "0"], "--gen_num_inference_steps must be positive, got 0"),
     ("non-positive --beta", "spin", ["--beta", "0"], "--beta must be positive, got 0.0"),
+    ("channels-last with 8-bit Adam", "spin", ["--channels_last", "--use_8bit_adam"],
+     "--channels_last and --use_8bit_adam conflict"),
     ("EMA with LoRA", "sft", ["--use_ema", "--use_lora"], "--use_ema and --use_lora conflict"),
     ("SPIN with --streaming", "spin", ["--streaming"], "--streaming is not supported by SPIN"),
     ("config file that does not exist", "sft", ["--config", "missing.yaml"], "--config missing.yaml: file not found"),

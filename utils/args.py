@@ -155,6 +155,10 @@ def validate_training_args(parser, args):
         parser.error("--dataset_name is required (a Hub dataset id, a local folder or a .parquet file)")
     if args.use_ema and args.use_lora:
         parser.error("--use_ema and --use_lora conflict: EMA is for full fine-tuning; drop one of them")
+    if args.channels_last and args.use_8bit_adam:
+        parser.error("--channels_last and --use_8bit_adam conflict: bitsandbytes makes every parameter contiguous at each "
+                     "step (the layout is dropped after step 1) and pairs its 8-bit states with weights by memory address "
+                     "(a resume with the other layout would scramble them); drop one of them")
     if args.streaming and args.cache_latents:
         parser.error("--streaming and --cache_latents conflict: a latent cache needs the whole dataset on disk")
     if args.streaming and args.max_train_steps is None:

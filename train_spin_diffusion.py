@@ -260,9 +260,7 @@ def load_policy_and_reference(args, k, dtype, device):
             unet.enable_gradient_checkpointing()
         if args.precompute_reference:  # the reference errors come from the generation phase: no frozen copy
             return unet.to(device), None
-        # The frozen copy keeps the policy's own (fp32) weights: under mixed precision both then compute the
-        # same thing at the first step (loss log 2), as SPIN's reference = theta_k requires.
-        reference = Reference.frozen_copy(unet, torch.float32, device, offload=args.offload_reference)
+        reference = Reference.frozen_copy(unet, device, offload=args.offload_reference)  # fp32, as the policy
         return unet.to(device), reference
     unet = load_unet(args.pretrained_model_name_or_path, revision=args.revision, variant=args.variant, cache_dir=args.cache_dir)
     targets = args.lora_target_modules.split(",")

@@ -152,7 +152,7 @@ def run_case(case, preset, B, steps, warmup, device):
     else:
         unet.to(device)
         if mode in ("spin", "dpo"):
-            reference = Reference.frozen_copy(unet, dtype, device)
+            reference = Reference.frozen_copy(unet, device)  # as the script: fp32, the policy's dtype
         if mode == "naive":
             ref_unet = copy.deepcopy(unet).requires_grad_(False)  # the naive reference: a full fp32 copy
     if gc:

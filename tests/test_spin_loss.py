@@ -107,7 +107,7 @@ def test_precomputed_reference_gives_the_in_loop_loss(assets):
                                                            args, contextlib.nullcontext)
     assert stored["prompt_embeds"].shape == (3, 77, text_encoder.config.hidden_size)
     in_loop = {k: v for k, v in batch.items() if not k.startswith("ref_err") and k != "prompt_embeds"}  # TE and reference run
-    reference = Reference.frozen_copy(theta_k, torch.float32, "cpu")
+    reference = Reference.frozen_copy(theta_k, "cpu")
     loss_loop, logs_loop = train_spin_diffusion.spin_forward(policy, reference, vae, text_encoder, sched, in_loop, gen,
                                                              torch.float32, args, contextlib.nullcontext)
     assert abs(loss_pre.item() - math.log(2)) > 1e-3  # the policy differs from the reference: a real check

@@ -203,10 +203,13 @@ class Reference:
         self.offload, self.device = offload, device
 
     @classmethod
-    def frozen_copy(cls, unet, dtype, device, offload=False):
+    def frozen_copy(cls, unet, device, offload=False):
+        """Full fine-tuning's reference: a frozen copy of `unet` in the policy's own dtype (fp32: under mixed
+        precision both then compute the same thing at the first step, loss log 2, as SPIN's reference = theta_k
+        requires). The script and the bench build it through this one call."""
         import copy as _copy
 
-        ref = _copy.deepcopy(unet).to("cpu" if offload else device, dtype)
+        ref = _copy.deepcopy(unet).to("cpu" if offload else device)
         freeze(ref)
         return cls(unet, copy=ref, offload=offload, device=device)
 

@@ -208,7 +208,7 @@ def main(args):
                     args.gen_guidance_scale, args.resolution, accelerator.process_index, accelerator.num_processes,
                     autocast_dtype=dtype if dtype != torch.float32 else None, progress=accelerator.is_local_main_process,
                     extras=extras)
-                del pipeline
+                del pipeline, extras  # both hold theta_k's UNet
             accelerator.wait_for_everyone()
             if accelerator.is_main_process:
                 store.write_manifest()
@@ -230,9 +230,14 @@ def main(args):
             state.update(phase="done")
         vae.to(accelerator.device)
         text_encoder.to(accelerator.device)
+        # Iteration k's UNet, reference copy and optimizer go before k+1 loads its own. Dropping the names is not
+        # enough: a prepared model is a reference cycle (accelerate's patched forward holds it), and free_memory()
+        # collects garbage before it drops accelerate's own references. So: names, accelerate's lists, then collect.
+        del unet, reference, store
         accelerator.free_memory()
-        del unet, reference
         gc.collect()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()  # hand theta_k's blocks back: iteration k+1 allocates afresh
         accelerator.wait_for_everyone()
 
     unpushed = []

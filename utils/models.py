@@ -194,13 +194,17 @@ class Reference:
 
     - LoRA: the *same* UNet with the frozen `adapter` active (theta_k's adapter), or with adapters disabled
       when theta_k is the base model (adapter=None). No second UNet in memory.
-    - Full: a frozen copy of the UNet in `dtype`; with `offload=True` it waits on the CPU between calls.
+    - Full: a frozen copy of the UNet in the policy's dtype. With `offload=True` its weights live in host
+      memory (pinned when `device` is a GPU): each call copies them up (`non_blocking`: the host queues the
+      copies and the forward without waiting), runs on those copies, and drops them. The weights never
+      change, so nothing is ever copied back.
     Call it before the policy forward of the same step: switching adapters changes requires_grad flags.
     """
 
     def __init__(self, unet, copy=None, adapter=None, trainable_adapter="default", offload=False, device=None):
         self.unet, self.copy, self.adapter, self.trainable_adapter = unet, copy, adapter, trainable_adapter
-        self.offload, self.device = offload, device
+        self.offload, self.device = offload, torch.device(device) if device is not None else None
+        self._pinned = False
 
     @classmethod
     def frozen_copy(cls, unet, device, offload=False):
@@ -218,15 +222,24 @@ class Reference:
         """Like `UNet2DConditionModel(..., return_dict=False)`: a 1-tuple with the prediction."""
         return (self._forward(sample, timesteps, encoder_hidden_states),)
 
+    def _host_state(self):
+        """The offloaded copy's weights and buffers by name, as they sit in host memory: pinned once (after any
+        --channels_last re-layout, which makes new host tensors) when the device is a GPU."""
+        state = dict(self.copy.named_parameters()) | dict(self.copy.named_buffers())
+        if not self._pinned and self.device.type == "cuda":
+            for t in state.values():
+                t.data = t.data.pin_memory()
+            self._pinned = True
+        return state
+
     def _forward(self, sample, timesteps, encoder_hidden_states):
+        if self.copy is not None and self.offload:
+            # The module keeps its host tensors; the call runs on device copies that die with it.
+            on_device = {name: t.to(self.device, non_blocking=True) for name, t in self._host_state().items()}
+            return torch.func.functional_call(self.copy, on_device, (sample, timesteps, encoder_hidden_states),
+                                              {"return_dict": False})[0]
         if self.copy is not None:
-            if self.offload:
-                self.copy.to(self.device)
-            try:
-                return self.copy(sample, timesteps, encoder_hidden_states, return_dict=False)[0]
-            finally:
-                if self.offload:
-                    self.copy.to("cpu")
+            return self.copy(sample, timesteps, encoder_hidden_states, return_dict=False)[0]
         if self.adapter is None:
             self.unet.disable_adapters()
             try:

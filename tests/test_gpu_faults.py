@@ -123,3 +123,27 @@ def test_fp16_overflow_skips_leave_the_schedule_and_the_means(assets, tmp_path, 
     assert m["steps"] == steps and math.isfinite(m["mean"]["grad_norm"])
     assert m["mean"]["grad_norm"] == pytest.approx(sum(r["grad_norm"] for r in kept) / len(kept))
     assert m["mean"]["loss"] == pytest.approx(sum(r["loss"] for r in kept) / len(kept))
+
+
+def test_bench_builds_the_full_reference_as_the_script_does(assets, tmp_path, monkeypatch):
+    """bench/bench_step.py's full-SPIN reference copy has the dtype and placement of the script's (fp32, the
+    policy's own), so its peak memory is the script's: a bf16 copy would under-report it by ~1.6 GiB for SD-1.5."""
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "bench"))
+    import bench_step
+
+    built, real = [], Reference.frozen_copy.__func__
+
+    def spy(cls, unet, *args, **kwargs):
+        reference = real(cls, unet, *args, **kwargs)
+        built.append(({p.dtype for p in reference.copy.parameters()}, {p.dtype for p in unet.parameters()}))
+        return reference
+
+    monkeypatch.setattr(Reference, "frozen_copy", classmethod(spy))
+    bench_step.run_case("spin:full:bf16:adamw:gc0", "tiny", 1, 1, 0, "cpu")
+    run_spin(*spin_args(assets, tmp_path / "bf16", "--mixed_precision", "bf16", "--num_iterations", "1",
+                        "--max_train_steps", "1"))
+    (bench_copy, bench_policy), (script_copy, script_policy) = built
+    assert bench_copy == script_copy == bench_policy == script_policy == {torch.float32}

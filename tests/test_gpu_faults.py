@@ -147,3 +147,37 @@ def test_bench_builds_the_full_reference_as_the_script_does(assets, tmp_path, mo
                         "--max_train_steps", "1"))
     (bench_copy, bench_policy), (script_copy, script_policy) = built
     assert bench_copy == script_copy == bench_policy == script_policy == {torch.float32}
+
+
+def test_compiled_unet_under_ddp_is_split_at_the_gradient_buckets(assets, tmp_path):
+    """--torch_compile on 2 processes: inside DDP's forward, dynamo's DDP optimizer splits the compiled UNet's
+    training graph at DDP's gradient-bucket boundaries (one subgraph per bucket), so each bucket's all-reduce
+    still overlaps the backward; the weights equal an uncompiled 2-process run's."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from helpers import tensors
+
+    root = Path(__file__).resolve().parent.parent
+    outs = {}
+    for name, extra, port in (("eager", [], "29541"), ("compiled", ["--torch_compile"], "29542")):
+        out = tmp_path / name
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", port,
+               str(root / "tests" / "ddp_compile_probe.py"),
+               *spin_args(assets, out, "--num_iterations", "1", "--train_batch_size", "2",
+                          "--max_train_steps", "2", "--gen_shard_size", "4", *extra)]
+        env = dict(os.environ, ACCELERATE_USE_CPU="1", OMP_NUM_THREADS="1", PROBE_OUT=str(tmp_path / f"probe-{name}"),
+                   PROBE_BUCKET_MB="0.25")
+        proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=900)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        outs[name] = out
+    for rank in (0, 1):
+        record = json.loads((tmp_path / "probe-compiled" / f"rank{rank}.json").read_text())
+        assert record["bucket_bytes_cap"] == int(0.25 * 2**20)
+        assert True in record["graphs"] and False in record["graphs"]  # training graphs, generation graphs
+        assert record["ddp_splits"] and max(record["ddp_splits"]) >= 2, record  # the training graph, split per bucket
+        assert not json.loads((tmp_path / "probe-eager" / f"rank{rank}.json").read_text())["graphs"]
+    a, b = (tensors(outs[n] / "iter_1" / "unet") for n in ("eager", "compiled"))
+    assert a.keys() == b.keys() and max(float((a[k] - b[k]).abs().max()) for k in a) < 1e-5

@@ -138,6 +138,10 @@ def parse_args(input_args=None):
         parser.error("--precompute_reference works with --negative_source self (it runs during the generation phase)")
     if args.precompute_reference and (args.noise_offset or args.random_flip):
         parser.error("--precompute_reference fixes each pair's noise and real latent: drop --noise_offset / --random_flip")
+    if args.offload_reference and (args.use_lora or args.precompute_reference):
+        why = ("with --use_lora the reference is the policy UNet with theta_k's adapter switched in" if args.use_lora
+               else "with --precompute_reference training holds no reference")
+        parser.error(f"--offload_reference offloads a full fine-tune's frozen reference copy; {why}: drop it")
     if args.resume_from_checkpoint not in (None, "latest"):
         parser.error("train_spin_diffusion.py resumes by itself from output_dir (iteration, phase, newest checkpoint): "
                      "rerun the same command, optionally with --resume_from_checkpoint latest")

@@ -196,3 +196,34 @@ def test_readme_table_matches_the_cases():
     assert set(rows) == {c[0] for c in CASES}
     for case, _, _, fragment in CASES:
         assert rows[case][-1] == f"`{fragment}`"
+
+
+def refused_rows():
+    """The README's "Refused flag combinations" table: (flags, scripts, message fragment) per row."""
+    text = (ROOT / "README.md").read_text().split("<!-- refused -->")[1]
+    rows = []
+    for line in text.strip().splitlines()[2:]:
+        cells = [c.strip() for c in line.strip("|").split("|")]
+        flags = cells[0].split("`")[1].split()
+        scripts = ["sft", "spin"] if cells[1] == "both" else [{"`train_sft.py`": "sft", "`train_spin_diffusion.py`": "spin"}[cells[1]]]
+        rows += [(" ".join(flags), script, cells[3].strip("`")) for script in scripts]
+    return rows
+
+
+@pytest.mark.parametrize("flags,script,fragment", refused_rows())
+def test_refused_combinations_in_the_readme_are_refused(assets, tmp_path, capsys, flags, script, fragment):
+    import train_sft
+    import train_spin_diffusion
+
+    if "fp16" in flags and torch.cuda.is_available():
+        pytest.skip("fp16 is refused only where no GPU is visible")
+    make = sft_args if script == "sft" else spin_args
+    parse = train_sft.parse_args if script == "sft" else train_spin_diffusion.parse_args
+    argv = make(assets, tmp_path / "out")
+    i = argv.index("--max_train_steps")  # the rows give it where they need it
+    argv = argv[:i] + argv[i + 2:]
+    parse(argv)  # without the row's flags the command line is fine: the refusal is theirs
+    with pytest.raises(SystemExit) as exit_:
+        parse(argv + flags.split())
+    assert exit_.value.code == 2
+    assert fragment in capsys.readouterr().err

@@ -74,3 +74,92 @@ def sample_noise_and_timesteps(latents, num_train_timesteps, generator, noise_of
         noise = noise + noise_offset * torch.randn((b, c, 1, 1), generator=generator, device=latents.device, dtype=latents.dtype)
     timesteps = torch.randint(0, num_train_timesteps, (b,), generator=generator, device=latents.device).long()
     return noise, timesteps
+
+
+# The exact (trajectory) objective. A stochastic sampler's step from timestep t to the previous timestep s it
+# samples is Gaussian and affine in the model's epsilon prediction:
+#     p(x_s | x_t) = N(a * x_t - b * eps(x_t, t), sigma^2 I),
+# so the log-likelihood ratio of one step under two models reduces to their epsilon errors against the noise
+# that the pair (x_t, x_s) implies, eps_hat = (a * x_t - x_s) / b.
+
+
+def sampler_prev_timestep(scheduler, t):
+    """The timestep `scheduler` (a diffusers DDPMScheduler or DDIMScheduler after `set_timesteps`) steps to from t,
+    computed as its own `step` does (-1: the end of the chain)."""
+    if hasattr(scheduler, "previous_timestep"):  # DDPM: the next entry of its (possibly strided) timesteps
+        return int(scheduler.previous_timestep(int(t)))
+    return int(t) - scheduler.config.num_train_timesteps // scheduler.num_inference_steps  # DDIM
+
+
+def sampler_step_coefficients(scheduler, t, eta=1.0):
+    """(a, b, sigma) of `scheduler`'s step from t, as Python floats computed in fp64, such that the step draws
+    x_s ~ N(a * x_t - b * eps(x_t, t), sigma^2 I) with s = `sampler_prev_timestep(scheduler, t)`.
+    DDPMScheduler (variance fixed_small or fixed_large) or DDIMScheduler with `eta` > 0; sigma = 0 (DDPM's last
+    step, DDIM with eta = 0) has no likelihood and raises. Clipped or thresholded x0 predictions are not affine
+    in eps and raise too."""
+    cfg = scheduler.config
+    if cfg.get("clip_sample") or cfg.get("thresholding"):
+        raise ValueError("the trajectory objective needs a sampler whose step is affine in eps: turn off "
+                         "clip_sample / thresholding in the scheduler config")
+    alphas = scheduler.alphas_cumprod.double()
+    t, s = int(t), sampler_prev_timestep(scheduler, t)
+    abar_t = float(alphas[t])
+    is_ddpm = hasattr(scheduler, "previous_timestep")
+    if s >= 0:
+        abar_s = float(alphas[s])
+    else:
+        abar_s = 1.0 if is_ddpm else float(scheduler.final_alpha_cumprod)
+    if is_ddpm:
+        beta = 1 - abar_t / abar_s  # the step's own beta over a strided schedule
+        c0 = abar_s**0.5 * beta / (1 - abar_t)  # on the x0 prediction
+        ct = (1 - beta) ** 0.5 * (1 - abar_s) / (1 - abar_t)  # on x_t
+        a, b = c0 / abar_t**0.5 + ct, c0 * (1 - abar_t) ** 0.5 / abar_t**0.5
+        variance_type = cfg.get("variance_type", "fixed_small")
+        if variance_type == "fixed_small":
+            var = (1 - abar_s) / (1 - abar_t) * beta if t > 0 else 0.0
+        elif variance_type == "fixed_large":
+            var = beta if t > 0 else 0.0
+        else:
+            raise ValueError(f"variance_type {variance_type!r}: the trajectory objective supports fixed_small and fixed_large")
+    else:
+        var = eta**2 * (1 - abar_s) / (1 - abar_t) * (1 - abar_t / abar_s)
+        a = (abar_s / abar_t) ** 0.5
+        b = (abar_s * (1 - abar_t) / abar_t) ** 0.5 - max(1 - abar_s - var, 0.0) ** 0.5
+    if not var > 0:
+        raise ValueError(f"the sampler's step from t={t} adds no noise (deterministic): it has no likelihood")
+    return a, b, var**0.5
+
+
+def spin_trajectory_log_ratio(eps_model, eps_ref, x_t, x_prev, a, b, sigma):
+    """log p_model(x_prev | x_t) - log p_ref(x_prev | x_t) per sample, shape (B,), for the Gaussian step
+    N(a * x_t - b * eps, sigma^2 I) (`sampler_step_coefficients`), summed over the other dimensions:
+
+        -(b^2 / (2 sigma^2)) * (||eps_model - eps_hat||^2 - ||eps_ref - eps_hat||^2),  eps_hat = (a x_t - x_prev) / b.
+
+    `a`, `b`, `sigma` are floats or (B,) tensors. The normalising constants cancel (same sigma for both models).
+    Computed in fp32 (fp64 if the inputs are)."""
+    dtype = torch.promote_types(eps_model.dtype, torch.float32)
+    shape = (-1,) + (1,) * (x_t.ndim - 1)
+    a, b, sigma = (torch.as_tensor(v, dtype=dtype, device=x_t.device).reshape(shape) for v in (a, b, sigma))
+    eps_hat = (a * x_t.to(dtype) - x_prev.to(dtype)) / b
+    err_model = (eps_model.to(dtype) - eps_hat).pow(2)
+    err_ref = (eps_ref.to(dtype) - eps_hat).pow(2)
+    coef = (b * b / (2 * sigma * sigma)).flatten()
+    return -coef * (err_model - err_ref).flatten(1).sum(1)
+
+
+def forward_posterior_pair(scheduler, x0, noise, posterior_noise, t, s):
+    """The real side's (x_t, x_s): x_t ~ q(x_t | x_0) with `noise`, then x_s ~ q(x_s | x_t, x_0), the forward
+    posterior over the sampler's own stride (s < t; s = -1 gives x_0 itself), with `posterior_noise`.
+    Per-sample t and s are (B,) integer tensors. Computed in fp32 (fp64 if x0 is)."""
+    dtype = torch.promote_types(x0.dtype, torch.float32)
+    shape = (-1,) + (1,) * (x0.ndim - 1)
+    alphas = scheduler.alphas_cumprod.to(device=x0.device, dtype=dtype)
+    abar_t = alphas[t].reshape(shape)
+    abar_s = torch.where(s >= 0, alphas[s.clamp(min=0)], torch.ones((), dtype=dtype, device=x0.device)).reshape(shape)
+    x0, noise, posterior_noise = x0.to(dtype), noise.to(dtype), posterior_noise.to(dtype)
+    x_t = abar_t.sqrt() * x0 + (1 - abar_t).sqrt() * noise
+    beta = 1 - abar_t / abar_s
+    mean = abar_s.sqrt() * beta / (1 - abar_t) * x0 + (1 - beta).sqrt() * (1 - abar_s) / (1 - abar_t) * x_t
+    var = (1 - abar_s) / (1 - abar_t) * beta
+    return x_t, mean + var.sqrt() * posterior_noise

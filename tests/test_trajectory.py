@@ -1,0 +1,108 @@
+"""The exact (trajectory) objective's pieces, against independent references: the step coefficients against
+diffusers' own DDPM and DDIM(eta) steps over SD-1.5's strided schedule, the per-step log-ratio through epsilon
+errors against torch.distributions' Gaussian log-densities, and the real side's pairs against the forward
+process's moments."""
+
+import pytest
+import torch
+from diffusers import DDIMScheduler, DDPMScheduler
+from diffusers.utils.torch_utils import randn_tensor
+
+from utils.losses import forward_posterior_pair, sampler_step_coefficients, spin_trajectory_log_ratio
+
+SD15 = dict(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+            clip_sample=False)
+
+
+def sampler(kind, steps):
+    if kind == "ddpm":
+        s = DDPMScheduler(**SD15)
+    else:
+        s = DDIMScheduler(**SD15, set_alpha_to_one=False, steps_offset=1)
+    s.set_timesteps(steps)
+    return s
+
+
+CASES = [("ddpm", 50, 1.0), ("ddpm", 1000, 1.0), ("ddim", 50, 1.0), ("ddim", 25, 0.3)]
+
+
+def picks(s):
+    ts = [int(t) for t in s.timesteps]
+    return [ts[0], ts[len(ts) // 3], ts[len(ts) // 2], ts[-2]] + ([ts[-1]] if ts[-1] > 0 else [])
+
+
+@pytest.mark.parametrize("kind,steps,eta", CASES)
+def test_step_coefficients_reproduce_the_samplers_own_step(kind, steps, eta):
+    s = sampler(kind, steps)
+    g = torch.Generator().manual_seed(0)
+    for t in picks(s):
+        x_t, eps = torch.randn(2, 4, 8, 8, generator=g), torch.randn(2, 4, 8, 8, generator=g)
+        a, b, sigma = sampler_step_coefficients(s, t, eta)
+        if kind == "ddpm":
+            out = s.step(eps, t, x_t, generator=torch.Generator().manual_seed(7)).prev_sample
+            z = randn_tensor(eps.shape, generator=torch.Generator().manual_seed(7), dtype=eps.dtype)
+        else:
+            z = torch.randn(eps.shape, generator=g)
+            out = s.step(eps, t, x_t, eta=eta, variance_noise=z).prev_sample
+        assert torch.allclose(out, a * x_t - b * eps + sigma * z, atol=1e-5, rtol=1e-5), (kind, t)
+
+
+def test_deterministic_steps_have_no_likelihood():
+    with pytest.raises(ValueError, match="no likelihood"):
+        sampler_step_coefficients(sampler("ddim", 50), 981, eta=0.0)
+    with pytest.raises(ValueError, match="no likelihood"):
+        sampler_step_coefficients(sampler("ddpm", 1000), 0)
+    with pytest.raises(ValueError, match="clip_sample"):
+        sampler_step_coefficients(DDPMScheduler(num_train_timesteps=1000, clip_sample=True), 500)
+
+
+@pytest.mark.parametrize("kind,steps,eta", CASES)
+def test_log_ratio_through_eps_errors_equals_gaussian_log_densities(kind, steps, eta):
+    s = sampler(kind, steps)
+    g = torch.Generator().manual_seed(1)
+    for t in picks(s):
+        a, b, sigma = sampler_step_coefficients(s, t, eta)
+        x_t = torch.randn(3, 4, 8, 8, generator=g, dtype=torch.float64)
+        eps_model = torch.randn(3, 4, 8, 8, generator=g, dtype=torch.float64)
+        eps_ref = eps_model + 0.1 * torch.randn(3, 4, 8, 8, generator=g, dtype=torch.float64)
+        # x_prev from the reference's own step, as on the generated side (the opponent is the reference)
+        x_prev = a * x_t - b * eps_ref + sigma * torch.randn(3, 4, 8, 8, generator=g, dtype=torch.float64)
+        ours = spin_trajectory_log_ratio(eps_model, eps_ref, x_t, x_prev, a, b, sigma)
+
+        def log_density(eps):
+            return torch.distributions.Normal(a * x_t - b * eps, sigma).log_prob(x_prev).flatten(1).sum(1)
+
+        expected = log_density(eps_model) - log_density(eps_ref)
+        assert torch.allclose(ours, expected, atol=1e-5, rtol=0), (kind, t, ours, expected)
+        # per-sample coefficients as tensors give the same
+        per_sample = spin_trajectory_log_ratio(eps_model, eps_ref, x_t, x_prev, torch.full((3,), a),
+                                               torch.full((3,), b), torch.full((3,), sigma))
+        assert torch.allclose(per_sample, ours)
+
+
+@pytest.mark.parametrize("t,s", [(981, 961), (501, 481), (41, 21), (21, 1), (1, -1), (999, 0)])
+def test_real_pairs_have_the_forward_processs_moments(t, s):
+    """Over many draws with x0 fixed: x_s is N(sqrt(abar_s) x0, 1 - abar_s), and x_t given x_s is the forward
+    step N(sqrt(abar_t / abar_s) x_s, 1 - abar_t / abar_s): the joint Gaussian of (x_t, x_s) that the
+    posterior must reproduce. The conditional of x_s on x_t (slope, residual variance) is checked too."""
+    sched = DDPMScheduler(**SD15)
+    n = 400_000
+    g = torch.Generator().manual_seed(2)
+    x0 = torch.full((n, 1), 0.7, dtype=torch.float64)
+    tt, ss = torch.full((n,), t), torch.full((n,), s)
+    x_t, x_s = forward_posterior_pair(sched, x0, torch.randn(n, 1, generator=g, dtype=torch.float64),
+                                      torch.randn(n, 1, generator=g, dtype=torch.float64), tt, ss)
+    x_t, x_s = x_t.flatten(), x_s.flatten()
+    abar = sched.alphas_cumprod.double()
+    abar_t, abar_s = float(abar[t]), (float(abar[s]) if s >= 0 else 1.0)
+    tol = 5 / n**0.5  # about 5 standard errors for unit-scale moments
+    assert float(x_s.mean()) == pytest.approx(abar_s**0.5 * 0.7, abs=tol)
+    assert float(x_s.var()) == pytest.approx(1 - abar_s, abs=tol)
+    cov = float(((x_t - x_t.mean()) * (x_s - x_s.mean())).mean())
+    assert cov == pytest.approx((abar_t / abar_s) ** 0.5 * (1 - abar_s), abs=tol)
+    # the conditional of x_s on x_t (x0 fixed): slope and residual variance of DDPM's posterior over the stride
+    slope = cov / float(x_t.var())
+    residual = x_s - x_s.mean() - slope * (x_t - x_t.mean())
+    beta = 1 - abar_t / abar_s
+    assert slope == pytest.approx((1 - beta) ** 0.5 * (1 - abar_s) / (1 - abar_t), abs=tol)
+    assert float(residual.var()) == pytest.approx((1 - abar_s) / (1 - abar_t) * beta, abs=tol)

@@ -12,6 +12,7 @@ import json
 import sys
 import tempfile
 import time
+import traceback
 from pathlib import Path
 
 import torch
@@ -52,48 +53,70 @@ def main():
     p.add_argument("--json", default=None)
     a = p.parse_args()
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[a.dtype]
-    pipe, resolution = build_pipeline(a.preset, a.device, dtype)
-    prompts = [f"a photo of thing number {i}, oil painting" for i in range(a.prompts)]
+    result = {"preset": a.preset, "device": a.device, "dtype": a.dtype, "prompts": a.prompts, "batch": a.batch, "steps": a.steps}
+    errors = {}
+
+    def measure(name, fn):
+        """Run one measurement; a failure is shown with its traceback and recorded, and the others still run."""
+        try:
+            return fn()
+        except Exception:
+            errors[name] = traceback.format_exc()
+            print(f"{name}: FAILED\n{errors[name]}", file=sys.stderr, flush=True)
 
     def sync():
         if torch.device(a.device).type == "cuda":
             torch.cuda.synchronize()
 
-    # warm-up (kernels, allocator) on one batch, outside both timings
-    pipe(prompts[:a.batch], num_inference_steps=2, height=resolution, width=resolution, output_type="latent")
-    sync()
-    t0 = time.perf_counter()
+    def timed(fn):
+        sync()
+        t0 = time.perf_counter()
+        fn()
+        sync()
+        return time.perf_counter() - t0
+
+    prompts = [f"a photo of thing number {i}, oil painting" for i in range(a.prompts)]
+    pipe, resolution = measure("pipeline", lambda: build_pipeline(a.preset, a.device, dtype)) or (None, None)
     store = SyntheticStore(Path(tempfile.mkdtemp()) / "synthetic", len(prompts), shard_size=a.batch)
-    generate_opponent_samples(pipe, prompts, store, seed=0, iteration=0, batch_size=a.batch, num_inference_steps=a.steps,
-                              guidance_scale=a.guidance_scale, resolution=resolution, progress=False)
-    sync()
-    ours = time.perf_counter() - t0
 
-    t0 = time.perf_counter()
-    for start in range(0, len(prompts), a.batch):
-        chunk = list(range(start, min(start + a.batch, len(prompts))))
-        gens = [torch.Generator(device=a.device).manual_seed(sample_seed(0, 0, i)) for i in chunk]
-        pipe([prompts[i] for i in chunk], num_inference_steps=a.steps, guidance_scale=a.guidance_scale,
-             height=resolution, width=resolution, generator=gens).images
-    sync()
-    plain = time.perf_counter() - t0
+    def generation_phase():
+        # warm-up (kernels, allocator) on one batch, outside both timings
+        pipe(prompts[:a.batch], num_inference_steps=2, height=resolution, width=resolution, output_type="latent")
+        return a.prompts / timed(lambda: generate_opponent_samples(
+            pipe, prompts, store, seed=0, iteration=0, batch_size=a.batch, num_inference_steps=a.steps,
+            guidance_scale=a.guidance_scale, resolution=resolution, progress=False))
 
-    latents = torch.cat([store.get(i)["gen_latents"][None] for i in range(min(a.batch, len(prompts)))]).to(a.device, dtype)
-    sync()
-    t0 = time.perf_counter()
-    with torch.no_grad():
-        pipe.vae.decode(latents / pipe.vae.config.scaling_factor)
-    sync()
-    decode_per_image = (time.perf_counter() - t0) / len(latents)
+    def plain_pipeline():
+        def loop():
+            for start in range(0, len(prompts), a.batch):
+                chunk = list(range(start, min(start + a.batch, len(prompts))))
+                gens = [torch.Generator(device=a.device).manual_seed(sample_seed(0, 0, i)) for i in chunk]
+                pipe([prompts[i] for i in chunk], num_inference_steps=a.steps, guidance_scale=a.guidance_scale,
+                     height=resolution, width=resolution, generator=gens).images
+        return a.prompts / timed(loop)
 
-    result = {"preset": a.preset, "device": a.device, "dtype": a.dtype, "prompts": a.prompts, "batch": a.batch, "steps": a.steps,
-              "generation_phase_img_s": a.prompts / ours, "plain_pipeline_img_s": a.prompts / plain,
-              "ratio": plain / ours, "vae_decode_s_per_image": decode_per_image}
+    def vae_decode():
+        latents = torch.cat([store.get(i)["gen_latents"][None] for i in range(min(a.batch, len(prompts)))]).to(a.device, dtype)
+        with torch.no_grad():
+            return timed(lambda: pipe.vae.decode(latents / pipe.vae.config.scaling_factor)) / len(latents)
+
+    if pipe is not None:
+        result["generation_phase_img_s"] = measure("generation phase", generation_phase)
+        result["plain_pipeline_img_s"] = measure("plain pipeline", plain_pipeline)
+        if result["generation_phase_img_s"] is not None:
+            result["vae_decode_s_per_image"] = measure("VAE decode", vae_decode)
+    ours, plain, decode = (result.get(k) for k in ("generation_phase_img_s", "plain_pipeline_img_s", "vae_decode_s_per_image"))
+    result["ratio"] = ours / plain if ours and plain else None
+    fmt = lambda v, spec: "FAILED" if v is None else format(v, spec)
     print(f"| preset | generation phase (latents) img/s | plain pipeline (decoded) img/s | ratio | VAE decode s/img |\n"
-          f"|---|---|---|---|---|\n| {a.preset} | {result['generation_phase_img_s']:.2f} | {result['plain_pipeline_img_s']:.2f} | "
-          f"{result['ratio']:.2f}x | {decode_per_image:.3f} |")
+          f"|---|---|---|---|---|\n| {a.preset} | {fmt(ours, '.2f')} | {fmt(plain, '.2f')} | "
+          f"{fmt(result['ratio'], '.2f')}{'x' * bool(result['ratio'])} | {fmt(decode, '.3f')} |")
+    if errors:
+        result["errors"] = {k: v.strip().splitlines()[-1] for k, v in errors.items()}
     if a.json:
         Path(a.json).write_text(json.dumps(result, indent=2) + "\n")
+    if errors:
+        sys.exit(f"error: {len(errors)} measurement(s) failed: {', '.join(errors)}")
 
 
 if __name__ == "__main__":

@@ -28,6 +28,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import traceback
 from pathlib import Path
 
 import torch
@@ -37,6 +38,7 @@ sys.path.insert(0, str(ROOT))
 
 MODES = ("sft", "spin", "spin-pre", "dpo", "naive")
 OPTS = ("emb", "cl", "compile")
+STDERR_TAIL = 30  # lines of a failed case's stderr shown
 PEAK_TFLOPS_BF16 = {"H100": 989.0, "H200": 989.0, "A100": 312.0, "L40S": 362.0, "4090": 165.0}
 
 
@@ -286,18 +288,24 @@ def main():
     cases = all_cases(MODES) if a.cases == "all" else [c.strip() for c in a.cases.split(",") if c.strip()]
     for c in cases:
         parse_case(c)
-    results = []
+    results, failed = [], []
     for B in a.batch:
         for case in cases:
             if a.in_process:
-                r = run_case(case, a.preset, B, a.steps, a.warmup, a.device)
+                try:
+                    r = run_case(case, a.preset, B, a.steps, a.warmup, a.device)
+                except Exception:
+                    failed.append(f"{case} batch {B}")
+                    print(f"{case} batch {B}: FAILED\n{traceback.format_exc()}", file=sys.stderr, flush=True)
+                    continue
             else:
                 cmd = [sys.executable, __file__, "--preset", a.preset, "--steps", str(a.steps), "--warmup", str(a.warmup),
                        "--device", a.device, "--_one", f"{case}@{B}"]
                 proc = subprocess.run(cmd, capture_output=True, text=True, env=dict(os.environ, TOKENIZERS_PARALLELISM="false"))
-                if proc.returncode != 0:
-                    err = proc.stderr.strip().splitlines()[-1] if proc.stderr.strip() else "failed"
-                    print(f"{case} batch {B}: {err}", file=sys.stderr)
+                if proc.returncode != 0:  # the other cases still run; the child's own error is shown, and the exit fails
+                    failed.append(f"{case} batch {B}")
+                    tail = "\n".join(proc.stderr.strip().splitlines()[-STDERR_TAIL:]) or "(no stderr)"
+                    print(f"{case} batch {B}: FAILED (exit {proc.returncode}), its stderr ends:\n{tail}", file=sys.stderr, flush=True)
                     continue
                 r = json.loads(proc.stdout.strip().splitlines()[-1])
             results.append(r)
@@ -305,6 +313,8 @@ def main():
             if a.json:  # after every case: a long run that is stopped keeps what it measured
                 Path(a.json).write_text(json.dumps(results, indent=2) + "\n")
     print(table(results))
+    if failed:
+        sys.exit(f"error: {len(failed)} of {len(a.batch) * len(cases)} cases failed: {', '.join(failed)}")
 
 
 if __name__ == "__main__":

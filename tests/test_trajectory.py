@@ -106,3 +106,53 @@ def test_real_pairs_have_the_forward_processs_moments(t, s):
     beta = 1 - abar_t / abar_s
     assert slope == pytest.approx((1 - beta) ** 0.5 * (1 - abar_s) / (1 - abar_t), abs=tol)
     assert float(residual.var()) == pytest.approx((1 - abar_s) / (1 - abar_t) * beta, abs=tol)
+
+
+def test_trajectory_errors_are_the_scaled_exact_log_ratio():
+    """The training step's per-sample errors: model minus reference equals -(2 / (D * mean weight)) times the exact
+    log-likelihood ratio of the step, on both sides; equal models give equal errors (loss log 2)."""
+    from utils.spin import TrajectoryInputs, TrajectoryTable, trajectory_errors
+
+    s = sampler("ddpm", 50)
+    table = TrajectoryTable(s, eta=1.0)
+    g = torch.Generator().manual_seed(3)
+    b, k, shape = 2, 3, (4, 8, 8)
+    t = torch.tensor([table.timesteps[i] for i in (0, 5, 20, 30, 40, 48)] * 2)  # 2 * B * K rows
+    x_t, x_prev = torch.randn(len(t), *shape, generator=g), torch.randn(len(t), *shape, generator=g)
+    a, bb, sigma, weight = table.columns(t, "cpu")
+    view = (-1, 1, 1, 1)
+    inputs = TrajectoryInputs(x_t, (a.view(view) * x_t - x_prev) / bb.view(view), t, weight)
+    w1, w2 = torch.randn(*shape, generator=g), torch.randn(*shape, generator=g)
+
+    def model_with(w):
+        return lambda x, ts, emb, return_dict=False: (x * w,)
+
+    emb = torch.zeros(b, 1, 1)
+    m, r = (trajectory_errors(model_with(w), s, inputs, emb, k) for w in (w1, w2))
+    exact = spin_trajectory_log_ratio(x_t * w1, x_t * w2, x_t, x_prev, a, bb, sigma).reshape(-1, k).mean(1)
+    d = x_t[0].numel()
+    assert torch.allclose(m - r, -2 / (d * table.mean_weight) * exact, rtol=1e-4, atol=1e-6)
+    assert torch.equal(trajectory_errors(model_with(w1), s, inputs, emb, k), m)
+
+
+def test_recorded_chain_steps_are_the_samplers_own(assets):
+    """The opponent's stored steps are consecutive states of its chain: with every step kept, each x_prev is
+    the next step's x_t, and the last x_prev is the returned latent (DDIM, eta 1)."""
+    from diffusers import StableDiffusionPipeline
+
+    from utils.spin import TrajectoryRecorder, TrajectoryTable
+
+    pipe = StableDiffusionPipeline.from_pretrained(str(assets["pipeline"]), safety_checker=None)
+    pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config, clip_sample=False)  # PNDM's config has none
+    pipe.set_progress_bar_config(disable=True)
+    pipe.scheduler.set_timesteps(4)
+    table = TrajectoryTable(pipe.scheduler, eta=1.0)
+    chosen = [list(table.timesteps), list(table.timesteps)]
+    with TrajectoryRecorder(pipe.scheduler, chosen) as rec:
+        out = pipe(["a red square", "a blue circle"], num_inference_steps=4, guidance_scale=3.0, eta=1.0, height=32,
+                   width=32, output_type="latent", generator=[torch.Generator().manual_seed(i) for i in (1, 2)])
+    traj = rec.tensors()
+    assert traj["traj_x_t"].shape == (2, len(chosen[0]), 4, 16, 16) and traj["traj_t"].tolist() == chosen
+    assert torch.equal(traj["traj_x_prev"][:, :-1], traj["traj_x_t"][:, 1:])
+    assert torch.allclose(traj["traj_x_prev"][:, -1], out.images.float())
+    assert "step" not in vars(pipe.scheduler)  # the wrapper is gone

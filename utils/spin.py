@@ -3,6 +3,7 @@ the inputs of a (real, negative) pair (one t, shared noise by default), a model'
 the reference errors precomputed while the opponent theta_k is in memory (so training needs no reference)."""
 
 import contextlib
+from typing import NamedTuple
 
 import torch
 
@@ -78,3 +79,154 @@ def precompute_reference(reference, vae, text_encoder, noise_scheduler, real_pix
     r_real, r_gen = err.float().chunk(2)
     return {"real_latents": real.half().cpu(), "timesteps": timesteps.cpu(), "noise_seed": noise_seeds,
             "ref_err_real": r_real.cpu(), "ref_err_gen": r_gen.cpu(), "prompt_embeds": prompt_embeds.cpu()}
+
+
+# ----------------------------------------------------------------------------- the exact (trajectory) objective
+
+
+class TrajectoryTable:
+    """The opponent sampler's stochastic steps: for each timestep t it samples from, the Gaussian step's (a, b,
+    sigma) (`sampler_step_coefficients`) and its likelihood weight b^2 / sigma^2, normalised to mean 1 over the
+    steps. With the normalised weight, beta keeps the approximate objective's scale: each side's error is
+    `weight * mean((eps - eps_hat)^2)`, and -(2 / (D * mean weight)) times the exact log-likelihood ratio of the
+    step (D = latent size) is the difference of the two models' errors."""
+
+    def __init__(self, sampler, eta):
+        from .losses import sampler_step_coefficients
+
+        rows = {}
+        for t in (int(t) for t in sampler.timesteps):
+            if sampler_prev_has_noise(sampler, t, eta):
+                rows[t] = sampler_step_coefficients(sampler, t, eta)
+        if not rows:
+            raise ValueError("the opponent's sampler adds no noise at any step: the trajectory objective needs a "
+                             "stochastic one (DDPM, or DDIM with --gen_eta > 0)")
+        self.sampler, self.eta = sampler, eta
+        weights = {t: b * b / (s * s) for t, (a, b, s) in rows.items()}
+        self.mean_weight = sum(weights.values()) / len(weights)
+        self.timesteps = sorted(rows, reverse=True)
+        self.rows = {t: (a, b, s, weights[t] / self.mean_weight) for t, (a, b, s) in rows.items()}
+
+    def columns(self, timesteps, device):
+        """(a, b, sigma, weight) as fp32 tensors shaped like `timesteps`."""
+        values = torch.tensor([self.rows[int(t)] for t in timesteps.flatten().tolist()], dtype=torch.float64)
+        return [values[:, i].reshape(timesteps.shape).to(device, torch.float32) for i in range(4)]
+
+
+def sampler_prev_has_noise(sampler, t, eta):
+    """Whether `sampler`'s step from t is stochastic (has a likelihood)."""
+    from .losses import sampler_step_coefficients
+
+    try:
+        sampler_step_coefficients(sampler, t, eta)
+    except ValueError as e:
+        if "no likelihood" in str(e):
+            return False
+        raise
+    return True
+
+
+class TrajectoryRecorder:
+    """Wraps a scheduler's `step` during one pipeline call and keeps, per sample, the steps whose index is drawn
+    for it: (t, x_t, x_prev) exactly as the sampler made them (the guided prediction moved the chain)."""
+
+    def __init__(self, scheduler, chosen):
+        self.scheduler, self.chosen = scheduler, chosen  # chosen[b] = the timesteps kept for sample b
+        self.kept = [dict() for _ in chosen]
+
+    def __enter__(self):
+        real = self.scheduler.step
+
+        def step(model_output, timestep, sample, *args, **kwargs):
+            out = real(model_output, timestep, sample, *args, **kwargs)
+            prev = out[0] if isinstance(out, tuple) else out.prev_sample
+            for b, times in enumerate(self.chosen):
+                if int(timestep) in times:
+                    self.kept[b][int(timestep)] = (sample[b].float().cpu(), prev[b].float().cpu())
+            return out
+
+        self.scheduler.step = step
+        return self
+
+    def __exit__(self, *exc):
+        del self.scheduler.step  # the class's method again
+
+    def tensors(self):
+        """{"traj_t": (B, K), "traj_x_t": (B, K, C, h, w), "traj_x_prev": ...} in the order of `chosen`."""
+        t = torch.tensor([list(times) for times in self.chosen], dtype=torch.int64)
+        x_t = torch.stack([torch.stack([self.kept[b][int(s)][0] for s in times]) for b, times in enumerate(self.chosen)])
+        x_prev = torch.stack([torch.stack([self.kept[b][int(s)][1] for s in times]) for b, times in enumerate(self.chosen)])
+        return {"traj_t": t, "traj_x_t": x_t, "traj_x_prev": x_prev}
+
+
+def choose_trajectory_steps(table, seeds, k):
+    """Per sample, `k` distinct timesteps of the table drawn from the sample's seed (so a rerun keeps the same)."""
+    chosen = []
+    for s in seeds:
+        g = torch.Generator().manual_seed(int(s) + 3)
+        order = torch.randperm(len(table.timesteps), generator=g)[:k].tolist()
+        chosen.append([table.timesteps[i] for i in order])
+    return chosen
+
+
+def predicted_eps(noise_scheduler, pred, x_t, timesteps):
+    """The model's epsilon from its output (epsilon or v-prediction)."""
+    kind = noise_scheduler.config.prediction_type
+    if kind == "epsilon":
+        return pred
+    if kind == "v_prediction":
+        abar = noise_scheduler.alphas_cumprod.to(x_t.device)[timesteps].reshape(-1, *([1] * (x_t.ndim - 1))).to(pred.dtype)
+        return abar.sqrt() * pred + (1 - abar).sqrt() * x_t
+    raise ValueError(f"unsupported prediction_type {kind!r} (epsilon or v_prediction)")
+
+
+class TrajectoryInputs(NamedTuple):
+    """One training batch of the trajectory objective, real rows then generated rows, each sample's K steps
+    flattened (2 * B * K rows): the states x_t the models see, the noise eps_hat each pair implies, the
+    timesteps and the per-step likelihood weights."""
+
+    x_t: torch.Tensor
+    eps_hat: torch.Tensor
+    timesteps: torch.Tensor
+    weight: torch.Tensor
+
+
+def trajectory_inputs(batch, real, table, noise_scheduler, generator):
+    """The real side draws (x_t, x_prev) from q(x_t | x_0) and the forward posterior q(x_prev | x_t, x_0) at each
+    stored step's t (over the sampler's stride); the generated side is the opponent's stored chain steps."""
+    from .losses import forward_posterior_pair
+
+    device = real.device
+    t = batch["traj_t"].to(device)  # (B, K)
+    b, k = t.shape
+    prev = torch.tensor([sampler_prev(table, int(s)) for s in t.flatten().tolist()], device=device)
+    x0 = real.float().repeat_interleave(k, dim=0)
+    noise = torch.randn(x0.shape, generator=generator, device=device)
+    posterior_noise = torch.randn(x0.shape, generator=generator, device=device)
+    real_x_t, real_x_prev = forward_posterior_pair(noise_scheduler, x0, noise, posterior_noise, t.flatten(), prev)
+    gen_x_t = batch["traj_x_t"].to(device).float().flatten(0, 1)
+    gen_x_prev = batch["traj_x_prev"].to(device).float().flatten(0, 1)
+    x_t, x_prev, ts = torch.cat([real_x_t, gen_x_t]), torch.cat([real_x_prev, gen_x_prev]), torch.cat([t.flatten()] * 2)
+    a, bb, _, weight = table.columns(ts, device)
+    shape = (-1,) + (1,) * (x_t.ndim - 1)
+    eps_hat = (a.reshape(shape) * x_t - x_prev) / bb.reshape(shape)
+    return TrajectoryInputs(x_t, eps_hat, ts, weight)
+
+
+def sampler_prev(table, t):
+    """The timestep the table's sampler steps to from t."""
+    from .losses import sampler_prev_timestep
+
+    return sampler_prev_timestep(table.sampler, t)
+
+
+def trajectory_errors(model, noise_scheduler, inputs, prompt_embeds, k):
+    """Per-sample errors (2B,) of `model` under the trajectory objective: the likelihood-weighted squared error
+    of its (conditional) epsilon against each pair's implied noise, averaged over the sample's K steps. One
+    forward over all 2 * B * K rows; `prompt_embeds` is (B, L, D)."""
+    x_t = inputs.x_t.to(prompt_embeds.dtype) if prompt_embeds.dtype != torch.float32 else inputs.x_t
+    emb = prompt_embeds.repeat_interleave(k, dim=0).repeat(2, 1, 1)
+    pred = model(x_t, inputs.timesteps, emb, return_dict=False)[0]
+    eps = predicted_eps(noise_scheduler, pred.float(), inputs.x_t, inputs.timesteps)
+    err = per_sample_mse(eps, inputs.eps_hat) * inputs.weight
+    return err.reshape(-1, k).mean(dim=1)

@@ -146,15 +146,20 @@ def load_checkpoint(accelerator, checkpoint, optimizer, lr_scheduler=None, learn
 
 def register_checkpoint_hooks(accelerator, use_lora=False, ema_model=None):
     """Make `save_state`/`load_state` store the UNet as `unet/` (full) or `pytorch_lora_weights.safetensors`
-    (LoRA) and the EMA weights as `unet_ema/`, and restore them into the live models on load."""
+    (LoRA) and the EMA weights as `unet_ema/`, and restore them into the live models on load. Under FSDP accelerate
+    itself writes the model (`pytorch_model_fsdp_0/`, sharded or whole as the config's state dict type says) and
+    reads it back."""
+    from accelerate.utils import DistributedType
     from diffusers import UNet2DConditionModel
     from diffusers.training_utils import EMAModel
 
     from .models import load_lora, save_lora
 
+    sharded = accelerator.distributed_type == DistributedType.FSDP  # accelerate saves and loads FSDP models itself
+
     def save_hook(models, weights, output_dir):
         if accelerator.is_main_process:
-            for model in models:
+            for model in [] if sharded else models:
                 model = accelerator.unwrap_model(model)
                 if use_lora:
                     save_lora(model, output_dir)

@@ -98,15 +98,39 @@ def check_finite_step(logs, *, where, last_checkpoint, skipped=False, skipped_in
             f"weights are already damaged: remove the newest checkpoint-N folders and rerun")
 
 
+def model_for_saving(accelerator, model):
+    """The trained `model` as a plain module holding all of its weights, ready for `save_pretrained`. Call it on
+    every process. With whole weights on each process (one device, DDP, DeepSpeed ZeRO-2) this is
+    `accelerator.unwrap_model(model)`. Under FSDP each process holds a shard: the full weights are gathered (a
+    collective) and loaded into a fresh copy of the model (a diffusers model, built from its config) on the main
+    process; the other processes get None."""
+    from accelerate.utils import DistributedType
+
+    if accelerator.distributed_type != DistributedType.FSDP:
+        return accelerator.unwrap_model(model)
+    state_dict = accelerator.get_state_dict(model)  # full weights, on the main process only (in host memory)
+    if not accelerator.is_main_process:
+        return None
+    sharded = accelerator.unwrap_model(model)
+    plain = type(sharded).from_config(sharded.config)
+    plain.load_state_dict(state_dict)
+    return plain
+
+
+def _local(tensor):
+    """The part of a parameter this process holds (an FSDP2 DTensor's local shard; a plain tensor itself)."""
+    return tensor.to_local() if hasattr(tensor, "to_local") else tensor
+
+
 def assert_finite_weights(model, what, accelerator=None):
     """Raise DivergedError if any parameter of `model` holds inf/NaN: checked before anything is saved. With
     `accelerator` (a call every process makes), the verdict is agreed across processes, so a NaN in one rank's
     FSDP/ZeRO shard stops every rank instead of leaving the others waiting in the save."""
     params = list(model.named_parameters())
-    finite = torch.stack([torch.isfinite(p.detach()).all() for _, p in params]).all() if params else torch.tensor(True)
+    finite = torch.stack([torch.isfinite(_local(p.detach())).all() for _, p in params]).all() if params else torch.tensor(True)
     if accelerator is not None and accelerator.num_processes > 1:  # any process with a non-finite shard
         finite = accelerator.reduce((~finite).float().to(accelerator.device), "max") == 0
     if finite:
         return
-    bad = [name for name, p in params if not torch.isfinite(p.detach()).all()] or ["(on another process)"]
+    bad = [name for name, p in params if not torch.isfinite(_local(p.detach())).all()] or ["(on another process)"]
     raise DivergedError(f"{what}: {len(bad)} parameter tensor(s) hold non-finite values (e.g. {bad[0]}); not saved")

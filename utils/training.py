@@ -113,6 +113,8 @@ def model_for_saving(accelerator, model):
         return None
     sharded = accelerator.unwrap_model(model)
     plain = type(sharded).from_config(sharded.config)
+    for name, config in getattr(sharded, "peft_config", {}).items():  # LoRA: the same adapters, then all the weights
+        plain.add_adapter(config, adapter_name=name)
     plain.load_state_dict(state_dict)
     return plain
 

@@ -1,21 +1,148 @@
 #!/usr/bin/env bash
-# One GPU check, under 8 minutes on a single H100/H200: the sd15 step table at 512 px, bf16, and the
-# generation phase's throughput. Random-init SD-1.5 configs from bench/configs (no download).
-#   bash bench/gpu_check.sh [OUT_DIR]
-set -euo pipefail
+# The GPU check, runnable as-is on an offline machine whose python3 has torch, transformers, accelerate, peft and
+# huggingface_hub but not diffusers, bitsandbytes or datasets (the H200 here): those come from the wheels that
+# `make gpu-wheels` put in gpu_wheels/. Planned for 5-8 minutes on one H100/H200 (not yet timed there), capped by
+# BUDGET_S:
+#   1. install the carried wheels (bench/gpu_wheels.txt) into a temporary folder put on PYTHONPATH
+#   2. bench/check_env.py: every project module and every library import in it resolves
+#   3. tests/test_cuda.py, if there
+#   4. the sd15 step table at 512 px, bf16 (random-init SD-1.5 configs from bench/configs, no download) and the
+#      generation phase's throughput at 50 steps
+# Every stage runs even when one before it failed (except that nothing runs without the wheels); any failure makes
+# the exit non-zero, and its error is repeated at the end.
+#   bash bench/gpu_check.sh OUT_DIR
+# OUT_DIR gets at most 7 files: gpu_check.log (everything printed), summary.txt, tables.md, test_cuda.txt and the
+# JSONs gpu_spin_full.json, gpu_rows.json, gpu_generate.json.
+# Environment: PYTHON (python3), WHEELS (gpu_wheels; "none": use the packages already there), PINS
+# (bench/gpu_wheels.txt), BUDGET_S (540: the whole run's time limit; each stage gets what is left, up to its own
+# cap), ENV_ONLY=1 (stop after the import check). The CPU rehearsal
+# (bench/rehearse_gpu_check.sh) sets PRESET=tiny DEVICE=cpu SMALL=1: the same stages and cases on tiny models,
+# with fewer steps, batches and prompts, and the rows' cases in one process.
+set -uo pipefail
 cd "$(dirname "$0")/.."
-OUT=${1:-bench/results}
+OUT=${1:?usage: bash bench/gpu_check.sh OUT_DIR}
 mkdir -p "$OUT"
-PY=${PYTHON:-python}
-nvidia-smi --query-gpu=name,memory.total --format=csv,noheader || true
+OUT=$(cd "$OUT" && pwd)
+PY=${PYTHON:-python3}
+WHEELS=${WHEELS:-gpu_wheels}
+PINS=${PINS:-bench/gpu_wheels.txt}
+PRESET=${PRESET:-sd15}
+DEVICE=${DEVICE:-cuda}
+BUDGET_S=${BUDGET_S:-540}
+if [ "${SMALL:-0}" = 1 ]; then
+  # the rows' cases in one process (--in_process): on 2 CPU cores each case's own process is mostly imports
+  STEPS=1 WARMUP=0 BATCHES="1" GEN="--prompts 4 --batch 2 --steps 2" ROWS_OPTS=--in_process
+else
+  STEPS=5 WARMUP=2 BATCHES="1 2 4 8" GEN="--prompts 32 --batch 16 --steps 50" ROWS_OPTS=
+fi
+export HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TOKENIZERS_PARALLELISM=false PYTHONUNBUFFERED=1
+WORK=$(mktemp -d)
+trap 'rm -rf "$WORK"' EXIT
+rm -f "$OUT"/{gpu_check.log,summary.txt,tables.md,test_cuda.txt,gpu_spin_full.json,gpu_rows.json,gpu_generate.json}
+START=$SECONDS
 
-# full SPIN, 8-bit Adam + gradient checkpointing, 1 pair per step and larger batches (largest under 16 GiB wins)
-$PY bench/bench_step.py --preset sd15 --device cuda --steps 5 --warmup 2 --batch 1 2 4 8 \
-  --cases spin:full:bf16:adamw8bit:gc1 --json "$OUT/gpu_spin_full.json"
-# the other rows at 1 pair / 1 sample per step: LoRA SPIN, precomputed reference, full and LoRA SFT, naive
-$PY bench/bench_step.py --preset sd15 --device cuda --steps 5 --warmup 2 --batch 1 \
-  --cases spin:lora:bf16:adamw:gc1,spin-pre:full:bf16:adamw8bit:gc1,sft:full:bf16:adamw8bit:gc1,sft:lora:bf16:adamw:gc1,naive:full:bf16:adamw8bit:gc1 \
-  --json "$OUT/gpu_rows.json"
-# generation phase vs a plain pipeline loop, 50 steps as in the paper's protocol
-$PY bench/bench_generate.py --preset sd15 --device cuda --dtype bf16 --prompts 32 --batch 16 --steps 50 \
-  --json "$OUT/gpu_generate.json"
+# stage NAME CAP_S [--md] CMD...: run CMD under min(CAP_S, time left), its stderr live and kept, its stdout after it
+# (with --md also appended to tables.md); one line in summary.txt either way.
+stage() {
+  local name=$1 cap=$2 md=0 left rc t0=$SECONDS
+  shift 2
+  if [ "$1" = --md ]; then md=1; shift; fi
+  left=$((BUDGET_S - (SECONDS - START)))
+  [ "$cap" -gt "$left" ] && cap=$left
+  echo "== $name (limit ${cap} s): $*"
+  if [ "$cap" -le 0 ]; then
+    echo "FAIL $name: not run, the ${BUDGET_S} s budget is spent" | tee -a "$OUT/summary.txt"
+    echo "not run: the ${BUDGET_S} s budget was spent" >"$WORK/$name.err"
+    return 1
+  fi
+  local run=(timeout --kill-after=15 "$cap")
+  [ "$(type -t "$1")" = function ] && run=()  # a shell function here (the install): not under timeout
+  { "${run[@]}" "$@" 2>&1 1>&3 | tee "$WORK/$name.err" >&2; } 3>"$WORK/$name.out"
+  rc=${PIPESTATUS[0]}
+  cat "$WORK/$name.out"
+  if [ $md = 1 ]; then printf '## %s\n\n%s\n\n' "$name" "$(cat "$WORK/$name.out")" >>"$OUT/tables.md"; fi
+  if [ "$rc" = 0 ]; then
+    echo "PASS $name ($((SECONDS - t0)) s)" | tee -a "$OUT/summary.txt"
+  else
+    [ "$rc" = 124 ] || [ "$rc" = 137 ] && echo "timed out after ${cap} s" >>"$WORK/$name.err"
+    echo "FAIL $name (exit $rc, $((SECONDS - t0)) s)" | tee -a "$OUT/summary.txt"
+  fi
+  return "$rc"
+}
+
+install_wheels() {
+  if [ "$WHEELS" = none ]; then echo "WHEELS=none: using the packages already installed"; return 0; fi
+  if [ ! -d "$WHEELS" ]; then
+    echo "error: no wheel folder $WHEELS/. Run 'make gpu-wheels' on a machine that reaches PyPI and bring" \
+         "$WHEELS/ along (with the device tool: carry [\"$WHEELS\"])." >&2
+    return 1
+  fi
+  local missing="" name version
+  while read -r name version; do  # each pin must have its wheel; pip's own message is less direct
+    ls "$WHEELS/$(echo "$name" | tr 'A-Z.-' 'a-z__')-$version-"*.whl >/dev/null 2>&1 || missing="$missing $name==$version"
+  done < <(sed -e 's/#.*//' -e 's/[[:space:]]//g' -e '/^$/d' -e 's/==/ /' "$PINS")
+  if [ -n "$missing" ]; then
+    echo "error: $WHEELS/ lacks the wheel of:$missing. Run 'make gpu-wheels' where PyPI is reachable." >&2
+    return 1
+  fi
+  "$PY" -m pip install --quiet --no-index --no-deps --no-compile --no-cache-dir --disable-pip-version-check \
+    --find-links "$WHEELS" --target "$WORK/site" -r "$PINS" \
+    || { echo "error: installing the carried wheels from $WHEELS/ failed (above); for this Python: $("$PY" -V)" >&2; return 1; }
+  echo "installed into $WORK/site: $(ls "$WORK/site" | grep -c dist-info) distributions"
+}
+
+main() {
+  echo "gpu_check: $(date -u +%FT%TZ), preset $PRESET on $DEVICE, budget $BUDGET_S s, python: $(command -v "$PY")"
+  nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader 2>/dev/null || echo "(no nvidia-smi)"
+  if ! stage install 120 install_wheels; then
+    echo "gpu_check: FAILED: the carried wheels are missing or did not install; nothing else was run." >&2
+    return 1
+  fi
+  [ "$WHEELS" = none ] || export PYTHONPATH="$WORK/site${PYTHONPATH:+:$PYTHONPATH}"
+  local failed=()
+  stage imports 120 "$PY" bench/check_env.py --pins "$PINS" --device "$DEVICE" || failed+=(imports)
+  if [ "${ENV_ONLY:-0}" = 1 ]; then finish "${failed[@]}"; return; fi
+  if [ -f tests/test_cuda.py ]; then
+    stage test_cuda 150 "$PY" -m pytest -q -p no:cacheprovider tests/test_cuda.py || failed+=(test_cuda)
+    cp "$WORK/test_cuda.out" "$OUT/test_cuda.txt"
+    cat "$WORK/test_cuda.err" >>"$OUT/test_cuda.txt"
+  else
+    echo "(no tests/test_cuda.py: skipped)"
+  fi
+  # full SPIN, 8-bit Adam + gradient checkpointing, 1 pair per step and larger batches
+  # shellcheck disable=SC2086
+  stage spin_full 200 --md "$PY" bench/bench_step.py --preset "$PRESET" --device "$DEVICE" --steps $STEPS \
+    --warmup $WARMUP --batch $BATCHES --cases spin:full:bf16:adamw8bit:gc1 --json "$OUT/gpu_spin_full.json" \
+    || failed+=(spin_full)
+  # the other rows at 1 pair / 1 sample per step: LoRA SPIN, precomputed reference, full and LoRA SFT, naive
+  # shellcheck disable=SC2086
+  stage rows 240 --md "$PY" bench/bench_step.py --preset "$PRESET" --device "$DEVICE" --steps $STEPS \
+    --warmup $WARMUP --batch 1 $ROWS_OPTS --json "$OUT/gpu_rows.json" --cases \
+    spin:lora:bf16:adamw:gc1,spin-pre:full:bf16:adamw8bit:gc1,sft:full:bf16:adamw8bit:gc1,sft:lora:bf16:adamw:gc1,naive:full:bf16:adamw8bit:gc1 \
+    || failed+=(rows)
+  # generation phase vs a plain pipeline loop, 50 steps as in the paper's protocol
+  # shellcheck disable=SC2086
+  stage generate 150 --md "$PY" bench/bench_generate.py --preset "$PRESET" --device "$DEVICE" --dtype bf16 $GEN \
+    --json "$OUT/gpu_generate.json" || failed+=(generate)
+
+  finish "${failed[@]}"
+}
+
+# finish [FAILED_STAGE...]: the summary, then each failed stage's error again (the end of the output is what a
+# remote run returns first), and the exit status
+finish() {
+  echo
+  cat "$OUT/summary.txt"
+  if [ $# -gt 0 ]; then
+    for name in "$@"; do
+      echo "---- $name failed; the end of its stderr:"
+      tail -n 40 "$WORK/$name.err"
+    done
+    echo "gpu_check: FAILED: $* ($((SECONDS - START)) s; results in $OUT)" >&2
+    return 1
+  fi
+  echo "gpu_check: OK ($((SECONDS - START)) s; results in $OUT)"
+}
+
+main 2>&1 | tee "$OUT/gpu_check.log"
+exit "${PIPESTATUS[0]}"

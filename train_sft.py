@@ -78,6 +78,7 @@ from utils.training import (
     check_finite_step,
     init_run,
     load_frozen_components,
+    model_for_saving,
     optimizer_step,
 )
 
@@ -254,8 +255,8 @@ def main(args):
 
     # 6. Save the result (diffusers pipeline or LoRA weights), a sample grid, the model card; push.
     accelerator.wait_for_everyone()
+    unet = model_for_saving(accelerator, unet)  # every process: under FSDP the shards are gathered here
     if accelerator.is_main_process:
-        unet = accelerator.unwrap_model(unet)
         pipeline = save_result(args, unet, ema_unet, vae, text_encoder, tokenizer)
         prompts = args.validation_prompts
         if not prompts and not args.streaming:  # no prompts given: show what it learned on training captions

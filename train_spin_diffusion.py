@@ -23,6 +23,7 @@ import math
 import sys
 import time
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 from accelerate.logging import get_logger
@@ -67,6 +68,7 @@ from utils.generation import SyntheticStore, generate_opponent_samples
 from utils.hub import HubError, describe, hub_user, move_tag, push_folder, validate_repo_name, write_model_card
 from utils.losses import min_snr_weights, spin_loss, step_generator
 from utils.models import (
+    FrozenComponents,
     ModelError,
     Reference,
     add_lora,
@@ -80,13 +82,23 @@ from utils.models import (
     sd_pipeline,
     trainable_parameters,
 )
-from utils.spin import pair_errors, pair_inputs, precompute_reference
+from utils.spin import (
+    TrajectoryTable,
+    pair_errors,
+    pair_inputs,
+    precompute_reference,
+    precompute_trajectory_reference,
+    real_latents,
+    trajectory_errors,
+    trajectory_inputs,
+)
 from utils.training import (
     DivergedError,
     assert_finite_weights,
     check_finite_step,
     init_run,
     load_frozen_components,
+    model_for_saving,
     optimizer_step,
 )
 
@@ -117,7 +129,18 @@ def parse_args(input_args=None):
     g.add_argument("--offload_reference", action="store_true", help="Full fine-tuning: keep the frozen reference UNet on the CPU between uses.")
     g.add_argument("--gen_num_inference_steps", type=int, default=50)
     g.add_argument("--gen_guidance_scale", type=float, default=7.5)
-    g.add_argument("--gen_scheduler", choices=["model", "ddim"], default="model", help="Sampler for the opponent: the model's own or DDIM.")
+    g.add_argument("--gen_scheduler", choices=["model", "ddim", "ddpm"], default="model",
+                   help="Sampler for the opponent: the model's own, DDIM or DDPM (built from the model's scheduler config).")
+    g.add_argument("--gen_eta", type=float, default=0.0,
+                   help="DDIM's eta for the opponent: 0 is deterministic, 1 is DDPM-like noise. DDPM ignores it.")
+    g.add_argument("--spin_objective", choices=["approximate", "trajectory"], default="approximate",
+                   help="approximate: forward-noise the opponent's final sample at a random t (SPIN.md's loss). trajectory: "
+                        "the exact objective, the per-step likelihood ratio on K stored steps of the opponent's own "
+                        "stochastic sampling chain against forward-posterior steps of the real image; needs --gen_scheduler "
+                        "ddpm, or ddim with --gen_eta > 0. Which one produced the paper's numbers is unconfirmed.")
+    g.add_argument("--trajectory_steps", type=int, default=1,
+                   help="--spin_objective trajectory: chain steps stored and trained per sample (K). Storage: 2K fp32 "
+                        "latents per sample, K x 128 KiB for SD-1.5 at 512 px.")
     g.add_argument("--gen_batch_size", type=int, default=8)
     g.add_argument("--gen_shard_size", type=int, default=256, help="Samples per synthetic shard (the unit of resumption).")
     g.add_argument("--push_synthetic_dataset", action="store_true", help="Also upload each iteration's samples as a dataset repo.")
@@ -129,11 +152,15 @@ def parse_args(input_args=None):
     if args.streaming:
         parser.error("--streaming is not supported by SPIN: every training prompt gets a generated sample; "
                      "use --max_train_samples to train on a subset")
-    for name in ("num_iterations", "beta", "gen_batch_size", "gen_shard_size", "gen_num_inference_steps"):
+    for name in ("num_iterations", "beta", "gen_batch_size", "gen_shard_size", "gen_num_inference_steps", "trajectory_steps"):
         if not getattr(args, name) > 0:
             parser.error(f"--{name} must be positive, got {getattr(args, name)}")
     if args.gen_guidance_scale < 0:
         parser.error(f"--gen_guidance_scale must be >= 0, got {args.gen_guidance_scale}")
+    if args.gen_eta < 0:
+        parser.error(f"--gen_eta must be >= 0, got {args.gen_eta}")
+    if args.spin_objective == "trajectory":
+        check_trajectory_args(parser, args)
     if args.precompute_reference and args.negative_source == "dataset":
         parser.error("--precompute_reference works with --negative_source self (it runs during the generation phase)")
     if args.precompute_reference and (args.noise_offset or args.random_flip):
@@ -158,6 +185,26 @@ def parse_args(input_args=None):
     return args
 
 
+def check_trajectory_args(parser, args):
+    """--spin_objective trajectory needs a stochastic opponent sampler, and the flags of the approximate form's
+    noising do not apply to it."""
+    if args.negative_source != "self":
+        parser.error("--spin_objective trajectory scores the opponent's own sampling chain: it needs --negative_source self")
+    if args.gen_scheduler == "model":
+        parser.error("--spin_objective trajectory needs a stochastic sampler whose steps have a likelihood: "
+                     "--gen_scheduler ddpm, or --gen_scheduler ddim with --gen_eta > 0")
+    if args.gen_scheduler == "ddim" and args.gen_eta == 0:
+        parser.error("--spin_objective trajectory with --gen_scheduler ddim needs --gen_eta > 0: at eta 0 a DDIM step is "
+                     "deterministic and has no per-step likelihood")
+    if args.trajectory_steps > args.gen_num_inference_steps - 1:
+        parser.error(f"--trajectory_steps {args.trajectory_steps} must be below --gen_num_inference_steps "
+                     f"{args.gen_num_inference_steps} (the chain's last step may add no noise)")
+    for flag, value in (("--snr_gamma", args.snr_gamma), ("--noise_offset", args.noise_offset), ("--no_share_noise", args.no_share_noise)):
+        if value:
+            parser.error(f"{flag} is for the approximate objective; the trajectory objective weights and noises each step "
+                         "by the sampler's own likelihood")
+
+
 def main(args):
     output_dir = Path(args.output_dir)
     # 1. Hub identity, model, data: bad input fails here, before any model is loaded.
@@ -176,6 +223,8 @@ def main(args):
     if todo:  # a rerun that only has pushes left loads no model
         set_seed(args.seed)
         tokenizer, text_encoder, vae, _, noise_scheduler, dtype = load_frozen_components(args, accelerator)
+        frozen = FrozenComponents(tokenizer, text_encoder, vae, noise_scheduler, dtype)
+        step = spin_step(args)
     if accelerator.is_main_process:
         state.update(num_iterations=num_iterations)
 
@@ -194,6 +243,9 @@ def main(args):
                 "resolution": args.resolution, "precompute_reference": args.precompute_reference,
                 "share_noise": not args.no_share_noise,
                 **({"stores_prompt_embeds": True} if args.precompute_reference else {}),  # older stores lack them
+                **({"gen_eta": args.gen_eta} if args.gen_eta else {}),
+                **({"spin_objective": "trajectory", "trajectory_steps": args.trajectory_steps}
+                   if args.spin_objective == "trajectory" else {}),
                 **{name: getattr(args, name) for name in (
                     "gen_num_inference_steps", "gen_guidance_scale", "gen_scheduler", "pretrained_model_name_or_path")}})
             try:  # every process checks; refuses shards made for other prompts or settings
@@ -202,16 +254,18 @@ def main(args):
                 raise DataError(str(e)) from e
             accelerator.wait_for_everyone()
             if store.missing_shards(accelerator.process_index, accelerator.num_processes):
-                pipeline = opponent_pipeline(args, unet, vae, text_encoder, tokenizer, accelerator.device)
+                pipeline = opponent_pipeline(args, unet, frozen, accelerator.device)
                 extras = None
                 if args.precompute_reference:
                     real_images = TrainDataset(hf_dataset, spec, tokenizer, args.resolution, center_crop=True, seed=args.seed + k)
-                    extras = reference_extras(args, real_images, unet, vae, text_encoder, noise_scheduler, dtype, accelerator)
+                    extras = reference_extras(args, real_images, unet, frozen=frozen, step=step, accelerator=accelerator)
                 generate_opponent_samples(
-                    pipeline, captions, store, args.seed, k, args.gen_batch_size, args.gen_num_inference_steps,
-                    args.gen_guidance_scale, args.resolution, accelerator.process_index, accelerator.num_processes,
-                    autocast_dtype=dtype if dtype != torch.float32 else None, progress=accelerator.is_local_main_process,
-                    extras=extras)
+                    pipeline, captions, store, seed=args.seed, iteration=k, batch_size=args.gen_batch_size,
+                    num_inference_steps=args.gen_num_inference_steps, guidance_scale=args.gen_guidance_scale,
+                    resolution=args.resolution, eta=args.gen_eta, process_index=accelerator.process_index,
+                    num_processes=accelerator.num_processes, autocast_dtype=dtype if dtype != torch.float32 else None,
+                    progress=accelerator.is_local_main_process, extras=extras,
+                    trajectory=(step.table, step.trajectory_steps) if step.objective == "trajectory" else None)
                 del pipeline, extras  # both hold theta_k's UNet
             accelerator.wait_for_everyone()
             if accelerator.is_main_process:
@@ -222,12 +276,13 @@ def main(args):
         if args.precompute_reference:  # latents and text embeddings are stored: VAE and text encoder wait on the CPU
             vae.to("cpu")
             text_encoder.to("cpu")
-        metrics = train_iteration(args, accelerator, k, it_dir, unet, reference, store, hf_dataset, spec,
-                                  tokenizer, text_encoder, vae, noise_scheduler, dtype)
+        metrics = train_iteration(args, accelerator, k, it_dir=it_dir, unet=unet, reference=reference, store=store,
+                                  data=(hf_dataset, spec), frozen=frozen, step=step)
 
+        result = model_for_saving(accelerator, unet)  # every process: under FSDP the shards are gathered here
         if accelerator.is_main_process:
             state.update(phase="save")
-            save_iteration(args, accelerator.unwrap_model(unet), it_dir, k, hub_repo, metrics)
+            save_iteration(args, result, it_dir, k, hub_repo, metrics)
             state.update(done=sorted(set(state.get("done")) | {k + 1}), phase="push" if args.push_to_hub else "done")
             if args.push_to_hub:  # this iteration, and any earlier one whose push failed (all of them at the end)
                 push_unpushed(args, state, hub_repo, stop_at_failure=k != todo[-1])
@@ -237,7 +292,7 @@ def main(args):
         # Iteration k's UNet, reference copy and optimizer go before k+1 loads its own. Dropping the names is not
         # enough: a prepared model is a reference cycle (accelerate's patched forward holds it), and free_memory()
         # collects garbage before it drops accelerate's own references. So: names, accelerate's lists, then collect.
-        del unet, reference, store
+        del unet, reference, store, result
         accelerator.free_memory()
         gc.collect()
         if torch.cuda.is_available():
@@ -290,57 +345,131 @@ def load_policy_and_reference(args, k, dtype, device):
     return unet, None if args.precompute_reference else Reference(unet, adapter=ref_adapter)
 
 
-def opponent_pipeline(args, unet, vae, text_encoder, tokenizer, device):
-    from diffusers import DDIMScheduler
+def opponent_scheduler(args):
+    """The opponent's sampler for --gen_scheduler ddim / ddpm, from the start model's scheduler config (None: the
+    model's own). clip_sample stays off unless that config turns it on: SD's latents are not clipped."""
+    from diffusers import DDIMScheduler, DDPMScheduler
 
-    pipeline = sd_pipeline(args.pretrained_model_name_or_path, args.prediction_type, unet=unet, vae=vae,
-                           text_encoder=text_encoder, tokenizer=tokenizer, revision=args.revision, cache_dir=args.cache_dir)
-    if args.gen_scheduler == "ddim":
-        pipeline.scheduler = DDIMScheduler.from_config(pipeline.scheduler.config)
+    if args.gen_scheduler == "model":
+        return None
+    cls = DDIMScheduler if args.gen_scheduler == "ddim" else DDPMScheduler
+    config = cls.load_config(args.pretrained_model_name_or_path, subfolder="scheduler", revision=args.revision,
+                             cache_dir=args.cache_dir)
+    if args.prediction_type is not None:
+        config["prediction_type"] = args.prediction_type
+    return cls.from_config({"clip_sample": False, **config})
+
+
+def opponent_pipeline(args, unet, frozen, device):
+    pipeline = sd_pipeline(args.pretrained_model_name_or_path, args.prediction_type, unet=unet, vae=frozen.vae,
+                           text_encoder=frozen.text_encoder, tokenizer=frozen.tokenizer, revision=args.revision,
+                           cache_dir=args.cache_dir)
+    sampler = opponent_scheduler(args)
+    if sampler is not None:
+        pipeline.scheduler = sampler
     pipeline.set_progress_bar_config(disable=True)
     return pipeline.to(device)
 
 
-def spin_forward(unet, reference, vae, text_encoder, noise_scheduler, batch, generator, dtype, args, autocast):
-    """One micro-batch of the SPIN / Diffusion-DPO loss: (loss, logged values). One policy forward over the
-    concatenated (real, negative) batch; the reference errors come from one reference forward, or from the
-    batch when they were precomputed during generation."""
-    real, negative, t, noise, noise_neg = pair_inputs(batch, vae, generator, dtype, noise_scheduler.config.num_train_timesteps,
-                                                      not args.no_share_noise, args.noise_offset)
+class SpinStep(NamedTuple):
+    """The flags that choose and shape the SPIN step (`spin_forward`)."""
+
+    objective: str  # "approximate" or "trajectory" (--spin_objective)
+    precomputed: bool  # the reference errors were stored during generation (--precompute_reference)
+    beta: float
+    share_noise: bool
+    noise_offset: float
+    snr_gamma: float | None
+    table: TrajectoryTable | None  # trajectory: the opponent sampler's stochastic steps
+    trajectory_steps: int  # trajectory: K stored chain steps per sample
+
+
+def spin_step(args):
+    table = None
+    if args.spin_objective == "trajectory":
+        sampler = opponent_scheduler(args)
+        sampler.set_timesteps(args.gen_num_inference_steps)
+        try:
+            table = TrajectoryTable(sampler, args.gen_eta)
+        except ValueError as e:
+            raise ModelError(f"--spin_objective trajectory with --gen_scheduler {args.gen_scheduler}: {e}") from e
+        if args.trajectory_steps > len(table.timesteps):
+            raise ModelError(f"--trajectory_steps {args.trajectory_steps}: the sampler has only {len(table.timesteps)} "
+                             "stochastic steps")
+    return SpinStep(args.spin_objective, args.precompute_reference, args.beta, not args.no_share_noise,
+                    args.noise_offset, args.snr_gamma, table, args.trajectory_steps)
+
+
+def spin_forward(unet, reference, batch, generator, *, frozen, step, autocast):
+    """One micro-batch of the SPIN / Diffusion-DPO loss: (loss, logged values).
+
+    Each of the policy (`unet`) and the frozen reference theta_k has an error on the real image and one on the
+    negative; `spin_loss` compares the policy's improvement over the reference on each side. What the errors are:
+    - approximate (default): both latents noised at one random t per pair (shared noise by default); the error
+      is the denoising MSE (min-SNR weighted with --snr_gamma). One policy forward over the 2B latents.
+    - trajectory (exact): at K stored steps of the opponent's own sampling chain and at forward-posterior steps
+      of the real image at the same t, the error is the likelihood-weighted squared distance between the
+      model's conditional epsilon and the noise each pair implies. Difference of the two models' errors =
+      the scaled per-step log-likelihood ratio (`utils/spin.py`, TrajectoryTable).
+    The reference's errors come from one forward of `reference` before the policy's (switching LoRA adapters
+    touches requires_grad), or, with --precompute_reference, from the batch."""
+    real = real_latents(batch, vae=frozen.vae, generator=generator, dtype=frozen.dtype)
     with torch.no_grad():
-        prompt_embeds = batch_prompt_embeds(text_encoder, batch).to(real.device, real.dtype)
-        if "ref_err_real" in batch:
+        prompt_embeds = batch_prompt_embeds(frozen.text_encoder, batch).to(real.device, real.dtype)
+
+    if step.objective == "trajectory":
+        inputs = trajectory_inputs(batch, real, table=step.table, noise_scheduler=frozen.scheduler, generator=generator)
+        if step.precomputed:
             ref_err = torch.cat([batch["ref_err_real"], batch["ref_err_gen"]]).to(real.device)
         else:
-            with autocast():  # before the policy forward: LoRA adapter switches touch requires_grad
-                ref_err, _ = pair_errors(reference, noise_scheduler, real, negative, t, noise, noise_neg, prompt_embeds)
-    model_err, timesteps = pair_errors(unet, noise_scheduler, real, negative, t, noise, noise_neg, prompt_embeds)
-    if args.snr_gamma:
-        w = min_snr_weights(noise_scheduler, timesteps, args.snr_gamma)
-        model_err, ref_err = model_err * w, ref_err * w
+            with torch.no_grad(), autocast():
+                ref_err = trajectory_errors(reference, frozen.scheduler, inputs, prompt_embeds, step.trajectory_steps)
+        model_err = trajectory_errors(unet, frozen.scheduler, inputs, prompt_embeds, step.trajectory_steps)
+    else:
+        pair = pair_inputs(batch, real, vae=frozen.vae, generator=generator,
+                           num_train_timesteps=frozen.scheduler.config.num_train_timesteps,
+                           share_noise=step.share_noise, noise_offset=step.noise_offset)
+        if step.precomputed:
+            ref_err = torch.cat([batch["ref_err_real"], batch["ref_err_gen"]]).to(real.device)
+        else:
+            with torch.no_grad(), autocast():
+                ref_err, _ = pair_errors(reference, frozen.scheduler, pair, prompt_embeds)
+        model_err, timesteps = pair_errors(unet, frozen.scheduler, pair, prompt_embeds)
+        if step.snr_gamma:
+            w = min_snr_weights(frozen.scheduler, timesteps, step.snr_gamma)
+            model_err, ref_err = model_err * w, ref_err * w
+
     m_real, m_gen = model_err.chunk(2)
     r_real, r_gen = ref_err.float().chunk(2)
-    return spin_loss(m_real, m_gen, r_real, r_gen, args.beta)
+    return spin_loss(m_real, m_gen, r_real, r_gen, step.beta)
 
 
-def reference_extras(args, real_images, unet, vae, text_encoder, noise_scheduler, dtype, accelerator):
-    """For --precompute_reference: per generated chunk, the real latents, t, noise seeds and theta_k's errors."""
-    def extras(indices, seeds, gen_latents):
+def reference_extras(args, real_images, unet, *, frozen, step, accelerator):
+    """For --precompute_reference: per generated chunk, the real latents, the noise seeds (and t), theta_k's
+    errors and the text embeddings, for the objective in use."""
+    def extras(indices, seeds, outputs):
         rows = [real_images.ds[i] for i in indices]
         pixels = [real_images.pixels(real_images.image_value(row), i) for row, i in zip(rows, indices)]
         valid = torch.tensor([p is not None for p in pixels])  # an undecodable real image: replaced at training time
         pixels = torch.stack([p if p is not None else torch.zeros(3, args.resolution, args.resolution) for p in pixels])
         ids = tokenize(real_images.tokenizer, [caption_of(row[real_images.spec["caption"]]) for row in rows])
-        out = precompute_reference(unet, vae, text_encoder, noise_scheduler, pixels, gen_latents.to(accelerator.device),
-                                   ids, seeds, dtype, not args.no_share_noise, accelerator.autocast)
+        common = dict(vae=frozen.vae, text_encoder=frozen.text_encoder, noise_scheduler=frozen.scheduler,
+                      dtype=frozen.dtype, autocast=accelerator.autocast)
+        if step.objective == "trajectory":
+            trajectory = {name: t.to(accelerator.device) for name, t in outputs.items() if name.startswith("traj_")}
+            out = precompute_trajectory_reference(unet, pixels, trajectory, ids, seeds, table=step.table, **common)
+        else:
+            out = precompute_reference(unet, pixels, outputs["latents"].to(accelerator.device), ids, seeds,
+                                       share_noise=step.share_noise, **common)
         return out | {"valid": valid}
 
     return extras
 
 
-def train_iteration(args, accelerator, k, it_dir, unet, reference, store, hf_dataset, spec, tokenizer, text_encoder,
-                    vae, noise_scheduler, dtype):
-    """One iteration's training phase. Returns the iteration's metrics (first step, last step, means)."""
+def train_iteration(args, accelerator, k, *, it_dir, unet, reference, store, data, frozen, step):
+    """One iteration's training phase on `data` = (dataset, column spec). Returns the iteration's metrics (first
+    step, last step, means)."""
+    hf_dataset, spec = data
     ema_unet = None
     if args.use_ema and not args.use_lora:
         from diffusers import UNet2DConditionModel
@@ -349,7 +478,7 @@ def train_iteration(args, accelerator, k, it_dir, unet, reference, store, hf_dat
         ema_unet = EMAModel(unet.parameters(), decay=args.ema_decay, model_cls=UNet2DConditionModel, model_config=unet.config)
         ema_unet.to(accelerator.device)
     hooks = register_checkpoint_hooks(accelerator, use_lora=args.use_lora, ema_model=ema_unet)
-    base = TrainDataset(hf_dataset, spec, tokenizer, args.resolution, args.center_crop, args.random_flip, args.seed + k)
+    base = TrainDataset(hf_dataset, spec, frozen.tokenizer, args.resolution, args.center_crop, args.random_flip, args.seed + k)
     train_set = PairDataset(base, store)
     sampler = EpochSampler(len(train_set), seed=args.seed + k)
     train_dataloader = torch.utils.data.DataLoader(train_set, batch_size=args.train_batch_size, sampler=sampler,
@@ -394,8 +523,8 @@ def train_iteration(args, accelerator, k, it_dir, unet, reference, store, hf_dat
             skipped_images += batch["num_skipped"]
             gen = step_generator(args.seed + k, micro_step, accelerator.process_index, accelerator.device)
             with accelerator.accumulate(unet):
-                loss, step_logs = spin_forward(unet, reference, vae, text_encoder, noise_scheduler, batch, gen, dtype, args,
-                                               accelerator.autocast)
+                loss, step_logs = spin_forward(unet, reference, batch, gen, frozen=frozen, step=step,
+                                               autocast=accelerator.autocast)
                 accelerator.backward(loss)
                 window, window_batches = window + torch.stack([step_logs[name] for name in LOGGED]), window_batches + 1
                 grad_norm = optimizer_step(accelerator, unet, optimizer, lr_scheduler, args.max_grad_norm)
@@ -436,7 +565,7 @@ def train_iteration(args, accelerator, k, it_dir, unet, reference, store, hf_dat
         ema_unet.copy_to(accelerator.unwrap_model(unet).parameters())
     for h in hooks:
         h.remove()
-    return {"iteration": k + 1, "steps": global_step, "first_step": first, "last_step": logs,
+    return {"iteration": k + 1, "spin_objective": args.spin_objective, "steps": global_step, "first_step": first, "last_step": logs,
             "mean": {name: v / max(counted, 1) for name, v in sums.items()}}
 
 
@@ -469,7 +598,8 @@ def save_iteration(args, unet, it_dir, k, hub_repo, metrics):
         hyperparameters={name: getattr(args, name) for name in (
             "beta", "learning_rate", "lr_scheduler", "lr_warmup_steps", "max_train_steps", "train_batch_size",
             "gradient_accumulation_steps", "resolution", "mixed_precision", "use_lora", "rank", "negative_source",
-            "gen_num_inference_steps", "gen_guidance_scale", "prediction_type", "seed")},
+            "gen_num_inference_steps", "gen_guidance_scale", "gen_scheduler", "gen_eta", "spin_objective",
+            "trajectory_steps", "prediction_type", "seed")},
         metrics=metrics["mean"], image=None)
 
 

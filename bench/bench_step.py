@@ -133,7 +133,7 @@ def naive_step(unet, ref_unet, vae, text_encoder, scheduler, batch, generator, d
 def run_case(case, preset, B, steps, warmup, device):
     import train_sft
     import train_spin_diffusion
-    from utils.models import Reference, add_lora, encode_prompt, freeze, make_optimizer, optimize_unet, trainable_parameters
+    from utils.models import FrozenComponents, Reference, add_lora, encode_prompt, freeze, make_optimizer, optimize_unet, trainable_parameters
 
     mode, lora, bf16, use_8bit, gc, opts = parse_case(case)
     device = torch.device(device)
@@ -168,7 +168,10 @@ def run_case(case, preset, B, steps, warmup, device):
             batch["prompt_embeds"] = encode_prompt(text_encoder, batch.pop("input_ids")).to(dtype)
         text_encoder.to("cpu")
     autocast = (lambda: torch.autocast(device.type, dtype=torch.bfloat16)) if bf16 else contextlib.nullcontext
-    args = argparse.Namespace(no_share_noise=False, noise_offset=0.0, snr_gamma=None, beta=5000.0)
+    frozen = FrozenComponents(None, text_encoder, vae, scheduler, dtype)
+    spin_step = train_spin_diffusion.SpinStep(objective="approximate", precomputed=mode == "spin-pre", beta=5000.0,
+                                              share_noise=True, noise_offset=0.0, snr_gamma=None, table=None,
+                                              trajectory_steps=1)
 
     def step(i):
         gen = torch.Generator(device=device).manual_seed(i)
@@ -178,8 +181,8 @@ def run_case(case, preset, B, steps, warmup, device):
             elif mode == "naive":
                 loss, _ = naive_step(unet, ref_unet or reference.copy, vae, text_encoder, scheduler, batch, gen, dtype)
             else:
-                loss, _ = train_spin_diffusion.spin_forward(unet, reference, vae, text_encoder, scheduler, batch, gen, dtype,
-                                                            args, autocast)
+                loss, _ = train_spin_diffusion.spin_forward(unet, reference, batch, gen, frozen=frozen, step=spin_step,
+                                                            autocast=autocast)
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)

@@ -76,13 +76,12 @@ def test_one_step_lowers_real_error_relative_to_generated(assets):
 def test_precomputed_reference_gives_the_in_loop_loss(assets):
     """--precompute_reference: the errors stored during generation give the same loss as running the frozen
     reference in the training step, for the same t and noise."""
-    import argparse
 
     from diffusers import DDPMScheduler, UNet2DConditionModel
     from transformers import CLIPTextModel
 
     import train_spin_diffusion
-    from utils.models import Reference
+    from utils.models import FrozenComponents, Reference
     from utils.spin import precompute_reference
 
     torch.manual_seed(0)
@@ -94,22 +93,24 @@ def test_precomputed_reference_gives_the_in_loop_loss(assets):
     sched = DDPMScheduler.from_pretrained(pipe, subfolder="scheduler")
     pixels, gen_latents = torch.rand(3, 3, 32, 32) * 2 - 1, torch.randn(3, 4, 16, 16)
     input_ids = torch.randint(0, 600, (3, 77))
-    stored = precompute_reference(theta_k, vae, text_encoder, sched, pixels, gen_latents, input_ids,
-                                  sample_seeds=[11, 22, 33], dtype=torch.float32)
+    stored = precompute_reference(theta_k, pixels, gen_latents, input_ids, [11, 22, 33], vae=vae,
+                                  text_encoder=text_encoder, noise_scheduler=sched, dtype=torch.float32)
     policy = copy.deepcopy(theta_k)  # a policy that has moved away from theta_k
     with torch.no_grad():
         for p in policy.parameters():
             p.add_(0.01 * torch.randn_like(p))
-    args = argparse.Namespace(no_share_noise=False, noise_offset=0.0, snr_gamma=None, beta=5000.0)
+    frozen = FrozenComponents(None, text_encoder, vae, sched, torch.float32)
+    step_pre = train_spin_diffusion.SpinStep("approximate", True, 5000.0, True, 0.0, None, None, 1)
+    step_loop = step_pre._replace(precomputed=False)
     batch = {"input_ids": input_ids, "gen_latents": gen_latents.half().float(), **stored}  # as the store gives them
     gen = torch.Generator().manual_seed(0)
-    loss_pre, logs_pre = train_spin_diffusion.spin_forward(policy, None, vae, text_encoder, sched, batch, gen, torch.float32,
-                                                           args, contextlib.nullcontext)
+    loss_pre, logs_pre = train_spin_diffusion.spin_forward(policy, None, batch, gen, frozen=frozen, step=step_pre,
+                                                           autocast=contextlib.nullcontext)
     assert stored["prompt_embeds"].shape == (3, 77, text_encoder.config.hidden_size)
     in_loop = {k: v for k, v in batch.items() if not k.startswith("ref_err") and k != "prompt_embeds"}  # TE and reference run
     reference = Reference.frozen_copy(theta_k, "cpu")
-    loss_loop, logs_loop = train_spin_diffusion.spin_forward(policy, reference, vae, text_encoder, sched, in_loop, gen,
-                                                             torch.float32, args, contextlib.nullcontext)
+    loss_loop, logs_loop = train_spin_diffusion.spin_forward(policy, reference, in_loop, gen, frozen=frozen,
+                                                             step=step_loop, autocast=contextlib.nullcontext)
     assert abs(loss_pre.item() - math.log(2)) > 1e-3  # the policy differs from the reference: a real check
     assert loss_pre.item() == pytest.approx(loss_loop.item(), abs=1e-6)
     assert logs_pre["ref_err_real"].item() == pytest.approx(logs_loop["ref_err_real"].item(), rel=1e-6)

@@ -4,6 +4,7 @@ Only the UNet is trained; the VAE and text encoder are frozen in the compute dty
 """
 
 from pathlib import Path
+from typing import Any, NamedTuple
 
 import torch
 
@@ -13,6 +14,17 @@ WEIGHT_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16}
 def weight_dtype(mixed_precision):
     """dtype for frozen weights (and the LoRA base weights) under accelerate's mixed precision."""
     return WEIGHT_DTYPES.get(mixed_precision, torch.float32)
+
+
+class FrozenComponents(NamedTuple):
+    """The frozen parts of a Stable Diffusion pipeline that training uses beside the UNet, and the compute dtype
+    they run in."""
+
+    tokenizer: Any
+    text_encoder: torch.nn.Module
+    vae: torch.nn.Module
+    scheduler: Any  # the training noise scheduler (DDPM with the model's betas)
+    dtype: torch.dtype
 
 
 class ModelError(ValueError):

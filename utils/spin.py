@@ -1,14 +1,35 @@
-"""SPIN-Diffusion's per-pair pieces, shared by the training step and the generation phase:
-the inputs of a (real, negative) pair (one t, shared noise by default), a model's errors on a pair, and
-the reference errors precomputed while the opponent theta_k is in memory (so training needs no reference)."""
+"""SPIN-Diffusion's per-pair pieces, shared by the training step and the generation phase, for both objectives:
+- approximate: the inputs of a (real, negative) pair (one t, shared noise by default) and a model's errors on it;
+- trajectory (exact): the opponent sampler's step table, the recorder of its chain steps, the real side's
+  forward-posterior pairs and a model's likelihood-weighted errors on both sides;
+and the reference errors precomputed while the opponent theta_k is in memory (so training needs no reference).
+Needs its siblings `losses.py` and `models.py`."""
 
 import contextlib
 from typing import NamedTuple
 
 import torch
 
-from .losses import diffusion_target, per_sample_mse, sample_noise_and_timesteps
+from .losses import (
+    diffusion_target,
+    forward_posterior_pair,
+    per_sample_mse,
+    sample_noise_and_timesteps,
+    sampler_prev_timestep,
+    sampler_step_coefficients,
+)
 from .models import encode_images, encode_prompt
+
+
+class PairInputs(NamedTuple):
+    """A batch of (real, negative) pairs as the approximate objective noises them: one t per pair, and noise
+    shared by both latents unless --no_share_noise."""
+
+    real: torch.Tensor
+    negative: torch.Tensor
+    timesteps: torch.Tensor
+    noise: torch.Tensor
+    noise_negative: torch.Tensor
 
 
 def seeded_noise(seeds, shape, device, dtype, share_noise=True):
@@ -21,61 +42,76 @@ def seeded_noise(seeds, shape, device, dtype, share_noise=True):
     return torch.stack(real), torch.stack(neg)
 
 
-def pair_inputs(batch, vae, generator, dtype, num_train_timesteps, share_noise=True, noise_offset=0.0):
-    """(real, negative, t, noise_real, noise_negative) for a batch of pairs. t and noise come from the batch
-    when it carries them (`timesteps`, `noise_seed`: drawn ahead with precomputed reference errors), else
+def real_latents(batch, *, vae, generator, dtype):
+    """The batch's real latents: stored ones (`real_latents`, with precomputed reference errors), else sampled
+    from cached VAE distributions or encoded by the VAE (`encode_images`)."""
+    if "real_latents" in batch:
+        return batch["real_latents"].to(generator.device, dtype)
+    return encode_images(vae, batch, generator, dtype)
+
+
+def pair_inputs(batch, real, *, vae, generator, num_train_timesteps, share_noise=True, noise_offset=0.0):
+    """The approximate objective's `PairInputs`. The negative is the opponent's latent (`gen_latents`, SPIN) or
+    the dataset's loser image encoded by the VAE (`loser_pixel_values`, Diffusion-DPO). t and noise come from the
+    batch when it carries them (`timesteps`, `noise_seed`: drawn ahead with precomputed reference errors), else
     from `generator`."""
     device = generator.device
-    real = batch["real_latents"].to(device, dtype) if "real_latents" in batch else encode_images(vae, batch, generator, dtype)
     if "gen_latents" in batch:
         negative = batch["gen_latents"].to(device, real.dtype)
-    else:  # Diffusion-DPO: the dataset's loser image
-        negative = encode_images(vae, {"pixel_values": batch["loser_pixel_values"]}, generator, dtype)
+    else:
+        negative = encode_images(vae, {"pixel_values": batch["loser_pixel_values"]}, generator, real.dtype)
     if "timesteps" in batch:
-        t = batch["timesteps"].to(device)
         noise, noise_neg = seeded_noise(batch["noise_seed"], real.shape[1:], device, real.dtype, share_noise)
-        return real, negative, t, noise, noise_neg
+        return PairInputs(real, negative, batch["timesteps"].to(device), noise, noise_neg)
     noise, t = sample_noise_and_timesteps(real, num_train_timesteps, generator, noise_offset)
     noise_neg = noise if share_noise else torch.randn(noise.shape, generator=generator, device=device, dtype=noise.dtype)
-    return real, negative, t, noise, noise_neg
+    return PairInputs(real, negative, t, noise, noise_neg)
 
 
-def pair_errors(model, noise_scheduler, real, negative, t, noise, noise_neg, prompt_embeds):
+def pair_errors(model, noise_scheduler, pair, prompt_embeds):
     """Per-sample errors (2B,) of `model` on the concatenated (real, negative) batch: one forward.
     `prompt_embeds` is (B, L, D); returns (errors, timesteps (2B,))."""
-    latents, noise, timesteps = torch.cat([real, negative]), torch.cat([noise, noise_neg]), torch.cat([t, t])
+    latents = torch.cat([pair.real, pair.negative])
+    noise, timesteps = torch.cat([pair.noise, pair.noise_negative]), torch.cat([pair.timesteps, pair.timesteps])
     noisy = noise_scheduler.add_noise(latents, noise, timesteps)
     target = diffusion_target(noise_scheduler, latents, noise, timesteps)
     pred = model(noisy, timesteps, prompt_embeds.repeat(2, 1, 1), return_dict=False)[0]
     return per_sample_mse(pred, target), timesteps
 
 
-@torch.no_grad()
-def precompute_reference(reference, vae, text_encoder, noise_scheduler, real_pixels, gen_latents, input_ids,
-                         sample_seeds, dtype, share_noise=True, autocast=contextlib.nullcontext):
-    """For a chunk of prompts, while theta_k is loaded: the real latents (VAE sample with a per-sample seed),
-    one t and noise seed per pair, theta_k's errors on both latents and the text embeddings. Training on
-    these runs no reference forward, VAE or text encoder; `pair_inputs` rebuilds exactly the same t and noise from them."""
+def stored_real_latents(vae, real_pixels, sample_seeds, dtype):
+    """Real latents as --precompute_reference stores them: a VAE sample with a per-sample seed, rounded to fp16
+    (what training will read back), on the VAE's device."""
     from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
 
-    device = gen_latents.device
+    device = vae.device
     dist = DiagonalGaussianDistribution(vae.encode(real_pixels.to(device, dtype)).latent_dist.parameters)
     eps = torch.stack([torch.randn(dist.mean.shape[1:], generator=torch.Generator(device=device).manual_seed(int(s)),
                                    device=device, dtype=dist.mean.dtype) for s in sample_seeds])
-    # Stored in fp16 like the generated latents: compute the errors from exactly what training will read.
-    real = ((dist.mean + dist.std * eps) * vae.config.scaling_factor).half().float()
-    gen = gen_latents.half().float()
+    return ((dist.mean + dist.std * eps) * vae.config.scaling_factor).half().float()
+
+
+@torch.no_grad()
+def precompute_reference(reference, real_pixels, gen_latents, input_ids, sample_seeds, *, vae, text_encoder,
+                         noise_scheduler, dtype, share_noise=True, autocast=contextlib.nullcontext):
+    """For a chunk of prompts, while theta_k is loaded: the real latents (VAE sample with a per-sample seed),
+    one t and noise seed per pair, theta_k's errors on both latents and the text embeddings. Training on
+    these runs no reference forward, VAE or text encoder; `pair_inputs` rebuilds exactly the same t and noise from them."""
+    device = gen_latents.device
+    real = stored_real_latents(vae, real_pixels, sample_seeds, dtype)
+    gen = gen_latents.half().float()  # stored in fp16 like the generated latents: errors on what training reads
     T = noise_scheduler.config.num_train_timesteps
     timesteps = torch.tensor([torch.randint(0, T, (1,), generator=torch.Generator().manual_seed(int(s) + 1)).item()
                               for s in sample_seeds], device=device)
     noise_seeds = torch.tensor([int(s) + 2 for s in sample_seeds], dtype=torch.int64)
-    batch = {"real_latents": real, "gen_latents": gen, "timesteps": timesteps, "noise_seed": noise_seeds}
-    inputs = pair_inputs(batch, vae, torch.Generator(device=device), dtype, T, share_noise)
+    batch = {"gen_latents": gen, "timesteps": timesteps, "noise_seed": noise_seeds}
+    pair = pair_inputs(batch, real, vae=vae, generator=torch.Generator(device=device), num_train_timesteps=T,
+                       share_noise=share_noise)
     # The text embeddings are stored too (in the compute dtype, exactly what the step would compute): training
     # then needs no text encoder.
     prompt_embeds = encode_prompt(text_encoder, input_ids.to(device))
     with autocast():
-        err, _ = pair_errors(reference, noise_scheduler, *inputs, prompt_embeds)
+        err, _ = pair_errors(reference, noise_scheduler, pair, prompt_embeds)
     r_real, r_gen = err.float().chunk(2)
     return {"real_latents": real.half().cpu(), "timesteps": timesteps.cpu(), "noise_seed": noise_seeds,
             "ref_err_real": r_real.cpu(), "ref_err_gen": r_gen.cpu(), "prompt_embeds": prompt_embeds.cpu()}
@@ -92,8 +128,6 @@ class TrajectoryTable:
     step (D = latent size) is the difference of the two models' errors."""
 
     def __init__(self, sampler, eta):
-        from .losses import sampler_step_coefficients
-
         rows = {}
         for t in (int(t) for t in sampler.timesteps):
             if sampler_prev_has_noise(sampler, t, eta):
@@ -115,8 +149,6 @@ class TrajectoryTable:
 
 def sampler_prev_has_noise(sampler, t, eta):
     """Whether `sampler`'s step from t is stochastic (has a likelihood)."""
-    from .losses import sampler_step_coefficients
-
     try:
         sampler_step_coefficients(sampler, t, eta)
     except ValueError as e:
@@ -191,18 +223,22 @@ class TrajectoryInputs(NamedTuple):
     weight: torch.Tensor
 
 
-def trajectory_inputs(batch, real, table, noise_scheduler, generator):
+def trajectory_inputs(batch, real, *, table, noise_scheduler, generator):
     """The real side draws (x_t, x_prev) from q(x_t | x_0) and the forward posterior q(x_prev | x_t, x_0) at each
     stored step's t (over the sampler's stride); the generated side is the opponent's stored chain steps."""
-    from .losses import forward_posterior_pair
-
     device = real.device
     t = batch["traj_t"].to(device)  # (B, K)
     b, k = t.shape
     prev = torch.tensor([sampler_prev(table, int(s)) for s in t.flatten().tolist()], device=device)
     x0 = real.float().repeat_interleave(k, dim=0)
-    noise = torch.randn(x0.shape, generator=generator, device=device)
-    posterior_noise = torch.randn(x0.shape, generator=generator, device=device)
+    if "noise_seed" in batch:  # drawn ahead with precomputed reference errors: the same draws again
+        draws = [torch.randn((2, k) + tuple(real.shape[1:]), generator=torch.Generator(device=device).manual_seed(int(s)),
+                             device=device) for s in batch["noise_seed"].tolist()]
+        noise = torch.cat([d[0] for d in draws])
+        posterior_noise = torch.cat([d[1] for d in draws])
+    else:
+        noise = torch.randn(x0.shape, generator=generator, device=device)
+        posterior_noise = torch.randn(x0.shape, generator=generator, device=device)
     real_x_t, real_x_prev = forward_posterior_pair(noise_scheduler, x0, noise, posterior_noise, t.flatten(), prev)
     gen_x_t = batch["traj_x_t"].to(device).float().flatten(0, 1)
     gen_x_prev = batch["traj_x_prev"].to(device).float().flatten(0, 1)
@@ -215,8 +251,6 @@ def trajectory_inputs(batch, real, table, noise_scheduler, generator):
 
 def sampler_prev(table, t):
     """The timestep the table's sampler steps to from t."""
-    from .losses import sampler_prev_timestep
-
     return sampler_prev_timestep(table.sampler, t)
 
 
@@ -230,3 +264,24 @@ def trajectory_errors(model, noise_scheduler, inputs, prompt_embeds, k):
     eps = predicted_eps(noise_scheduler, pred.float(), inputs.x_t, inputs.timesteps)
     err = per_sample_mse(eps, inputs.eps_hat) * inputs.weight
     return err.reshape(-1, k).mean(dim=1)
+
+
+@torch.no_grad()
+def precompute_trajectory_reference(reference, real_pixels, trajectory, input_ids, sample_seeds, *, vae, text_encoder,
+                                    noise_scheduler, table, dtype, autocast=contextlib.nullcontext):
+    """--precompute_reference for the trajectory objective: the real latents, a noise seed per sample (the real
+    side's forward and posterior draws), theta_k's errors on both sides and the text embeddings. Training
+    rebuilds the same real pairs from the seed (`trajectory_inputs`)."""
+    device = vae.device
+    real = stored_real_latents(vae, real_pixels, sample_seeds, dtype)
+    noise_seeds = torch.tensor([int(s) + 2 for s in sample_seeds], dtype=torch.int64)
+    batch = {"noise_seed": noise_seeds, **{name: trajectory[name] for name in ("traj_t", "traj_x_t", "traj_x_prev")}}
+    k = batch["traj_t"].shape[1]
+    inputs = trajectory_inputs(batch, real, table=table, noise_scheduler=noise_scheduler,
+                               generator=torch.Generator(device=device))
+    prompt_embeds = encode_prompt(text_encoder, input_ids.to(device))
+    with autocast():
+        err = trajectory_errors(reference, noise_scheduler, inputs, prompt_embeds.to(dtype), k)
+    r_real, r_gen = err.float().chunk(2)
+    return {"real_latents": real.half().cpu(), "noise_seed": noise_seeds, "ref_err_real": r_real.cpu(),
+            "ref_err_gen": r_gen.cpu(), "prompt_embeds": prompt_embeds.cpu()}

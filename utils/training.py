@@ -8,7 +8,7 @@ from pathlib import Path
 import torch
 
 from .args import save_args
-from .models import freeze, load_sd_components, weight_dtype
+from .models import ModelError, freeze, load_sd_components, weight_dtype
 
 
 def init_run(args):
@@ -17,7 +17,7 @@ def init_run(args):
     from datetime import timedelta
 
     from accelerate import Accelerator
-    from accelerate.utils import InitProcessGroupKwargs, ProjectConfiguration
+    from accelerate.utils import DistributedType, InitProcessGroupKwargs, ProjectConfiguration
 
     output_dir = Path(args.output_dir)
     accelerator = Accelerator(
@@ -28,6 +28,9 @@ def init_run(args):
         # the other processes wait while the main one saves and pushes (GBs): longer than torch's 30 min default
         kwargs_handlers=[InitProcessGroupKwargs(timeout=timedelta(seconds=args.ddp_timeout))],
     )
+    if getattr(args, "use_ema", False) and accelerator.distributed_type == DistributedType.FSDP:
+        raise ModelError("--use_ema does not work under FSDP (diffusers' EMAModel keeps whole tensors, FSDP shards the "
+                         "weights): drop --use_ema, or launch with DDP or DeepSpeed ZeRO-2")
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
     if args.allow_tf32:
         torch.backends.cuda.matmul.allow_tf32 = True

@@ -594,7 +594,7 @@ def save_iteration(args, unet, it_dir, k, hub_repo, metrics):
         description=f"Iteration {k + 1} of {method} (Yuan et al., NeurIPS 2024) from `{args.pretrained_model_name_or_path}`, "
                     f"trained with `train_spin_diffusion.py`. Previous iteration: `{previous}`. Load with {load}.",
         tags=["spin-diffusion" if args.negative_source == "self" else "diffusion-dpo", f"iteration-{k + 1}"]
-        + (["lora"] if args.use_lora else []),
+        + (["lora"] if args.use_lora else []) + (["spin-trajectory-objective"] if args.spin_objective == "trajectory" else []),
         hyperparameters={name: getattr(args, name) for name in (
             "beta", "learning_rate", "lr_scheduler", "lr_warmup_steps", "max_train_steps", "train_batch_size",
             "gradient_accumulation_steps", "resolution", "mixed_precision", "use_lora", "rank", "negative_source",

@@ -156,3 +156,87 @@ def test_recorded_chain_steps_are_the_samplers_own(assets):
     assert torch.equal(traj["traj_x_prev"][:, :-1], traj["traj_x_t"][:, 1:])
     assert torch.allclose(traj["traj_x_prev"][:, -1], out.images.float())
     assert "step" not in vars(pipe.scheduler)  # the wrapper is gone
+
+
+# ----------------------------------------------------------------------------- end to end (tiny assets)
+
+TRAJ = ["--spin_objective", "trajectory", "--gen_scheduler", "ddpm", "--gen_num_inference_steps", "4",
+        "--trajectory_steps", "2"]
+
+
+def iteration_metrics(out, k):
+    import json
+
+    return json.loads((out / f"iter_{k}" / "metrics.json").read_text())
+
+
+def card_meta(server, repo):
+    import yaml
+
+    return yaml.safe_load(server.read_file(repo, "README.md").decode().split("---")[1])
+
+
+@pytest.mark.parametrize("mode", ["lora", "full_ddim", "lora_precompute"])
+def test_trajectory_runs_push_loadable_iterations_starting_at_log_2(assets, tmp_path, hub_server, mode):
+    import math
+
+    from diffusers import StableDiffusionPipeline
+    from helpers import run_spin, spin_args
+    from hub_server import TEST_TOKEN, hub_online
+
+    extra = {"lora": ["--use_lora"],
+             "full_ddim": ["--gen_scheduler", "ddim", "--gen_eta", "1.0", "--learning_rate", "1e-4"],
+             "lora_precompute": ["--use_lora", "--precompute_reference"]}[mode]
+    out, name = tmp_path / mode, f"test-user/traj-{mode.replace('_', '-')}"
+    with hub_online():
+        run_spin(*spin_args(assets, out, *TRAJ, "--max_train_steps", "2", *extra, "--push_to_hub", "--hub_model_id",
+                            name, "--hub_token", TEST_TOKEN))
+        base = StableDiffusionPipeline.from_pretrained(assets["pipeline"], safety_checker=None, requires_safety_checker=False)
+        for k in (1, 2):
+            m = iteration_metrics(out, k)
+            assert m["spin_objective"] == "trajectory"
+            assert m["first_step"]["loss"] == pytest.approx(math.log(2), abs=1e-3)  # policy == reference at step 1
+            assert m["first_step"]["ref_err_gen"] > 0 and math.isfinite(m["mean"]["loss"])
+            assert "spin-trajectory-objective" in card_meta(hub_server, f"{name}-iter{k}")["tags"]
+            card = hub_server.read_file(f"{name}-iter{k}", "README.md").decode()
+            assert "spin_objective" in card and "| trajectory |" in card.replace("`", "")
+            if "lora" in mode:
+                base.load_lora_weights(f"{name}-iter{k}", adapter_name=f"it{k}")
+            else:
+                pulled = StableDiffusionPipeline.from_pretrained(f"{name}-iter{k}")
+                assert all(torch.isfinite(p).all() for p in pulled.unet.parameters())
+    shard = out / "iter_1" / "synthetic" / "shard-00000.safetensors"
+    from safetensors import safe_open
+
+    with safe_open(str(shard), framework="pt") as f:
+        assert f.get_slice("traj_x_t").get_shape()[1:3] == [2, 4]  # K = 2 stored steps of 4-channel latents
+        assert ("ref_err_real" in f.keys()) == ("precompute" in mode)
+
+
+def test_killed_trajectory_iteration_reruns_to_the_same_weights(assets, tmp_path, monkeypatch):
+    from helpers import max_abs_diff, run_spin, spin_args, tensors
+
+    import train_spin_diffusion
+
+    argv = [*TRAJ, "--use_lora", "--max_train_steps", "4", "--checkpointing_steps", "2", "--num_iterations", "1"]
+    run_spin(*spin_args(assets, tmp_path / "straight", *argv))
+    out = tmp_path / "killed"
+    real = train_spin_diffusion.save_checkpoint
+
+    class Killed(Exception):
+        pass
+
+    def save_then_die(accelerator, directory, step, *a, **kw):
+        result = real(accelerator, directory, step, *a, **kw)
+        if step == 2:
+            raise Killed()
+        return result
+
+    with monkeypatch.context() as m:
+        m.setattr(train_spin_diffusion, "save_checkpoint", save_then_die)
+        with pytest.raises(Killed):
+            run_spin(*spin_args(assets, out, *argv))
+    run_spin(*spin_args(assets, out, *argv))
+    a = tensors(tmp_path / "straight" / "iter_1" / "pytorch_lora_weights.safetensors")
+    b = tensors(out / "iter_1" / "pytorch_lora_weights.safetensors")
+    assert max_abs_diff(a, b) < 1e-6

@@ -444,7 +444,7 @@ def collate(examples):
     """Stack examples into a batch; `num_skipped` counts the undecodable rows that were replaced."""
     batch = {"num_skipped": sum(e["num_skipped"] for e in examples)}
     for key in ("pixel_values", "latent_params", "input_ids", "gen_latents", "loser_pixel_values", "real_latents",
-                "timesteps", "noise_seed", "ref_err_real", "ref_err_gen", "prompt_embeds"):
+                "timesteps", "noise_seed", "ref_err_real", "ref_err_gen", "prompt_embeds", "traj_t", "traj_x_t", "traj_x_prev"):
         if key in examples[0]:
             batch[key] = torch.stack([e[key] for e in examples])
     return batch

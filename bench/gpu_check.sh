@@ -10,7 +10,7 @@
 #      generation phase's throughput at 50 steps
 # Every stage runs even when one before it failed (except that nothing runs without the wheels); any failure makes
 # the exit non-zero, and its error is repeated at the end.
-#   bash bench/gpu_check.sh OUT_DIR
+#   bash bench/gpu_check.sh [OUT_DIR]        # default output/gpu_check (git-ignored)
 # OUT_DIR gets at most 7 files: gpu_check.log (everything printed), summary.txt, tables.md, test_cuda.txt and the
 # JSONs gpu_spin_full.json, gpu_rows.json, gpu_generate.json.
 # Environment: PYTHON (python3), WHEELS (gpu_wheels; "none": use the packages already there), PINS
@@ -20,7 +20,7 @@
 # with fewer steps, batches and prompts, and the rows' cases in one process.
 set -uo pipefail
 cd "$(dirname "$0")/.."
-OUT=${1:?usage: bash bench/gpu_check.sh OUT_DIR}
+OUT=${1:-output/gpu_check}
 mkdir -p "$OUT"
 OUT=$(cd "$OUT" && pwd)
 PY=${PYTHON:-python3}

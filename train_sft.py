@@ -65,6 +65,7 @@ from utils.models import (
     batch_prompt_embeds,
     check_model_source,
     encode_images,
+    load_unet,
     make_optimizer,
     optimize_unet,
     save_lora,
@@ -123,7 +124,9 @@ def main(args):
 
     # 2. Models: only the UNet trains; VAE and text encoder are frozen in the compute dtype.
     set_seed(args.seed)
-    tokenizer, text_encoder, vae, unet, noise_scheduler, dtype = load_frozen_components(args, accelerator)
+    tokenizer, text_encoder, vae, noise_scheduler, dtype = load_frozen_components(args, accelerator)
+    unet = load_unet(args.pretrained_model_name_or_path, revision=args.revision, variant=args.variant,
+                     cache_dir=args.cache_dir)
     ema_unet = None
     if args.use_lora:
         add_lora(unet, args.rank, args.lora_alpha, args.lora_target_modules.split(","))

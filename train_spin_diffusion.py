@@ -68,7 +68,6 @@ from utils.generation import SyntheticStore, generate_opponent_samples
 from utils.hub import HubError, describe, hub_user, move_tag, push_folder, validate_repo_name, write_model_card
 from utils.losses import min_snr_weights, spin_loss, step_generator
 from utils.models import (
-    FrozenComponents,
     ModelError,
     Reference,
     add_lora,
@@ -222,8 +221,8 @@ def main(args):
 
     if todo:  # a rerun that only has pushes left loads no model
         set_seed(args.seed)
-        tokenizer, text_encoder, vae, _, noise_scheduler, dtype = load_frozen_components(args, accelerator)
-        frozen = FrozenComponents(tokenizer, text_encoder, vae, noise_scheduler, dtype)
+        frozen = load_frozen_components(args, accelerator)  # no UNet: each iteration loads theta_k
+        tokenizer, text_encoder, vae, _, dtype = frozen
         step = spin_step(args)
     if accelerator.is_main_process:
         state.update(num_iterations=num_iterations)

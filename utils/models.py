@@ -59,10 +59,10 @@ def check_model_source(name, revision=None, token=None, flag="--pretrained_model
         pass
 
 
-def load_sd_components(name, revision=None, variant=None, prediction_type=None, cache_dir=None):
-    """tokenizer, text_encoder, vae, unet and the training noise scheduler (DDPM with the model's betas).
-    Raises ModelError naming the model when its files cannot be found or read."""
-    from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
+def load_sd_components(name, *, revision=None, variant=None, prediction_type=None, cache_dir=None, with_unet=True):
+    """tokenizer, text_encoder, vae, unet (None unless `with_unet`) and the training noise scheduler (DDPM with the
+    model's betas). Raises ModelError naming the model when its files cannot be found or read."""
+    from diffusers import AutoencoderKL, DDPMScheduler
     from transformers import CLIPTextModel, CLIPTokenizer
 
     kw = dict(revision=revision, cache_dir=cache_dir)
@@ -70,14 +70,18 @@ def load_sd_components(name, revision=None, variant=None, prediction_type=None, 
         tokenizer = CLIPTokenizer.from_pretrained(name, subfolder="tokenizer", **kw)
         text_encoder = CLIPTextModel.from_pretrained(name, subfolder="text_encoder", variant=variant, **kw)
         vae = AutoencoderKL.from_pretrained(name, subfolder="vae", variant=variant, **kw)
-        unet = UNet2DConditionModel.from_pretrained(name, subfolder="unet", variant=variant, **kw)
         scheduler = DDPMScheduler.from_pretrained(name, subfolder="scheduler", **kw)
     except (OSError, ValueError) as e:
-        raise ModelError(f"--pretrained_model_name_or_path {name}: could not load its Stable Diffusion components "
-                         f"({type(e).__name__}: {str(e).strip().splitlines()[0][:300]})") from e
+        raise load_error(name, e) from e
+    unet = load_unet(name, variant=variant, **kw) if with_unet else None
     if prediction_type is not None:
         scheduler.register_to_config(prediction_type=prediction_type)
     return tokenizer, text_encoder, vae, unet, scheduler
+
+
+def load_error(name, e):
+    return ModelError(f"--pretrained_model_name_or_path {name}: could not load its Stable Diffusion components "
+                      f"({type(e).__name__}: {str(e).strip().splitlines()[0][:300]})")
 
 
 def freeze(*modules):
@@ -182,10 +186,14 @@ def vae_latent_params(vae, pixel_values):
 
 
 def load_unet(name, subfolder="unet", revision=None, variant=None, cache_dir=None):
+    """The UNet of a pipeline folder or Hub repo; ModelError naming it when its files cannot be found or read."""
     from diffusers import UNet2DConditionModel
 
-    return UNet2DConditionModel.from_pretrained(name, subfolder=subfolder, revision=revision, variant=variant,
-                                                cache_dir=cache_dir)
+    try:
+        return UNet2DConditionModel.from_pretrained(name, subfolder=subfolder, revision=revision, variant=variant,
+                                                    cache_dir=cache_dir)
+    except (OSError, ValueError) as e:
+        raise load_error(name, e) from e
 
 
 def optimize_unet(unet, reference=None, channels_last=False, compile=False):

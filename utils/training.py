@@ -8,7 +8,7 @@ from pathlib import Path
 import torch
 
 from .args import save_args
-from .models import ModelError, freeze, load_sd_components, weight_dtype
+from .models import FrozenComponents, ModelError, freeze, load_sd_components, weight_dtype
 
 
 def init_run(args):
@@ -49,14 +49,16 @@ def init_run(args):
 
 
 def load_frozen_components(args, accelerator):
-    """tokenizer, text_encoder, vae (frozen, on the device in the compute dtype), unet, noise scheduler, dtype."""
-    tokenizer, text_encoder, vae, unet, noise_scheduler = load_sd_components(
-        args.pretrained_model_name_or_path, args.revision, args.variant, args.prediction_type, args.cache_dir)
+    """`FrozenComponents`: the tokenizer, the text encoder and VAE (frozen, on the device in the compute dtype), the
+    training noise scheduler and that dtype. No UNet: each script loads the one it trains (`load_unet`)."""
+    tokenizer, text_encoder, vae, _, noise_scheduler = load_sd_components(
+        args.pretrained_model_name_or_path, revision=args.revision, variant=args.variant,
+        prediction_type=args.prediction_type, cache_dir=args.cache_dir, with_unet=False)
     dtype = weight_dtype(accelerator.mixed_precision)
     freeze(text_encoder, vae)
     text_encoder.to(accelerator.device, dtype)
     vae.to(accelerator.device, dtype)
-    return tokenizer, text_encoder, vae, unet, noise_scheduler, dtype
+    return FrozenComponents(tokenizer, text_encoder, vae, noise_scheduler, dtype)
 
 
 def optimizer_step(accelerator, model, optimizer, lr_scheduler, max_grad_norm=None):

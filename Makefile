@@ -1,5 +1,5 @@
 # `make demo`: the toy world (examples/toy/): theta_0 built from scratch, SFT vs SPIN vs DPO, judged exactly (CPU, ~10 min).
-# `make test`: the offline test suite.
+# `make test`: ruff (lint and format check, ruff.toml) and the offline test suite.
 # Both create .venv and install requirements.txt on first use.
 # `make gpu-wheels`: fetch into gpu_wheels/ what bench/gpu_check.sh needs on an offline GPU machine (needs PyPI).
 # `make gpu-rehearsal`: bench/gpu_check.sh on CPU in a venv holding only the offline H200's packages (.venv-h200).
@@ -21,6 +21,8 @@ demo: $(VENV)/.installed
 	PATH=$(abspath $(VENV))/bin:$$PATH bash examples/demo.sh
 
 test: $(VENV)/.installed
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
 	$(PY) -m pytest tests -q -p no:cacheprovider
 
 gpu-wheels:

@@ -45,22 +45,42 @@ from utils.models import WEIGHT_DTYPES
 
 
 def parse_args(input_args=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
+    )
     g = p.add_argument_group("models")
-    g.add_argument("--model", action="append", default=[], metavar="NAME=SPEC",
-                   help="Repeatable. SPEC: Hub repo id or local folder, optionally @revision: a pipeline, a UNet or a LoRA.")
-    g.add_argument("--base_model", default="runwayml/stable-diffusion-v1-5", help="Base pipeline for UNet-only and LoRA models.")
-    g.add_argument("--baseline", default=None, help="NAME of the model win rates are computed against (default: the first).")
+    g.add_argument(
+        "--model",
+        action="append",
+        default=[],
+        metavar="NAME=SPEC",
+        help="Repeatable. SPEC: Hub repo id or local folder, optionally @revision: a pipeline, a UNet or a LoRA.",
+    )
+    g.add_argument(
+        "--base_model", default="runwayml/stable-diffusion-v1-5", help="Base pipeline for UNet-only and LoRA models."
+    )
+    g.add_argument(
+        "--baseline", default=None, help="NAME of the model win rates are computed against (default: the first)."
+    )
     g.add_argument("--hub_token", default=None, help="Hub token (default: HF_TOKEN or the cached login).")
     g = p.add_argument_group("prompts")
-    g.add_argument("--prompts", default="pickapic_test_unique",
-                   help=f"One of {sorted(PROMPT_SETS)}, or a .txt (one prompt per line), .parquet, .csv or .json file.")
-    g.add_argument("--prompt_column", default=None,
-                   help="Column of a prompt file (default: prompt, caption, Prompt or text), or of "
-                        "--pickapic_prompts_dataset (default: caption, else original_prompt or prompt, also as caption.txt ...).")
-    g.add_argument("--pickapic_prompts_dataset", default=PROMPT_SETS["pickapic_test_unique"][0],
-                   help="Where --prompts pickapic_test_unique reads from: the original repo (removed from the Hub in 2025) "
-                        "or a copy: a Hub repo, a local folder, .parquet, webdataset .tar or glob of shards.")
+    g.add_argument(
+        "--prompts",
+        default="pickapic_test_unique",
+        help=f"One of {sorted(PROMPT_SETS)}, or a .txt (one prompt per line), .parquet, .csv or .json file.",
+    )
+    g.add_argument(
+        "--prompt_column",
+        default=None,
+        help="Column of a prompt file (default: prompt, caption, Prompt or text), or of "
+        "--pickapic_prompts_dataset (default: caption, else original_prompt or prompt, also as caption.txt ...).",
+    )
+    g.add_argument(
+        "--pickapic_prompts_dataset",
+        default=PROMPT_SETS["pickapic_test_unique"][0],
+        help="Where --prompts pickapic_test_unique reads from: the original repo (removed from the Hub in 2025) "
+        "or a copy: a Hub repo, a local folder, .parquet, webdataset .tar or glob of shards.",
+    )
     g.add_argument("--pickapic_prompts_split", default="test_unique", help="Split of --pickapic_prompts_dataset.")
     g.add_argument("--max_prompts", type=int, default=None)
     g = p.add_argument_group("generation")
@@ -68,29 +88,55 @@ def parse_args(input_args=None):
     g.add_argument("--guidance_scale", type=float, default=7.5)
     g.add_argument("--num_images_per_prompt", type=int, default=1)
     g.add_argument("--resolution", type=int, default=512)
-    g.add_argument("--seed", type=int, default=0, help="Image j of prompt i uses seed f(seed, i, j), the same for every model.")
+    g.add_argument(
+        "--seed", type=int, default=0, help="Image j of prompt i uses seed f(seed, i, j), the same for every model."
+    )
     g.add_argument("--batch_size", type=int, default=8, help="Prompts per generation batch.")
     g.add_argument("--mixed_precision", choices=["no", "fp16", "bf16"], default="no", help="Generation dtype.")
     g = p.add_argument_group("scoring")
-    g.add_argument("--metrics", nargs="+", default=list(METRICS),
-                   help=f"Subset of {','.join(ALL_METRICS)}, space- or comma-separated (the toy_* judges are for "
-                        "examples/toy/; toy_fd is one value per model, lower is better).")
+    g.add_argument(
+        "--metrics",
+        nargs="+",
+        default=list(METRICS),
+        help=f"Subset of {','.join(ALL_METRICS)}, space- or comma-separated (the toy_* judges are for "
+        "examples/toy/; toy_fd is one value per model, lower is better).",
+    )
     g.add_argument("--score_batch_size", type=int, default=16)
     g.add_argument("--pickscore_model", default=None, help="Default yuvalkirstain/PickScore_v1.")
     g.add_argument("--pickscore_processor", default=None, help="Default laion/CLIP-ViT-H-14-laion2B-s32B-b79K.")
-    g.add_argument("--hps_checkpoint", default=None, help="Default xswu/HPSv2 (HPS_v2_compressed.pt or HPS_v2.1_compressed.pt).")
-    g.add_argument("--hps_version", choices=["v2.0", "v2.1"], default="v2.1", help="v2.0 and v2.1 scores are not comparable.")
-    g.add_argument("--hps_processor", default=None, help="Tokenizer and ViT-H-14 config for HPS (default laion/CLIP-ViT-H-14-laion2B-s32B-b79K).")
-    g.add_argument("--imagereward_checkpoint", default=None, help="Default THUDM/ImageReward (ImageReward.pt + med_config.json).")
+    g.add_argument(
+        "--hps_checkpoint", default=None, help="Default xswu/HPSv2 (HPS_v2_compressed.pt or HPS_v2.1_compressed.pt)."
+    )
+    g.add_argument(
+        "--hps_version", choices=["v2.0", "v2.1"], default="v2.1", help="v2.0 and v2.1 scores are not comparable."
+    )
+    g.add_argument(
+        "--hps_processor",
+        default=None,
+        help="Tokenizer and ViT-H-14 config for HPS (default laion/CLIP-ViT-H-14-laion2B-s32B-b79K).",
+    )
+    g.add_argument(
+        "--imagereward_checkpoint", default=None, help="Default THUDM/ImageReward (ImageReward.pt + med_config.json)."
+    )
     g.add_argument("--imagereward_tokenizer", default=None, help="Default bert-base-uncased.")
-    g.add_argument("--aesthetic_head", default=None, help="LAION sac+logos+ava1-l14-linearMSE.pth (file, folder or repo:file).")
+    g.add_argument(
+        "--aesthetic_head", default=None, help="LAION sac+logos+ava1-l14-linearMSE.pth (file, folder or repo:file)."
+    )
     g.add_argument("--aesthetic_clip_model", default=None, help="Default openai/clip-vit-large-patch14.")
-    g.add_argument("--toy_judge", default=None, help="toy_* metrics: the judge folder of examples/toy/build_base.py (world.json, ...).")
+    g.add_argument(
+        "--toy_judge",
+        default=None,
+        help="toy_* metrics: the judge folder of examples/toy/build_base.py (world.json, ...).",
+    )
     g = p.add_argument_group("report")
     g.add_argument("--output_dir", default="eval")
     g.add_argument("--grid_prompts", type=int, default=8, help="Prompts (rows) in the image grid.")
     g.add_argument("--bootstrap_resamples", type=int, default=1000)
-    g.add_argument("--push_results_to_hub", action="store_true", help="Add the metrics to the model cards of Hub models (model-index).")
+    g.add_argument(
+        "--push_results_to_hub",
+        action="store_true",
+        help="Add the metrics to the model cards of Hub models (model-index).",
+    )
     args = p.parse_args(input_args)
 
     if not args.model:
@@ -101,8 +147,11 @@ def parse_args(input_args=None):
         p.error(f"--metrics: unknown metric(s) {unknown}; choose from {','.join(ALL_METRICS)}")
     toy = [m for m in args.metrics if m in TOY_METRICS]
     if toy and not (args.toy_judge and (Path(args.toy_judge) / "world.json").is_file()):
-        p.error(f"--metrics {','.join(toy)} needs --toy_judge DIR holding world.json (built by examples/toy/build_base.py); "
-                f"got {args.toy_judge!r}")
+        p.error(
+            f"--metrics {','.join(toy)} needs --toy_judge DIR holding world.json "
+            "(built by examples/toy/build_base.py); "
+            f"got {args.toy_judge!r}"
+        )
     names = [m.partition("=")[0] for m in args.model]
     bad = [n for n in names if not re.fullmatch(r"[A-Za-z0-9_.+-]+", n)]
     if bad:
@@ -112,7 +161,14 @@ def parse_args(input_args=None):
     args.baseline = args.baseline or names[0]
     if args.baseline not in names:
         p.error(f"--baseline {args.baseline} is not among the models {names}")
-    for name in ("num_inference_steps", "num_images_per_prompt", "resolution", "batch_size", "score_batch_size", "grid_prompts"):
+    for name in (
+        "num_inference_steps",
+        "num_images_per_prompt",
+        "resolution",
+        "batch_size",
+        "score_batch_size",
+        "grid_prompts",
+    ):
         if getattr(args, name) < 1:
             p.error(f"--{name} must be >= 1")
     if args.resolution % 8:
@@ -130,41 +186,81 @@ def main(args):
     needs_base = [s.name for s in specs if s.kind != "pipeline"]
     if needs_base:
         resolve_model(f"base={args.base_model}", args.hub_token)
-    prompts = load_prompts(args.prompts, args.prompt_column, args.max_prompts, args.hub_token,
-                           args.pickapic_prompts_dataset, args.pickapic_prompts_split)
+    prompts = load_prompts(
+        args.prompts,
+        prompt_column=args.prompt_column,
+        max_prompts=args.max_prompts,
+        token=args.hub_token,
+        pickapic_dataset=args.pickapic_prompts_dataset,
+        pickapic_split=args.pickapic_prompts_split,
+    )
     n_img = args.num_images_per_prompt
     if state.is_main_process:
         out.mkdir(parents=True, exist_ok=True)
-        print(f"{len(prompts)} prompts x {n_img} image(s) x {len(specs)} models; "
-              + ", ".join(f"{s.name}: {s.kind}" for s in specs))
+        print(
+            f"{len(prompts)} prompts x {n_img} image(s) x {len(specs)} models; "
+            + ", ".join(f"{s.name}: {s.kind}" for s in specs)
+        )
 
     # 2. Generation: same seed per (prompt, image) for every model; existing images are kept.
     dtype = WEIGHT_DTYPES.get(args.mixed_precision, torch.float32)
-    settings = {k: getattr(args, k) for k in ("seed", "num_inference_steps", "guidance_scale", "resolution",
-                                             "num_images_per_prompt", "mixed_precision")}
+    settings = {
+        k: getattr(args, k)
+        for k in (
+            "seed",
+            "num_inference_steps",
+            "guidance_scale",
+            "resolution",
+            "num_images_per_prompt",
+            "mixed_precision",
+        )
+    }
     settings["prompts_sha256"] = hashlib.sha256("\n".join(prompts).encode()).hexdigest()
     for spec in specs:  # images on disk are reused only if they were made by this model with these settings
         folder = out / "images" / spec.name
-        check_or_write_settings(folder, dict(settings, model=spec.location, revision=spec.revision,
-                                             base_model=args.base_model if spec.kind != "pipeline" else None),
-                                write=state.is_main_process)
+        check_or_write_settings(
+            folder,
+            dict(
+                settings,
+                model=spec.location,
+                revision=spec.revision,
+                base_model=args.base_model if spec.kind != "pipeline" else None,
+            ),
+            write=state.is_main_process,
+        )
     state.wait_for_everyone()
     for spec in specs:
         folder = out / "images" / spec.name
-        todo = [i for i in range(state.process_index, len(prompts), state.num_processes)
-                if not all(image_path(folder, i, j).exists() for j in range(n_img))]
+        todo = [
+            i
+            for i in range(state.process_index, len(prompts), state.num_processes)
+            if not all(image_path(folder, i, j).exists() for j in range(n_img))
+        ]
         if not todo:
             continue
         pipe = load_pipeline(spec, args.base_model, dtype, state.device, args.hub_token)
-        bar = tqdm(total=len(todo) * n_img, desc=f"generating {spec.name}", unit="img", disable=not state.is_local_main_process)
+        bar = tqdm(
+            total=len(todo) * n_img,
+            desc=f"generating {spec.name}",
+            unit="img",
+            disable=not state.is_local_main_process,
+        )
         for start in range(0, len(todo), args.batch_size):
-            chunk = todo[start:start + args.batch_size]
+            chunk = todo[start : start + args.batch_size]
             jobs = [(i, j) for i in chunk for j in range(n_img)]
-            gens = [torch.Generator(device=state.device).manual_seed(prompt_seed(args.seed, i * n_img + j)) for i, j in jobs]
+            gens = [
+                torch.Generator(device=state.device).manual_seed(prompt_seed(args.seed, i * n_img + j))
+                for i, j in jobs
+            ]
             with torch.no_grad():
-                images = pipe([prompts[i] for i, _ in jobs], num_inference_steps=args.num_inference_steps,
-                              guidance_scale=args.guidance_scale, height=args.resolution, width=args.resolution,
-                              generator=gens).images
+                images = pipe(
+                    [prompts[i] for i, _ in jobs],
+                    num_inference_steps=args.num_inference_steps,
+                    guidance_scale=args.guidance_scale,
+                    height=args.resolution,
+                    width=args.resolution,
+                    generator=gens,
+                ).images
             for (i, j), image in zip(jobs, images):  # written whole, then renamed: a kill never leaves half a PNG
                 tmp = image_path(folder, i, j).with_suffix(".tmp.png")
                 image.save(tmp)
@@ -180,9 +276,21 @@ def main(args):
     names = [s.name for s in specs]
     raw = {name: {} for name in names}  # name -> metric -> per-image scores (prompt-major)
     dist = {name: {} for name in names}  # name -> distribution metric -> one value from all its images
-    locations = {k: getattr(args, k) for k in ("pickscore_model", "pickscore_processor", "hps_checkpoint", "hps_version",
-                                               "hps_processor", "imagereward_checkpoint", "imagereward_tokenizer",
-                                               "aesthetic_head", "aesthetic_clip_model", "toy_judge")}
+    locations = {
+        k: getattr(args, k)
+        for k in (
+            "pickscore_model",
+            "pickscore_processor",
+            "hps_checkpoint",
+            "hps_version",
+            "hps_processor",
+            "imagereward_checkpoint",
+            "imagereward_tokenizer",
+            "aesthetic_head",
+            "aesthetic_clip_model",
+            "toy_judge",
+        )
+    }
     jobs = [(i, j) for i in range(len(prompts)) for j in range(n_img)]
     for metric in args.metrics:
         scorer = load_scorer(metric, device=state.device, batch_size=args.score_batch_size, **locations)
@@ -199,20 +307,46 @@ def main(args):
     # 4. Report.
     per_prompt = []
     for i, prompt in enumerate(prompts):
-        scores = {name: {k: sum(raw[name][k][i * n_img:(i + 1) * n_img]) / n_img for k in per_image} for name in names}
+        scores = {
+            name: {k: sum(raw[name][k][i * n_img : (i + 1) * n_img]) / n_img for k in per_image} for name in names
+        }
         per_prompt.append({"prompt": prompt, "seed": prompt_seed(args.seed, i * n_img), "scores": scores})
-    summary = summarize(per_prompt, names, per_image, args.baseline, args.bootstrap_resamples, args.seed) if per_image \
+    summary = (
+        summarize(
+            per_prompt, names, per_image, baseline=args.baseline, resamples=args.bootstrap_resamples, seed=args.seed
+        )
+        if per_image
         else {name: {} for name in names}
+    )
     for name in names:
         summary[name] |= {k: {"value": dist[name][k]} for k in distribution}
-    results = {"baseline": args.baseline, "prompts": args.prompts, "num_prompts": len(prompts),
-               "num_images_per_prompt": n_img, "models": {s.name: vars(s) for s in specs}, "metrics": args.metrics,
-               "per_image_metrics": per_image, "distribution_metrics": distribution,
-               "generation": {k: getattr(args, k) for k in ("num_inference_steps", "guidance_scale", "resolution", "seed", "mixed_precision")},
-               "summary": summary, "per_prompt": per_prompt}
+    results = {
+        "baseline": args.baseline,
+        "prompts": args.prompts,
+        "num_prompts": len(prompts),
+        "num_images_per_prompt": n_img,
+        "models": {s.name: vars(s) for s in specs},
+        "metrics": args.metrics,
+        "per_image_metrics": per_image,
+        "distribution_metrics": distribution,
+        "generation": {
+            k: getattr(args, k)
+            for k in ("num_inference_steps", "guidance_scale", "resolution", "seed", "mixed_precision")
+        },
+        "summary": summary,
+        "per_prompt": per_prompt,
+    }
     (out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
     prompts_name = Path(args.prompts).stem if Path(args.prompts).is_file() else args.prompts
-    md = markdown_report(summary, names, per_image, args.baseline, prompts_name, len(prompts), distribution)
+    md = markdown_report(
+        summary,
+        names,
+        per_image,
+        baseline=args.baseline,
+        prompts_name=prompts_name,
+        n_prompts=len(prompts),
+        distribution=distribution,
+    )
     (out / "results.md").write_text(md)
     written = ["results.json", "results.md"]
     if per_image:
@@ -238,8 +372,10 @@ def check_or_write_settings(folder, settings, write=True):
     generation setting under the same NAME and --output_dir is an error, not a silent reuse of stale images."""
     diff = record_settings(folder / "generation.json", settings, write)
     if diff:
-        raise EvalError(f"{folder} holds images made with other settings ({', '.join(diff)} differ): use another "
-                        f"--output_dir or model name, or delete that folder")
+        raise EvalError(
+            f"{folder} holds images made with other settings ({', '.join(diff)} differ): use another "
+            f"--output_dir or model name, or delete that folder"
+        )
 
 
 def push_results(specs, summary, metrics, prompts_name, token):
@@ -250,7 +386,9 @@ def push_results(specs, summary, metrics, prompts_name, token):
         if not spec.is_hub:
             continue
         if spec.revision:  # a card lives on a branch; a tag or commit cannot take a new commit
-            print(f"skipped the card of {spec.location}@{spec.revision}: results are pushed for specs without @revision")
+            print(
+                f"skipped the card of {spec.location}@{spec.revision}: results are pushed for specs without @revision"
+            )
             continue
         try:
             card = ModelCard.load(spec.location, token=token)
@@ -259,11 +397,23 @@ def push_results(specs, summary, metrics, prompts_name, token):
         card.data.model_name = card.data.model_name or spec.location.split("/")[-1]
         keep = [r for r in (card.data.eval_results or []) if r.dataset_name != prompts_name]
         card.data.eval_results = keep + [
-            EvalResult(task_type="text-to-image", dataset_type=prompts_name, dataset_name=prompts_name, metric_type=k,
-                       metric_name=f"{k} (mean)" if "mean" in summary[spec.name][k] else k,
-                       metric_value=round(summary[spec.name][k].get("mean", summary[spec.name][k].get("value")), 6)) for k in metrics]
-        with_retries(card.push_to_hub, spec.location, token=token, what=f"adding results to {spec.location}'s card",
-                     commit_message=f"Add {prompts_name} evaluation (evaluate.py)")
+            EvalResult(
+                task_type="text-to-image",
+                dataset_type=prompts_name,
+                dataset_name=prompts_name,
+                metric_type=k,
+                metric_name=f"{k} (mean)" if "mean" in summary[spec.name][k] else k,
+                metric_value=round(summary[spec.name][k].get("mean", summary[spec.name][k].get("value")), 6),
+            )
+            for k in metrics
+        ]
+        with_retries(
+            card.push_to_hub,
+            spec.location,
+            token=token,
+            what=f"adding results to {spec.location}'s card",
+            commit_message=f"Add {prompts_name} evaluation (evaluate.py)",
+        )
         print(f"results added to the model card of {spec.location}")
 
 

@@ -58,7 +58,14 @@ from utils.data import (
 )
 from utils.generation import log_images, make_grid, render
 from utils.hub import HubError, describe, hub_user, push_folder, validate_repo_name, write_model_card
-from utils.losses import diffusion_target, min_snr_weights, per_sample_mse, sample_noise_and_timesteps, sft_loss, step_generator
+from utils.losses import (
+    diffusion_target,
+    min_snr_weights,
+    per_sample_mse,
+    sample_noise_and_timesteps,
+    sft_loss,
+    step_generator,
+)
 from utils.models import (
     ModelError,
     add_lora,
@@ -92,8 +99,12 @@ def parse_args(input_args=None):
     add_data_args(parser)
     add_training_args(parser)
     add_hub_args(parser)
-    parser.add_argument("--num_validation_images", type=int, default=4,
-                        help="Images in the final sample grid when no --validation_prompts are given (training captions are used).")
+    parser.add_argument(
+        "--num_validation_images",
+        type=int,
+        default=4,
+        help="Images in the final sample grid when no --validation_prompts are given (training captions are used).",
+    )
     args = parse_with_config(parser, input_args)
     args = validate_training_args(parser, args)
     args.command = rerun_command("train_sft.py", sys.argv[1:] if input_args is None else input_args)
@@ -119,14 +130,18 @@ def main(args):
 
     # 1. Data first: a bad path, column or empty split fails here, before any model is loaded.
     hf_dataset, spec = load_training_dataset(args, accelerator.num_processes, accelerator.process_index)
-    logger.info(f"dataset {args.dataset_name} ({spec['kind']}): "
-                f"{'streaming' if args.streaming else f'{len(hf_dataset)} examples'} after filtering")
+    logger.info(
+        f"dataset {args.dataset_name} ({spec['kind']}): "
+        f"{'streaming' if args.streaming else f'{len(hf_dataset)} examples'} after filtering"
+    )
 
     # 2. Models: only the UNet trains; VAE and text encoder are frozen in the compute dtype.
     set_seed(args.seed)
-    tokenizer, text_encoder, vae, noise_scheduler, dtype = load_frozen_components(args, accelerator)
-    unet = load_unet(args.pretrained_model_name_or_path, revision=args.revision, variant=args.variant,
-                     cache_dir=args.cache_dir)
+    frozen = load_frozen_components(args, accelerator)
+    tokenizer, text_encoder, vae, noise_scheduler, dtype = frozen
+    unet = load_unet(
+        args.pretrained_model_name_or_path, revision=args.revision, variant=args.variant, cache_dir=args.cache_dir
+    )
     ema_unet = None
     if args.use_lora:
         add_lora(unet, args.rank, args.lora_alpha, args.lora_target_modules.split(","))
@@ -138,7 +153,9 @@ def main(args):
         from diffusers import UNet2DConditionModel
         from diffusers.training_utils import EMAModel
 
-        ema_unet = EMAModel(unet.parameters(), decay=args.ema_decay, model_cls=UNet2DConditionModel, model_config=unet.config)
+        ema_unet = EMAModel(
+            unet.parameters(), decay=args.ema_decay, model_cls=UNet2DConditionModel, model_config=unet.config
+        )
         ema_unet.to(accelerator.device)
     if args.gradient_checkpointing:
         unet.enable_gradient_checkpointing()
@@ -146,30 +163,71 @@ def main(args):
 
     # 3. Training examples, optionally from a latent cache built once.
     if args.streaming:
-        train_set = StreamingTrainDataset(hf_dataset, spec, tokenizer, args.resolution, args.center_crop, args.random_flip, args.seed,
-                                          empty_prompt_prob=args.proportion_empty_prompts)
+        train_set = StreamingTrainDataset(
+            hf_dataset,
+            spec,
+            tokenizer,
+            resolution=args.resolution,
+            center_crop=args.center_crop,
+            random_flip=args.random_flip,
+            seed=args.seed,
+            empty_prompt_prob=args.proportion_empty_prompts,
+        )
         sampler = None
     else:
-        train_set = TrainDataset(hf_dataset, spec, tokenizer, args.resolution, args.center_crop, args.random_flip, args.seed,
-                                 empty_prompt_prob=args.proportion_empty_prompts)
+        train_set = TrainDataset(
+            hf_dataset,
+            spec,
+            tokenizer,
+            resolution=args.resolution,
+            center_crop=args.center_crop,
+            random_flip=args.random_flip,
+            seed=args.seed,
+            empty_prompt_prob=args.proportion_empty_prompts,
+        )
         if args.cache_latents:
-            key = LatentCache.make_key(model=args.pretrained_model_name_or_path, revision=args.revision, variant=args.variant,
-                                       data=getattr(hf_dataset, "_fingerprint", args.dataset_name), spec=spec, n=len(train_set),
-                                       res=args.resolution, crop=args.center_crop, flip=args.random_flip, seed=args.seed)
+            key = LatentCache.make_key(
+                model=args.pretrained_model_name_or_path,
+                revision=args.revision,
+                variant=args.variant,
+                data=getattr(hf_dataset, "_fingerprint", args.dataset_name),
+                spec=spec,
+                n=len(train_set),
+                res=args.resolution,
+                crop=args.center_crop,
+                flip=args.random_flip,
+                seed=args.seed,
+            )
             cache = LatentCache(output_dir / "latent_cache", len(train_set), key)
-            cache.build(train_set, lambda px: vae_latent_params(vae, px), args.train_batch_size,
-                        accelerator.process_index, accelerator.num_processes, accelerator.is_local_main_process)
+            cache.build(
+                train_set,
+                lambda px: vae_latent_params(vae, px),
+                batch_size=args.train_batch_size,
+                process_index=accelerator.process_index,
+                num_processes=accelerator.num_processes,
+                progress=accelerator.is_local_main_process,
+            )
             accelerator.wait_for_everyone()
             train_set.latent_cache = cache
             vae.to("cpu")  # the steps read cached latents: the VAE waits on the CPU (validation renders bring it back)
         sampler = EpochSampler(len(train_set), seed=args.seed)
     train_dataloader = torch.utils.data.DataLoader(
-        train_set, batch_size=args.train_batch_size, sampler=sampler, collate_fn=collate,
-        num_workers=args.dataloader_num_workers)
+        train_set,
+        batch_size=args.train_batch_size,
+        sampler=sampler,
+        collate_fn=collate,
+        num_workers=args.dataloader_num_workers,
+    )
 
     unet.to(accelerator.device)  # before the optimizer: fused AdamW needs the parameters on the GPU
-    optimizer = make_optimizer(trainable_parameters(unet), args.learning_rate, (args.adam_beta1, args.adam_beta2),
-                               args.adam_weight_decay, args.adam_epsilon, args.use_8bit_adam)
+    optimizer = make_optimizer(
+        trainable_parameters(unet),
+        lr=args.learning_rate,
+        betas=(args.adam_beta1, args.adam_beta2),
+        weight_decay=args.adam_weight_decay,
+        eps=args.adam_epsilon,
+        use_8bit_adam=args.use_8bit_adam,
+    )
     if args.streaming:  # already split by node; accelerate must not shard it again
         unet, optimizer = accelerator.prepare(unet, optimizer)
         steps_per_epoch = None
@@ -180,8 +238,12 @@ def main(args):
         steps_per_epoch = math.ceil(len(train_dataloader) / args.gradient_accumulation_steps)
         max_train_steps = args.max_train_steps or args.num_train_epochs * steps_per_epoch
         num_epochs = math.ceil(max_train_steps / steps_per_epoch)
-    lr_scheduler = get_scheduler(args.lr_scheduler, optimizer, num_warmup_steps=args.lr_warmup_steps * accelerator.num_processes,
-                                 num_training_steps=max_train_steps * accelerator.num_processes)
+    lr_scheduler = get_scheduler(
+        args.lr_scheduler,
+        optimizer,
+        num_warmup_steps=args.lr_warmup_steps * accelerator.num_processes,
+        num_training_steps=max_train_steps * accelerator.num_processes,
+    )
     lr_scheduler = accelerator.prepare(lr_scheduler)
     if accelerator.is_main_process:
         accelerator.init_trackers("train_sft", config=tracker_config(args))
@@ -196,13 +258,20 @@ def main(args):
         load_checkpoint(accelerator, checkpoint, optimizer, lr_scheduler, args.learning_rate)
         global_step = step_of(checkpoint)
         first_epoch, skip_batches, micro_step = resume_position(
-            global_step, args.gradient_accumulation_steps, None if args.streaming else len(train_dataloader))
-        logger.info(f"resumed from {checkpoint} at step {global_step} (epoch {first_epoch}, skipping {skip_batches} batches)")
+            global_step, args.gradient_accumulation_steps, None if args.streaming else len(train_dataloader)
+        )
+        logger.info(
+            f"resumed from {checkpoint} at step {global_step} (epoch {first_epoch}, skipping {skip_batches} batches)"
+        )
 
     total_batch = args.train_batch_size * accelerator.num_processes * args.gradient_accumulation_steps
-    logger.info(f"training: {max_train_steps} optimizer steps, {total_batch} images per step, "
-                f"{'LoRA rank ' + str(args.rank) if args.use_lora else 'full UNet'}")
-    progress = tqdm(range(max_train_steps), initial=global_step, desc="sft", disable=not accelerator.is_local_main_process)
+    logger.info(
+        f"training: {max_train_steps} optimizer steps, {total_batch} images per step, "
+        f"{'LoRA rank ' + str(args.rank) if args.use_lora else 'full UNet'}"
+    )
+    progress = tqdm(
+        range(max_train_steps), initial=global_step, desc="sft", disable=not accelerator.is_local_main_process
+    )
     skipped_images, logs, window_loss, window_batches, overflows = 0, {}, 0.0, 0, 0
     # 5. The loop: plain denoising loss on the real images.
     for epoch in range(first_epoch, num_epochs):
@@ -219,7 +288,9 @@ def main(args):
             batch = {k: v.to(accelerator.device) if torch.is_tensor(v) else v for k, v in batch.items()}
             gen = step_generator(args.seed, micro_step, accelerator.process_index, accelerator.device)
             with accelerator.accumulate(unet):
-                loss = sft_forward(unet, vae, text_encoder, noise_scheduler, batch, gen, dtype, args.noise_offset, args.snr_gamma)
+                loss = sft_forward(
+                    unet, batch, gen, frozen=frozen, noise_offset=args.noise_offset, snr_gamma=args.snr_gamma
+                )
                 accelerator.backward(loss)
                 window_loss, window_batches = window_loss + loss.detach(), window_batches + 1
                 grad_norm = optimizer_step(accelerator, unet, optimizer, lr_scheduler, args.max_grad_norm)
@@ -230,13 +301,21 @@ def main(args):
             if ema_unet is not None:
                 ema_unet.step(unet.parameters())
             # the loss averaged over the accumulation window and the processes: one sync per optimizer step
-            logs = {"loss": accelerator.reduce(window_loss / window_batches, "mean").item(), "lr": lr_scheduler.get_last_lr()[0]}
+            logs = {
+                "loss": accelerator.reduce(window_loss / window_batches, "mean").item(),
+                "lr": lr_scheduler.get_last_lr()[0],
+            }
             window_loss, window_batches = 0.0, 0
             if grad_norm is not None:
                 logs["grad_norm"] = float(grad_norm)
             overflows = overflows + 1 if accelerator.optimizer_step_was_skipped else 0  # fp16 scaler skips
-            check_finite_step(logs, where=f"step {global_step}", last_checkpoint=last_good,
-                              skipped=accelerator.optimizer_step_was_skipped, skipped_in_a_row=overflows)
+            check_finite_step(
+                logs,
+                where=f"step {global_step}",
+                last_checkpoint=last_good,
+                skipped=accelerator.optimizer_step_was_skipped,
+                skipped_in_a_row=overflows,
+            )
             if skipped_images:
                 logs["skipped_images"] = skipped_images
             progress.update(1)
@@ -247,42 +326,68 @@ def main(args):
                 last_good = save_checkpoint(accelerator, output_dir, global_step, args.checkpoints_total_limit)
                 logger.info(f"saved {last_good}")
             if args.validation_steps and global_step % args.validation_steps == 0 and accelerator.is_main_process:
-                run_validation(args, accelerator, unet, vae, text_encoder, tokenizer, ema_unet, dtype, global_step)
+                run_validation(args, accelerator, unet, frozen=frozen, ema_unet=ema_unet, step=global_step)
             if global_step >= max_train_steps:
                 break
     progress.close()
     skipped_images = int(accelerator.reduce(torch.tensor(skipped_images, device=accelerator.device), "sum"))
     if skipped_images:
-        logger.warning(f"replaced {skipped_images} undecodable images by the next good ones "
-                       "(counted each time they came up, summed over processes)")
+        logger.warning(
+            f"replaced {skipped_images} undecodable images by the next good ones "
+            "(counted each time they came up, summed over processes)"
+        )
 
     # 6. Save the result (diffusers pipeline or LoRA weights), a sample grid, the model card; push.
     accelerator.wait_for_everyone()
     unet = model_for_saving(accelerator, unet)  # every process: under FSDP the shards are gathered here
     if accelerator.is_main_process:
-        pipeline = save_result(args, unet, ema_unet, vae, text_encoder, tokenizer)
+        pipeline = save_result(args, unet, ema_unet=ema_unet, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer)
         prompts = args.validation_prompts
         if not prompts and not args.streaming:  # no prompts given: show what it learned on training captions
             head = hf_dataset.select(range(min(args.num_validation_images, len(hf_dataset))))
             prompts = [caption_of(c) for c in head[spec["caption"]]]
         if prompts:
-            images = render(pipeline.to(accelerator.device), [str(p) for p in prompts], args.seed,
-                            args.validation_num_inference_steps, resolution=args.resolution,
-                            autocast_dtype=dtype if dtype != torch.float32 else None)
+            images = render(
+                pipeline.to(accelerator.device),
+                [str(p) for p in prompts],
+                seed=args.seed,
+                num_inference_steps=args.validation_num_inference_steps,
+                resolution=args.resolution,
+                autocast_dtype=dtype if dtype != torch.float32 else None,
+            )
             make_grid(images).save(output_dir / "validation_grid.png")
             log_images(accelerator, images, prompts, global_step)
         write_model_card(
-            output_dir, base_model=args.pretrained_model_name_or_path, dataset=args.dataset_name,
+            output_dir,
+            base_model=args.pretrained_model_name_or_path,
+            dataset=args.dataset_name,
             title=f"SFT {'LoRA ' if args.use_lora else ''}fine-tune of {args.pretrained_model_name_or_path}",
-            description="Supervised fine-tuning (plain denoising loss) on the preferred images of the dataset: the SFT "
-                        "baseline of SPIN-Diffusion (Yuan et al., NeurIPS 2024), trained with `train_sft.py`.",
+            description="Supervised fine-tuning (plain denoising loss) on the preferred images of the dataset: "
+            "the SFT "
+            "baseline of SPIN-Diffusion (Yuan et al., NeurIPS 2024), trained with `train_sft.py`.",
             tags=["sft", "lora"] if args.use_lora else ["sft"],
-            hyperparameters={k: getattr(args, k) for k in (
-                "learning_rate", "lr_scheduler", "lr_warmup_steps", "train_batch_size", "gradient_accumulation_steps",
-                "resolution", "mixed_precision", "use_8bit_adam", "use_lora", "rank", "snr_gamma", "use_ema", "seed")}
+            hyperparameters={
+                k: getattr(args, k)
+                for k in (
+                    "learning_rate",
+                    "lr_scheduler",
+                    "lr_warmup_steps",
+                    "train_batch_size",
+                    "gradient_accumulation_steps",
+                    "resolution",
+                    "mixed_precision",
+                    "use_8bit_adam",
+                    "use_lora",
+                    "rank",
+                    "snr_gamma",
+                    "use_ema",
+                    "seed",
+                )
+            }
             | {"prediction_type": noise_scheduler.config.prediction_type}
             | {"max_train_steps": max_train_steps, "images_per_step": total_batch},
-            metrics={"final_loss": logs["loss"]} if "loss" in logs else None)
+            metrics={"final_loss": logs["loss"]} if "loss" in logs else None,
+        )
         state.update(trained=settings_key(args), step=global_step, pushed=None)
     accelerator.end_training()
     if args.push_to_hub and accelerator.is_main_process:
@@ -292,8 +397,17 @@ def main(args):
 def settings_key(args):
     """What the result depends on (every flag but the Hub, logging and resume ones): a rerun with the same key
     and an unpushed result only pushes."""
-    ignored = {"push_to_hub", "hub_model_id", "hub_private_repo", "hub_retry_max_time", "report_to", "logging_dir",
-               "resume_from_checkpoint", "dataloader_num_workers", "config"}
+    ignored = {
+        "push_to_hub",
+        "hub_model_id",
+        "hub_private_repo",
+        "hub_retry_max_time",
+        "report_to",
+        "logging_dir",
+        "resume_from_checkpoint",
+        "dataloader_num_workers",
+        "config",
+    }
     settings = {k: v for k, v in public_args(args).items() if k not in ignored}
     return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:16]
 
@@ -303,21 +417,32 @@ def push_result(args, state):
     records the error, and HubError tells the user to rerun the same command (which then only pushes)."""
     output_dir = Path(args.output_dir)
     try:
-        repo_id = push_folder(output_dir, args.hub_model_id or output_dir.resolve().name, token=args.hub_token,
-                              private=args.hub_private_repo, commit_message=f"train_sft.py: step {state.get('step')}",
-                              max_time=args.hub_retry_max_time)
+        repo_id = push_folder(
+            output_dir,
+            args.hub_model_id or output_dir.resolve().name,
+            token=args.hub_token,
+            private=args.hub_private_repo,
+            commit_message=f"train_sft.py: step {state.get('step')}",
+            max_time=args.hub_retry_max_time,
+        )
     except Exception as e:
         state.update(push_error=describe(e))
-        raise HubError(f"the result is saved in {output_dir} but the push failed ({describe(e)}). Rerun the same "
-                       f"command to push it (nothing is trained again):\n  {args.command}") from e
+        raise HubError(
+            f"the result is saved in {output_dir} but the push failed ({describe(e)}). Rerun the same "
+            f"command to push it (nothing is trained again):\n  {args.command}"
+        ) from e
     state.update(pushed=repo_id, push_error=None)
     print(f"pushed to {repo_id}")
 
 
-def sft_forward(unet, vae, text_encoder, noise_scheduler, batch, generator, dtype, noise_offset=0.0, snr_gamma=None):
-    """One micro-batch of the plain denoising loss on the real images."""
+def sft_forward(unet, batch, generator, *, frozen, noise_offset=0.0, snr_gamma=None):
+    """One micro-batch of the plain denoising loss on the real images (`frozen`: the VAE, text encoder, noise
+    scheduler and compute dtype)."""
+    _, text_encoder, vae, noise_scheduler, dtype = frozen
     latents = encode_images(vae, batch, generator, dtype)
-    noise, timesteps = sample_noise_and_timesteps(latents, noise_scheduler.config.num_train_timesteps, generator, noise_offset)
+    noise, timesteps = sample_noise_and_timesteps(
+        latents, noise_scheduler.config.num_train_timesteps, generator, noise_offset
+    )
     noisy_latents = noise_scheduler.add_noise(latents, noise, timesteps)
     target = diffusion_target(noise_scheduler, latents, noise, timesteps)
     with torch.no_grad():
@@ -327,9 +452,11 @@ def sft_forward(unet, vae, text_encoder, noise_scheduler, batch, generator, dtyp
     return sft_loss(per_sample_mse(pred, target), weights)
 
 
-def save_result(args, unet, ema_unet, vae, text_encoder, tokenizer):
+def save_result(args, unet, *, ema_unet, vae, text_encoder, tokenizer):
     """Write the LoRA weights or the full pipeline into output_dir; return a pipeline for the sample grid."""
-    kw = dict(prediction_type=args.prediction_type, revision=args.revision, variant=args.variant, cache_dir=args.cache_dir)
+    kw = dict(
+        prediction_type=args.prediction_type, revision=args.revision, variant=args.variant, cache_dir=args.cache_dir
+    )
     if args.use_lora:
         assert_finite_weights(unet, "the result")
         save_lora(unet, args.output_dir)
@@ -344,18 +471,34 @@ def save_result(args, unet, ema_unet, vae, text_encoder, tokenizer):
     return pipeline
 
 
-def run_validation(args, accelerator, unet, vae, text_encoder, tokenizer, ema_unet, dtype, step):
+def run_validation(args, accelerator, unet, *, frozen, ema_unet, step):
     """Render the validation prompts with the current weights (the EMA weights when kept) and log them."""
+    tokenizer, text_encoder, vae, _, dtype = frozen
     model = accelerator.unwrap_model(unet)
     if ema_unet is not None:
         ema_unet.store(model.parameters())
         ema_unet.copy_to(model.parameters())
-    pipeline = sd_pipeline(args.pretrained_model_name_or_path, args.prediction_type, unet=model, vae=vae,
-                           text_encoder=text_encoder, tokenizer=tokenizer, revision=args.revision, variant=args.variant,
-                           cache_dir=args.cache_dir, torch_dtype=dtype).to(accelerator.device)
+    pipeline = sd_pipeline(
+        args.pretrained_model_name_or_path,
+        args.prediction_type,
+        unet=model,
+        vae=vae,
+        text_encoder=text_encoder,
+        tokenizer=tokenizer,
+        revision=args.revision,
+        variant=args.variant,
+        cache_dir=args.cache_dir,
+        torch_dtype=dtype,
+    ).to(accelerator.device)
     pipeline.set_progress_bar_config(disable=True)
-    images = render(pipeline, args.validation_prompts, args.seed, args.validation_num_inference_steps,
-                    resolution=args.resolution, autocast_dtype=dtype if dtype != torch.float32 else None)
+    images = render(
+        pipeline,
+        args.validation_prompts,
+        seed=args.seed,
+        num_inference_steps=args.validation_num_inference_steps,
+        resolution=args.resolution,
+        autocast_dtype=dtype if dtype != torch.float32 else None,
+    )
     log_images(accelerator, images, args.validation_prompts, step)
     make_grid(images).save(Path(args.output_dir) / f"validation_step_{step}.png")
     if ema_unet is not None:

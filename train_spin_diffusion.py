@@ -113,45 +113,95 @@ def parse_args(input_args=None):
     add_hub_args(parser)
     g = parser.add_argument_group("SPIN")
     g.add_argument("--num_iterations", type=int, default=3, help="Self-play iterations K (the paper releases 3).")
-    g.add_argument("--beta", type=float, default=5000.0,
-                   help="Loss strength, Diffusion-DPO convention (beta/2 inside the sigmoid). Default 5000 is unconfirmed "
-                        "for SPIN; 2000-5000 are plausible.")
-    g.add_argument("--no_share_noise", action="store_true", help="Draw separate noise for the generated latent (default: shared).")
-    g.add_argument("--negative_source", choices=["self", "dataset"], default="self",
-                   help="self: SPIN (the previous iterate's samples). dataset: the Pick-a-Pic loser with the start model as "
-                        "reference, one iteration (Diffusion-DPO).")
-    g.add_argument("--precompute_reference", action="store_true",
-                   help="Draw each pair's t and noise during generation and compute the reference errors there, with theta_k "
-                        "already loaded; the real latents and text embeddings are stored too. Training then runs no reference, "
-                        "VAE or text encoder (both wait on the CPU). Fixes each pair's t, noise and real latent (center crop, "
-                        "no flip) for the iteration. Disk: ~180 KB per prompt per iteration for SD-1.5 in bf16.")
-    g.add_argument("--offload_reference", action="store_true", help="Full fine-tuning: keep the frozen reference UNet on the CPU between uses.")
+    g.add_argument(
+        "--beta",
+        type=float,
+        default=5000.0,
+        help="Loss strength, Diffusion-DPO convention (beta/2 inside the sigmoid). Default 5000 is unconfirmed "
+        "for SPIN; 2000-5000 are plausible.",
+    )
+    g.add_argument(
+        "--no_share_noise", action="store_true", help="Draw separate noise for the generated latent (default: shared)."
+    )
+    g.add_argument(
+        "--negative_source",
+        choices=["self", "dataset"],
+        default="self",
+        help="self: SPIN (the previous iterate's samples). dataset: the Pick-a-Pic loser with the start model as "
+        "reference, one iteration (Diffusion-DPO).",
+    )
+    g.add_argument(
+        "--precompute_reference",
+        action="store_true",
+        help="Draw each pair's t and noise during generation and compute the reference errors there, with theta_k "
+        "already loaded; the real latents and text embeddings are stored too. Training then runs no reference, "
+        "VAE or text encoder (both wait on the CPU). Fixes each pair's t, noise and real latent (center crop, "
+        "no flip) for the iteration. Disk: ~180 KB per prompt per iteration for SD-1.5 in bf16.",
+    )
+    g.add_argument(
+        "--offload_reference",
+        action="store_true",
+        help="Full fine-tuning: keep the frozen reference UNet on the CPU between uses.",
+    )
     g.add_argument("--gen_num_inference_steps", type=int, default=50)
     g.add_argument("--gen_guidance_scale", type=float, default=7.5)
-    g.add_argument("--gen_scheduler", choices=["model", "ddim", "ddpm"], default="model",
-                   help="Sampler for the opponent: the model's own, DDIM or DDPM (built from the model's scheduler config).")
-    g.add_argument("--gen_eta", type=float, default=0.0,
-                   help="DDIM's eta for the opponent: 0 is deterministic, 1 is DDPM-like noise. DDPM ignores it.")
-    g.add_argument("--spin_objective", choices=["approximate", "trajectory"], default="approximate",
-                   help="approximate: forward-noise the opponent's final sample at a random t (SPIN.md's loss). trajectory: "
-                        "the exact objective, the per-step likelihood ratio on K stored steps of the opponent's own "
-                        "stochastic sampling chain against forward-posterior steps of the real image; needs --gen_scheduler "
-                        "ddpm, or ddim with --gen_eta > 0. Which one produced the paper's numbers is unconfirmed.")
-    g.add_argument("--trajectory_steps", type=int, default=1,
-                   help="--spin_objective trajectory: chain steps stored and trained per sample (K). Storage: 2K fp32 "
-                        "latents per sample, K x 128 KiB for SD-1.5 at 512 px.")
+    g.add_argument(
+        "--gen_scheduler",
+        choices=["model", "ddim", "ddpm"],
+        default="model",
+        help="Sampler for the opponent: the model's own, DDIM or DDPM (built from the model's scheduler config).",
+    )
+    g.add_argument(
+        "--gen_eta",
+        type=float,
+        default=0.0,
+        help="DDIM's eta for the opponent: 0 is deterministic, 1 is DDPM-like noise. DDPM ignores it.",
+    )
+    g.add_argument(
+        "--spin_objective",
+        choices=["approximate", "trajectory"],
+        default="approximate",
+        help="approximate: forward-noise the opponent's final sample at a random t (SPIN.md's loss). trajectory: "
+        "the exact objective, the per-step likelihood ratio on K stored steps of the opponent's own "
+        "stochastic sampling chain against forward-posterior steps of the real image; needs --gen_scheduler "
+        "ddpm, or ddim with --gen_eta > 0. Which one produced the paper's numbers is unconfirmed.",
+    )
+    g.add_argument(
+        "--trajectory_steps",
+        type=int,
+        default=1,
+        help="--spin_objective trajectory: chain steps stored and trained per sample (K). Storage: 2K fp32 "
+        "latents per sample, K x 128 KiB for SD-1.5 at 512 px.",
+    )
     g.add_argument("--gen_batch_size", type=int, default=8)
-    g.add_argument("--gen_shard_size", type=int, default=256, help="Samples per synthetic shard (the unit of resumption).")
-    g.add_argument("--push_synthetic_dataset", action="store_true", help="Also upload each iteration's samples as a dataset repo.")
-    g.add_argument("--hub_versioning", choices=["repos", "revisions"], default="repos",
-                   help="repos: iteration N goes to {hub_model_id}-iterN. revisions: one repo, iteration N tagged iterN.")
+    g.add_argument(
+        "--gen_shard_size", type=int, default=256, help="Samples per synthetic shard (the unit of resumption)."
+    )
+    g.add_argument(
+        "--push_synthetic_dataset", action="store_true", help="Also upload each iteration's samples as a dataset repo."
+    )
+    g.add_argument(
+        "--hub_versioning",
+        choices=["repos", "revisions"],
+        default="repos",
+        help="repos: iteration N goes to {hub_model_id}-iterN. revisions: one repo, iteration N tagged iterN.",
+    )
     # SPIN.md's per-iteration recipe (from the released models' cards): lr 2e-5, linear, 200 warmup, 500 steps.
     parser.set_defaults(learning_rate=2e-5, lr_scheduler="linear", lr_warmup_steps=200, max_train_steps=500)
     args = parse_with_config(parser, input_args)
     if args.streaming:
-        parser.error("--streaming is not supported by SPIN: every training prompt gets a generated sample; "
-                     "use --max_train_samples to train on a subset")
-    for name in ("num_iterations", "beta", "gen_batch_size", "gen_shard_size", "gen_num_inference_steps", "trajectory_steps"):
+        parser.error(
+            "--streaming is not supported by SPIN: every training prompt gets a generated sample; "
+            "use --max_train_samples to train on a subset"
+        )
+    for name in (
+        "num_iterations",
+        "beta",
+        "gen_batch_size",
+        "gen_shard_size",
+        "gen_num_inference_steps",
+        "trajectory_steps",
+    ):
         if not getattr(args, name) > 0:
             parser.error(f"--{name} must be positive, got {getattr(args, name)}")
     if args.gen_guidance_scale < 0:
@@ -163,22 +213,34 @@ def parse_args(input_args=None):
     if args.precompute_reference and args.negative_source == "dataset":
         parser.error("--precompute_reference works with --negative_source self (it runs during the generation phase)")
     if args.precompute_reference and (args.noise_offset or args.random_flip):
-        parser.error("--precompute_reference fixes each pair's noise and real latent: drop --noise_offset / --random_flip")
+        parser.error(
+            "--precompute_reference fixes each pair's noise and real latent: drop --noise_offset / --random_flip"
+        )
     if args.offload_reference and (args.use_lora or args.precompute_reference):
-        why = ("with --use_lora the reference is the policy UNet with theta_k's adapter switched in" if args.use_lora
-               else "with --precompute_reference training holds no reference")
+        why = (
+            "with --use_lora the reference is the policy UNet with theta_k's adapter switched in"
+            if args.use_lora
+            else "with --precompute_reference training holds no reference"
+        )
         parser.error(f"--offload_reference offloads a full fine-tune's frozen reference copy; {why}: drop it")
     if args.resume_from_checkpoint not in (None, "latest"):
-        parser.error("train_spin_diffusion.py resumes by itself from output_dir (iteration, phase, newest checkpoint): "
-                     "rerun the same command, optionally with --resume_from_checkpoint latest")
+        parser.error(
+            "train_spin_diffusion.py resumes by itself from output_dir (iteration, phase, newest checkpoint): "
+            "rerun the same command, optionally with --resume_from_checkpoint latest"
+        )
     if args.cache_latents or args.validation_prompts or args.validation_steps or args.proportion_empty_prompts:
-        parser.error("--cache_latents / --validation_prompts / --validation_steps / --proportion_empty_prompts are train_sft.py "
-                     "flags; SPIN stores its own latents and logs per-iteration metrics (evaluate.py renders samples)")
+        parser.error(
+            "--cache_latents / --validation_prompts / --validation_steps / --proportion_empty_prompts are "
+            "train_sft.py "
+            "flags; SPIN stores its own latents and logs per-iteration metrics (evaluate.py renders samples)"
+        )
     if args.push_synthetic_dataset and not args.push_to_hub:
         parser.error("--push_synthetic_dataset needs --push_to_hub")
     if args.push_to_hub and args.hub_retry_max_time >= args.ddp_timeout / 2:
-        parser.error(f"--hub_retry_max_time {args.hub_retry_max_time:g} must stay well under --ddp_timeout "
-                     f"{args.ddp_timeout} (the other processes wait while the main one pushes): at most half of it")
+        parser.error(
+            f"--hub_retry_max_time {args.hub_retry_max_time:g} must stay well under --ddp_timeout "
+            f"{args.ddp_timeout} (the other processes wait while the main one pushes): at most half of it"
+        )
     args = validate_training_args(parser, args)
     args.command = rerun_command("train_spin_diffusion.py", sys.argv[1:] if input_args is None else input_args)
     return args
@@ -188,20 +250,34 @@ def check_trajectory_args(parser, args):
     """--spin_objective trajectory needs a stochastic opponent sampler, and the flags of the approximate form's
     noising do not apply to it."""
     if args.negative_source != "self":
-        parser.error("--spin_objective trajectory scores the opponent's own sampling chain: it needs --negative_source self")
+        parser.error(
+            "--spin_objective trajectory scores the opponent's own sampling chain: it needs --negative_source self"
+        )
     if args.gen_scheduler == "model":
-        parser.error("--spin_objective trajectory needs a stochastic sampler whose steps have a likelihood: "
-                     "--gen_scheduler ddpm, or --gen_scheduler ddim with --gen_eta > 0")
+        parser.error(
+            "--spin_objective trajectory needs a stochastic sampler whose steps have a likelihood: "
+            "--gen_scheduler ddpm, or --gen_scheduler ddim with --gen_eta > 0"
+        )
     if args.gen_scheduler == "ddim" and args.gen_eta == 0:
-        parser.error("--spin_objective trajectory with --gen_scheduler ddim needs --gen_eta > 0: at eta 0 a DDIM step is "
-                     "deterministic and has no per-step likelihood")
+        parser.error(
+            "--spin_objective trajectory with --gen_scheduler ddim needs --gen_eta > 0: at eta 0 a DDIM step is "
+            "deterministic and has no per-step likelihood"
+        )
     if args.trajectory_steps > args.gen_num_inference_steps - 1:
-        parser.error(f"--trajectory_steps {args.trajectory_steps} must be below --gen_num_inference_steps "
-                     f"{args.gen_num_inference_steps} (the chain's last step may add no noise)")
-    for flag, value in (("--snr_gamma", args.snr_gamma), ("--noise_offset", args.noise_offset), ("--no_share_noise", args.no_share_noise)):
+        parser.error(
+            f"--trajectory_steps {args.trajectory_steps} must be below --gen_num_inference_steps "
+            f"{args.gen_num_inference_steps} (the chain's last step may add no noise)"
+        )
+    for flag, value in (
+        ("--snr_gamma", args.snr_gamma),
+        ("--noise_offset", args.noise_offset),
+        ("--no_share_noise", args.no_share_noise),
+    ):
         if value:
-            parser.error(f"{flag} is for the approximate objective; the trajectory objective weights and noises each step "
-                         "by the sampler's own likelihood")
+            parser.error(
+                f"{flag} is for the approximate objective; the trajectory objective weights and noises each step "
+                "by the sampler's own likelihood"
+            )
 
 
 def main(args):
@@ -212,12 +288,16 @@ def main(args):
     accelerator = init_run(args)
     hf_dataset, spec = load_training_dataset(args)
     if args.negative_source == "dataset" and spec["kind"] != "pickapic":
-        raise DataError("--negative_source dataset needs a Pick-a-Pic-shaped dataset (it trains against the loser image)")
+        raise DataError(
+            "--negative_source dataset needs a Pick-a-Pic-shaped dataset (it trains against the loser image)"
+        )
     captions = [caption_of(c) for c in hf_dataset[spec["caption"]]]
     num_iterations = 1 if args.negative_source == "dataset" else args.num_iterations
     state = RunState(output_dir / "spin_state.json")
     todo = [k for k in range(num_iterations) if k + 1 not in state.get("done")]
-    logger.info(f"{len(captions)} training prompts; {num_iterations} iteration(s), {len(todo)} to train; state: {state.data}")
+    logger.info(
+        f"{len(captions)} training prompts; {num_iterations} iteration(s), {len(todo)} to train; state: {state.data}"
+    )
 
     if todo:  # a rerun that only has pushes left loads no model
         set_seed(args.seed)
@@ -237,16 +317,34 @@ def main(args):
 
         store = None
         if args.negative_source == "self":
-            store = SyntheticStore(it_dir / "synthetic", len(captions), args.gen_shard_size, settings={
-                "captions_sha256": hashlib.sha256("\n".join(captions).encode()).hexdigest(), "seed": args.seed,
-                "resolution": args.resolution, "precompute_reference": args.precompute_reference,
-                "share_noise": not args.no_share_noise,
-                **({"stores_prompt_embeds": True} if args.precompute_reference else {}),  # older stores lack them
-                **({"gen_eta": args.gen_eta} if args.gen_eta else {}),
-                **({"spin_objective": "trajectory", "trajectory_steps": args.trajectory_steps}
-                   if args.spin_objective == "trajectory" else {}),
-                **{name: getattr(args, name) for name in (
-                    "gen_num_inference_steps", "gen_guidance_scale", "gen_scheduler", "pretrained_model_name_or_path")}})
+            store = SyntheticStore(
+                it_dir / "synthetic",
+                len(captions),
+                args.gen_shard_size,
+                settings={
+                    "captions_sha256": hashlib.sha256("\n".join(captions).encode()).hexdigest(),
+                    "seed": args.seed,
+                    "resolution": args.resolution,
+                    "precompute_reference": args.precompute_reference,
+                    "share_noise": not args.no_share_noise,
+                    **({"stores_prompt_embeds": True} if args.precompute_reference else {}),  # older stores lack them
+                    **({"gen_eta": args.gen_eta} if args.gen_eta else {}),
+                    **(
+                        {"spin_objective": "trajectory", "trajectory_steps": args.trajectory_steps}
+                        if args.spin_objective == "trajectory"
+                        else {}
+                    ),
+                    **{
+                        name: getattr(args, name)
+                        for name in (
+                            "gen_num_inference_steps",
+                            "gen_guidance_scale",
+                            "gen_scheduler",
+                            "pretrained_model_name_or_path",
+                        )
+                    },
+                },
+            )
             try:  # every process checks; refuses shards made for other prompts or settings
                 store.claim(write=accelerator.is_main_process)
             except ValueError as e:
@@ -256,15 +354,30 @@ def main(args):
                 pipeline = opponent_pipeline(args, unet, frozen, accelerator.device)
                 extras = None
                 if args.precompute_reference:
-                    real_images = TrainDataset(hf_dataset, spec, tokenizer, args.resolution, center_crop=True, seed=args.seed + k)
-                    extras = reference_extras(args, real_images, unet, frozen=frozen, step=step, accelerator=accelerator)
+                    real_images = TrainDataset(
+                        hf_dataset, spec, tokenizer, resolution=args.resolution, center_crop=True, seed=args.seed + k
+                    )
+                    extras = reference_extras(
+                        args, real_images, unet, frozen=frozen, step=step, accelerator=accelerator
+                    )
                 generate_opponent_samples(
-                    pipeline, captions, store, seed=args.seed, iteration=k, batch_size=args.gen_batch_size,
-                    num_inference_steps=args.gen_num_inference_steps, guidance_scale=args.gen_guidance_scale,
-                    resolution=args.resolution, eta=args.gen_eta, process_index=accelerator.process_index,
-                    num_processes=accelerator.num_processes, autocast_dtype=dtype if dtype != torch.float32 else None,
-                    progress=accelerator.is_local_main_process, extras=extras,
-                    trajectory=(step.table, step.trajectory_steps) if step.objective == "trajectory" else None)
+                    pipeline,
+                    captions,
+                    store,
+                    seed=args.seed,
+                    iteration=k,
+                    batch_size=args.gen_batch_size,
+                    num_inference_steps=args.gen_num_inference_steps,
+                    guidance_scale=args.gen_guidance_scale,
+                    resolution=args.resolution,
+                    eta=args.gen_eta,
+                    process_index=accelerator.process_index,
+                    num_processes=accelerator.num_processes,
+                    autocast_dtype=dtype if dtype != torch.float32 else None,
+                    progress=accelerator.is_local_main_process,
+                    extras=extras,
+                    trajectory=(step.table, step.trajectory_steps) if step.objective == "trajectory" else None,
+                )
                 del pipeline, extras  # both hold theta_k's UNet
             accelerator.wait_for_everyone()
             if accelerator.is_main_process:
@@ -275,13 +388,23 @@ def main(args):
         if args.precompute_reference:  # latents and text embeddings are stored: VAE and text encoder wait on the CPU
             vae.to("cpu")
             text_encoder.to("cpu")
-        metrics = train_iteration(args, accelerator, k, it_dir=it_dir, unet=unet, reference=reference, store=store,
-                                  data=(hf_dataset, spec), frozen=frozen, step=step)
+        metrics = train_iteration(
+            args,
+            accelerator,
+            k,
+            it_dir=it_dir,
+            unet=unet,
+            reference=reference,
+            store=store,
+            data=(hf_dataset, spec),
+            frozen=frozen,
+            step=step,
+        )
 
         result = model_for_saving(accelerator, unet)  # every process: under FSDP the shards are gathered here
         if accelerator.is_main_process:
             state.update(phase="save")
-            save_iteration(args, result, it_dir, k, hub_repo, metrics)
+            save_iteration(args, result, it_dir=it_dir, k=k, hub_repo=hub_repo, metrics=metrics)
             state.update(done=sorted(set(state.get("done")) | {k + 1}), phase="push" if args.push_to_hub else "done")
             if args.push_to_hub:  # this iteration, and any earlier one whose push failed (all of them at the end)
                 push_unpushed(args, state, hub_repo, stop_at_failure=k != todo[-1])
@@ -301,14 +424,20 @@ def main(args):
     unpushed = []
     if accelerator.is_main_process:
         if args.push_to_hub:
-            unpushed = push_unpushed(args, state, hub_repo, stop_at_failure=False) if not todo else unpushed_iterations(state)
+            unpushed = (
+                push_unpushed(args, state, hub_repo, stop_at_failure=False) if not todo else unpushed_iterations(state)
+            )
         print_summary(output_dir, num_iterations, state)
     accelerator.end_training()
     if unpushed:
         errors = state.get("push_errors", {})
-        lines = "\n".join(f"  iteration {it}: {output_dir / f'iter_{it}'} ({errors.get(str(it), 'not pushed')})" for it in unpushed)
-        raise HubError(f"{len(unpushed)} iteration(s) trained and saved but not pushed:\n{lines}\n"
-                       f"Rerun the same command to push them (nothing is generated or trained again):\n  {args.command}")
+        lines = "\n".join(
+            f"  iteration {it}: {output_dir / f'iter_{it}'} ({errors.get(str(it), 'not pushed')})" for it in unpushed
+        )
+        raise HubError(
+            f"{len(unpushed)} iteration(s) trained and saved but not pushed:\n{lines}\n"
+            f"Rerun the same command to push them (nothing is generated or trained again):\n  {args.command}"
+        )
 
 
 def load_policy_and_reference(args, k, dtype, device):
@@ -318,14 +447,18 @@ def load_policy_and_reference(args, k, dtype, device):
     previous = Path(args.output_dir) / f"iter_{k}"
     if not args.use_lora:
         source = (str(previous), None) if k > 0 else (args.pretrained_model_name_or_path, args.revision)
-        unet = load_unet(source[0], revision=source[1], variant=args.variant if k == 0 else None, cache_dir=args.cache_dir)
+        unet = load_unet(
+            source[0], revision=source[1], variant=args.variant if k == 0 else None, cache_dir=args.cache_dir
+        )
         if args.gradient_checkpointing:
             unet.enable_gradient_checkpointing()
         if args.precompute_reference:  # the reference errors come from the generation phase: no frozen copy
             return unet.to(device), None
         reference = Reference.frozen_copy(unet, device, offload=args.offload_reference)  # fp32, as the policy
         return unet.to(device), reference
-    unet = load_unet(args.pretrained_model_name_or_path, revision=args.revision, variant=args.variant, cache_dir=args.cache_dir)
+    unet = load_unet(
+        args.pretrained_model_name_or_path, revision=args.revision, variant=args.variant, cache_dir=args.cache_dir
+    )
     targets = args.lora_target_modules.split(",")
     add_lora(unet, args.rank, args.lora_alpha, targets)
     ref_adapter = None
@@ -352,17 +485,25 @@ def opponent_scheduler(args):
     if args.gen_scheduler == "model":
         return None
     cls = DDIMScheduler if args.gen_scheduler == "ddim" else DDPMScheduler
-    config = cls.load_config(args.pretrained_model_name_or_path, subfolder="scheduler", revision=args.revision,
-                             cache_dir=args.cache_dir)
+    config = cls.load_config(
+        args.pretrained_model_name_or_path, subfolder="scheduler", revision=args.revision, cache_dir=args.cache_dir
+    )
     if args.prediction_type is not None:
         config["prediction_type"] = args.prediction_type
     return cls.from_config({"clip_sample": False, **config})
 
 
 def opponent_pipeline(args, unet, frozen, device):
-    pipeline = sd_pipeline(args.pretrained_model_name_or_path, args.prediction_type, unet=unet, vae=frozen.vae,
-                           text_encoder=frozen.text_encoder, tokenizer=frozen.tokenizer, revision=args.revision,
-                           cache_dir=args.cache_dir)
+    pipeline = sd_pipeline(
+        args.pretrained_model_name_or_path,
+        args.prediction_type,
+        unet=unet,
+        vae=frozen.vae,
+        text_encoder=frozen.text_encoder,
+        tokenizer=frozen.tokenizer,
+        revision=args.revision,
+        cache_dir=args.cache_dir,
+    )
     sampler = opponent_scheduler(args)
     if sampler is not None:
         pipeline.scheduler = sampler
@@ -393,10 +534,20 @@ def spin_step(args):
         except ValueError as e:
             raise ModelError(f"--spin_objective trajectory with --gen_scheduler {args.gen_scheduler}: {e}") from e
         if args.trajectory_steps > len(table.timesteps):
-            raise ModelError(f"--trajectory_steps {args.trajectory_steps}: the sampler has only {len(table.timesteps)} "
-                             "stochastic steps")
-    return SpinStep(args.spin_objective, args.precompute_reference, args.beta, not args.no_share_noise,
-                    args.noise_offset, args.snr_gamma, table, args.trajectory_steps)
+            raise ModelError(
+                f"--trajectory_steps {args.trajectory_steps}: the sampler has only {len(table.timesteps)} "
+                "stochastic steps"
+            )
+    return SpinStep(
+        args.spin_objective,
+        args.precompute_reference,
+        args.beta,
+        not args.no_share_noise,
+        args.noise_offset,
+        args.snr_gamma,
+        table,
+        args.trajectory_steps,
+    )
 
 
 def spin_forward(unet, reference, batch, generator, *, frozen, step, autocast):
@@ -417,7 +568,9 @@ def spin_forward(unet, reference, batch, generator, *, frozen, step, autocast):
         prompt_embeds = batch_prompt_embeds(frozen.text_encoder, batch).to(real.device, real.dtype)
 
     if step.objective == "trajectory":
-        inputs = trajectory_inputs(batch, real, table=step.table, noise_scheduler=frozen.scheduler, generator=generator)
+        inputs = trajectory_inputs(
+            batch, real, table=step.table, noise_scheduler=frozen.scheduler, generator=generator
+        )
         if step.precomputed:
             ref_err = torch.cat([batch["ref_err_real"], batch["ref_err_gen"]]).to(real.device)
         else:
@@ -425,9 +578,15 @@ def spin_forward(unet, reference, batch, generator, *, frozen, step, autocast):
                 ref_err = trajectory_errors(reference, frozen.scheduler, inputs, prompt_embeds, step.trajectory_steps)
         model_err = trajectory_errors(unet, frozen.scheduler, inputs, prompt_embeds, step.trajectory_steps)
     else:
-        pair = pair_inputs(batch, real, vae=frozen.vae, generator=generator,
-                           num_train_timesteps=frozen.scheduler.config.num_train_timesteps,
-                           share_noise=step.share_noise, noise_offset=step.noise_offset)
+        pair = pair_inputs(
+            batch,
+            real,
+            vae=frozen.vae,
+            generator=generator,
+            num_train_timesteps=frozen.scheduler.config.num_train_timesteps,
+            share_noise=step.share_noise,
+            noise_offset=step.noise_offset,
+        )
         if step.precomputed:
             ref_err = torch.cat([batch["ref_err_real"], batch["ref_err_gen"]]).to(real.device)
         else:
@@ -446,20 +605,35 @@ def spin_forward(unet, reference, batch, generator, *, frozen, step, autocast):
 def reference_extras(args, real_images, unet, *, frozen, step, accelerator):
     """For --precompute_reference: per generated chunk, the real latents, the noise seeds (and t), theta_k's
     errors and the text embeddings, for the objective in use."""
+
     def extras(indices, seeds, outputs):
         rows = [real_images.ds[i] for i in indices]
         pixels = [real_images.pixels(real_images.image_value(row), i) for row, i in zip(rows, indices)]
         valid = torch.tensor([p is not None for p in pixels])  # an undecodable real image: replaced at training time
-        pixels = torch.stack([p if p is not None else torch.zeros(3, args.resolution, args.resolution) for p in pixels])
+        pixels = torch.stack(
+            [p if p is not None else torch.zeros(3, args.resolution, args.resolution) for p in pixels]
+        )
         ids = tokenize(real_images.tokenizer, [caption_of(row[real_images.spec["caption"]]) for row in rows])
-        common = dict(vae=frozen.vae, text_encoder=frozen.text_encoder, noise_scheduler=frozen.scheduler,
-                      dtype=frozen.dtype, autocast=accelerator.autocast)
+        common = dict(
+            vae=frozen.vae,
+            text_encoder=frozen.text_encoder,
+            noise_scheduler=frozen.scheduler,
+            dtype=frozen.dtype,
+            autocast=accelerator.autocast,
+        )
         if step.objective == "trajectory":
             trajectory = {name: t.to(accelerator.device) for name, t in outputs.items() if name.startswith("traj_")}
             out = precompute_trajectory_reference(unet, pixels, trajectory, ids, seeds, table=step.table, **common)
         else:
-            out = precompute_reference(unet, pixels, outputs["latents"].to(accelerator.device), ids, seeds,
-                                       share_noise=step.share_noise, **common)
+            out = precompute_reference(
+                unet,
+                pixels,
+                outputs["latents"].to(accelerator.device),
+                ids,
+                seeds,
+                share_noise=step.share_noise,
+                **common,
+            )
         return out | {"valid": valid}
 
     return extras
@@ -474,33 +648,64 @@ def train_iteration(args, accelerator, k, *, it_dir, unet, reference, store, dat
         from diffusers import UNet2DConditionModel
         from diffusers.training_utils import EMAModel
 
-        ema_unet = EMAModel(unet.parameters(), decay=args.ema_decay, model_cls=UNet2DConditionModel, model_config=unet.config)
+        ema_unet = EMAModel(
+            unet.parameters(), decay=args.ema_decay, model_cls=UNet2DConditionModel, model_config=unet.config
+        )
         ema_unet.to(accelerator.device)
     hooks = register_checkpoint_hooks(accelerator, use_lora=args.use_lora, ema_model=ema_unet)
-    base = TrainDataset(hf_dataset, spec, frozen.tokenizer, args.resolution, args.center_crop, args.random_flip, args.seed + k)
+    base = TrainDataset(
+        hf_dataset,
+        spec,
+        frozen.tokenizer,
+        resolution=args.resolution,
+        center_crop=args.center_crop,
+        random_flip=args.random_flip,
+        seed=args.seed + k,
+    )
     train_set = PairDataset(base, store)
     sampler = EpochSampler(len(train_set), seed=args.seed + k)
-    train_dataloader = torch.utils.data.DataLoader(train_set, batch_size=args.train_batch_size, sampler=sampler,
-                                                   collate_fn=collate, num_workers=args.dataloader_num_workers)
-    optimizer = make_optimizer(trainable_parameters(unet), args.learning_rate, (args.adam_beta1, args.adam_beta2),
-                               args.adam_weight_decay, args.adam_epsilon, args.use_8bit_adam)
+    train_dataloader = torch.utils.data.DataLoader(
+        train_set,
+        batch_size=args.train_batch_size,
+        sampler=sampler,
+        collate_fn=collate,
+        num_workers=args.dataloader_num_workers,
+    )
+    optimizer = make_optimizer(
+        trainable_parameters(unet),
+        lr=args.learning_rate,
+        betas=(args.adam_beta1, args.adam_beta2),
+        weight_decay=args.adam_weight_decay,
+        eps=args.adam_epsilon,
+        use_8bit_adam=args.use_8bit_adam,
+    )
     unet, optimizer, train_dataloader = accelerator.prepare(unet, optimizer, train_dataloader)
     max_train_steps = args.max_train_steps
     num_epochs = math.ceil(max_train_steps / math.ceil(len(train_dataloader) / args.gradient_accumulation_steps))
-    lr_scheduler = accelerator.prepare(get_scheduler(
-        args.lr_scheduler, optimizer, num_warmup_steps=args.lr_warmup_steps * accelerator.num_processes,
-        num_training_steps=max_train_steps * accelerator.num_processes))
+    lr_scheduler = accelerator.prepare(
+        get_scheduler(
+            args.lr_scheduler,
+            optimizer,
+            num_warmup_steps=args.lr_warmup_steps * accelerator.num_processes,
+            num_training_steps=max_train_steps * accelerator.num_processes,
+        )
+    )
     if accelerator.is_main_process and not accelerator.trackers:
         accelerator.init_trackers("train_spin_diffusion", config=tracker_config(args))
 
     global_step, first_epoch, skip_batches, micro_step = 0, 0, 0, 0
     checkpoint = resolve_resume_checkpoint(it_dir, "latest")  # the newest complete one
-    last_good = checkpoint or (f"none in this iteration (it starts from {Path(args.output_dir) / f'iter_{k}'})" if k > 0
-                               else "none (the run starts from the start model)")
+    last_good = checkpoint or (
+        f"none in this iteration (it starts from {Path(args.output_dir) / f'iter_{k}'})"
+        if k > 0
+        else "none (the run starts from the start model)"
+    )
     if checkpoint is not None:  # rerunning the same command resumes mid-iteration
         load_checkpoint(accelerator, checkpoint, optimizer, lr_scheduler, args.learning_rate)
         global_step = step_of(checkpoint)
-        first_epoch, skip_batches, micro_step = resume_position(global_step, args.gradient_accumulation_steps, len(train_dataloader))
+        first_epoch, skip_batches, micro_step = resume_position(
+            global_step, args.gradient_accumulation_steps, len(train_dataloader)
+        )
         logger.info(f"iteration {k + 1}: resumed from {checkpoint} at step {global_step}")
 
     # The iteration's running metrics travel with its checkpoints, so a resumed iteration reports all its steps.
@@ -509,12 +714,20 @@ def train_iteration(args, accelerator, k, *, it_dir, unet, reference, store, dat
         tally = json.loads((checkpoint / "spin_metrics.json").read_text())
     sums, first, logs, counted, skipped_images = tally["sums"], tally["first"], tally["logs"], tally["counted"], 0
     window, window_batches, overflows = 0.0, 0, 0
-    progress = tqdm(range(max_train_steps), initial=global_step, desc=f"train (iteration {k + 1})",
-                    disable=not accelerator.is_local_main_process)
+    progress = tqdm(
+        range(max_train_steps),
+        initial=global_step,
+        desc=f"train (iteration {k + 1})",
+        disable=not accelerator.is_local_main_process,
+    )
     for epoch in range(first_epoch, num_epochs):
         if global_step >= max_train_steps:
             break
-        loader = accelerator.skip_first_batches(train_dataloader, skip_batches) if epoch == first_epoch and skip_batches else train_dataloader
+        loader = (
+            accelerator.skip_first_batches(train_dataloader, skip_batches)
+            if epoch == first_epoch and skip_batches
+            else train_dataloader
+        )
         set_epoch(loader, train_set, sampler, epoch)
         unet.train()
         for batch in loader:
@@ -522,8 +735,9 @@ def train_iteration(args, accelerator, k, *, it_dir, unet, reference, store, dat
             skipped_images += batch["num_skipped"]
             gen = step_generator(args.seed + k, micro_step, accelerator.process_index, accelerator.device)
             with accelerator.accumulate(unet):
-                loss, step_logs = spin_forward(unet, reference, batch, gen, frozen=frozen, step=step,
-                                               autocast=accelerator.autocast)
+                loss, step_logs = spin_forward(
+                    unet, reference, batch, gen, frozen=frozen, step=step, autocast=accelerator.autocast
+                )
                 accelerator.backward(loss)
                 window, window_batches = window + torch.stack([step_logs[name] for name in LOGGED]), window_batches + 1
                 grad_norm = optimizer_step(accelerator, unet, optimizer, lr_scheduler, args.max_grad_norm)
@@ -541,8 +755,13 @@ def train_iteration(args, accelerator, k, *, it_dir, unet, reference, store, dat
                 logs["grad_norm"] = float(grad_norm)
             overflow = accelerator.optimizer_step_was_skipped  # fp16: the scaler skipped this step (weights unchanged)
             overflows = overflows + 1 if overflow else 0
-            check_finite_step(logs, where=f"iteration {k + 1}, step {global_step}", last_checkpoint=last_good,
-                              skipped=overflow, skipped_in_a_row=overflows)
+            check_finite_step(
+                logs,
+                where=f"iteration {k + 1}, step {global_step}",
+                last_checkpoint=last_good,
+                skipped=overflow,
+                skipped_in_a_row=overflows,
+            )
             if not overflow:  # the iteration's first step and means count the steps that updated the weights
                 first = first or dict(logs, step=global_step)
                 counted += 1
@@ -551,12 +770,20 @@ def train_iteration(args, accelerator, k, *, it_dir, unet, reference, store, dat
                         sums[name] = sums.get(name, 0.0) + v
             progress.update(1)
             progress.set_postfix(loss=f"{logs['loss']:.4f}", acc=f"{logs['implicit_acc']:.2f}", lr=f"{logs['lr']:.2e}")
-            accelerator.log({f"{name}": v for name, v in logs.items()} | {"iteration": k + 1}, step=k * max_train_steps + global_step)
+            accelerator.log(
+                {f"{name}": v for name, v in logs.items()} | {"iteration": k + 1},
+                step=k * max_train_steps + global_step,
+            )
             if global_step % args.checkpointing_steps == 0:
                 tally = {"sums": sums, "first": first, "logs": logs, "counted": counted}
                 assert_finite_weights(unet, f"iteration {k + 1}, checkpoint-{global_step}", accelerator)
-                last_good = save_checkpoint(accelerator, it_dir, global_step, args.checkpoints_total_limit,
-                                            extra_files={"spin_metrics.json": json.dumps(tally)})
+                last_good = save_checkpoint(
+                    accelerator,
+                    it_dir,
+                    global_step,
+                    args.checkpoints_total_limit,
+                    extra_files={"spin_metrics.json": json.dumps(tally)},
+                )
             if global_step >= max_train_steps:
                 break
     progress.close()
@@ -564,11 +791,17 @@ def train_iteration(args, accelerator, k, *, it_dir, unet, reference, store, dat
         ema_unet.copy_to(accelerator.unwrap_model(unet).parameters())
     for h in hooks:
         h.remove()
-    return {"iteration": k + 1, "spin_objective": args.spin_objective, "steps": global_step, "first_step": first, "last_step": logs,
-            "mean": {name: v / max(counted, 1) for name, v in sums.items()}}
+    return {
+        "iteration": k + 1,
+        "spin_objective": args.spin_objective,
+        "steps": global_step,
+        "first_step": first,
+        "last_step": logs,
+        "mean": {name: v / max(counted, 1) for name, v in sums.items()},
+    }
 
 
-def save_iteration(args, unet, it_dir, k, hub_repo, metrics):
+def save_iteration(args, unet, *, it_dir, k, hub_repo, metrics):
     """theta_{k+1} into iter_{k+1}/: LoRA weights (relative to the base model) or a full pipeline, plus the card,
     the args and the metrics."""
     assert_finite_weights(unet, f"iteration {k + 1}")  # a diverged model is never saved as a result
@@ -576,30 +809,70 @@ def save_iteration(args, unet, it_dir, k, hub_repo, metrics):
     if args.use_lora:
         save_lora(unet, it_dir)
     else:
-        sd_pipeline(args.pretrained_model_name_or_path, args.prediction_type, unet=unet, revision=args.revision,
-                    variant=args.variant, cache_dir=args.cache_dir).save_pretrained(it_dir, safe_serialization=True)
+        sd_pipeline(
+            args.pretrained_model_name_or_path,
+            args.prediction_type,
+            unet=unet,
+            revision=args.revision,
+            variant=args.variant,
+            cache_dir=args.cache_dir,
+        ).save_pretrained(it_dir, safe_serialization=True)
     save_args(args, it_dir / "training_args.json")
     (it_dir / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
     method = "Diffusion-DPO" if args.negative_source == "dataset" else "SPIN-Diffusion"
     # Full fine-tunes chain: iteration k+1's base_model is iteration k's repo, so the Hub shows the lineage. A LoRA
     # applies to the start model whatever the iteration, so its base_model stays the start model (lineage in the text).
-    previous = f"{hub_repo}-iter{k}" if hub_repo and args.hub_versioning == "repos" and k > 0 else args.pretrained_model_name_or_path
+    previous = (
+        f"{hub_repo}-iter{k}"
+        if hub_repo and args.hub_versioning == "repos" and k > 0
+        else args.pretrained_model_name_or_path
+    )
     base_model = args.pretrained_model_name_or_path if args.use_lora else previous
-    load = (f"`pipe = StableDiffusionPipeline.from_pretrained('{args.pretrained_model_name_or_path}')` then "
-            f"`pipe.load_lora_weights(...)`: the adapter is relative to the start model" if args.use_lora else
-            "`StableDiffusionPipeline.from_pretrained(...)`")
+    load = (
+        f"`pipe = StableDiffusionPipeline.from_pretrained('{args.pretrained_model_name_or_path}')` then "
+        f"`pipe.load_lora_weights(...)`: the adapter is relative to the start model"
+        if args.use_lora
+        else "`StableDiffusionPipeline.from_pretrained(...)`"
+    )
     write_model_card(
-        it_dir, base_model=base_model, dataset=args.dataset_name, title=f"{method} iteration {k + 1}",
-        description=f"Iteration {k + 1} of {method} (Yuan et al., NeurIPS 2024) from `{args.pretrained_model_name_or_path}`, "
-                    f"trained with `train_spin_diffusion.py`. Previous iteration: `{previous}`. Load with {load}.",
+        it_dir,
+        base_model=base_model,
+        dataset=args.dataset_name,
+        title=f"{method} iteration {k + 1}",
+        description=f"Iteration {k + 1} of {method} (Yuan et al., NeurIPS 2024) "
+        f"from `{args.pretrained_model_name_or_path}`, "
+        f"trained with `train_spin_diffusion.py`. Previous iteration: `{previous}`. Load with {load}.",
         tags=["spin-diffusion" if args.negative_source == "self" else "diffusion-dpo", f"iteration-{k + 1}"]
-        + (["lora"] if args.use_lora else []) + (["spin-trajectory-objective"] if args.spin_objective == "trajectory" else []),
-        hyperparameters={name: getattr(args, name) for name in (
-            "beta", "learning_rate", "lr_scheduler", "lr_warmup_steps", "max_train_steps", "train_batch_size",
-            "gradient_accumulation_steps", "resolution", "mixed_precision", "use_lora", "rank", "negative_source",
-            "gen_num_inference_steps", "gen_guidance_scale", "gen_scheduler", "gen_eta", "spin_objective",
-            "trajectory_steps", "prediction_type", "seed")},
-        metrics=metrics["mean"], image=None)
+        + (["lora"] if args.use_lora else [])
+        + (["spin-trajectory-objective"] if args.spin_objective == "trajectory" else []),
+        hyperparameters={
+            name: getattr(args, name)
+            for name in (
+                "beta",
+                "learning_rate",
+                "lr_scheduler",
+                "lr_warmup_steps",
+                "max_train_steps",
+                "train_batch_size",
+                "gradient_accumulation_steps",
+                "resolution",
+                "mixed_precision",
+                "use_lora",
+                "rank",
+                "negative_source",
+                "gen_num_inference_steps",
+                "gen_guidance_scale",
+                "gen_scheduler",
+                "gen_eta",
+                "spin_objective",
+                "trajectory_steps",
+                "prediction_type",
+                "seed",
+            )
+        },
+        metrics=metrics["mean"],
+        image=None,
+    )
 
 
 def resolve_hub_repo(args):
@@ -628,8 +901,13 @@ def push_iteration(args, hub_repo, k, it_dir):
         move_tag(repo, f"iter{k + 1}", token=args.hub_token, deadline=deadline)  # a rerun moves it
         where = f"{repo}@iter{k + 1}"
     if args.push_synthetic_dataset and (it_dir / "synthetic").is_dir():
-        push_folder(it_dir / "synthetic", f"{hub_repo}-iter{k + 1}-synthetic", repo_type="dataset",
-                    ignore_patterns=["*.tmp", "*.corrupt"], **kw)
+        push_folder(
+            it_dir / "synthetic",
+            f"{hub_repo}-iter{k + 1}-synthetic",
+            repo_type="dataset",
+            ignore_patterns=["*.tmp", "*.corrupt"],
+            **kw,
+        )
     return where
 
 
@@ -648,8 +926,10 @@ def push_unpushed(args, state, hub_repo, stop_at_failure=True):
             where = push_iteration(args, hub_repo, it - 1, Path(args.output_dir) / f"iter_{it}")
         except Exception as e:
             state.update(push_errors=state.get("push_errors", {}) | {str(it): describe(e)})
-            logger.error(f"iteration {it}: push failed ({describe(e)}); it stays saved in {args.output_dir}/iter_{it}/ "
-                         f"and the push is retried after the next iteration and by rerunning the same command")
+            logger.error(
+                f"iteration {it}: push failed ({describe(e)}); it stays saved in {args.output_dir}/iter_{it}/ "
+                f"and the push is retried after the next iteration and by rerunning the same command"
+            )
             if stop_at_failure or args.hub_versioning == "revisions":  # revisions: keep commits in iteration order
                 break
             continue
@@ -666,8 +946,10 @@ def print_summary(output_dir, num_iterations, state):
         if path.exists():
             m = json.loads(path.read_text())
             where = state.get("pushed").get(str(k + 1), str(path.parent))
-            print(f"{k + 1:>9}  {m['steps']:>5}  {m['mean'].get('loss', float('nan')):>10.4f}  "
-                  f"{m['mean'].get('implicit_acc', float('nan')):>18.3f}  {where}")
+            print(
+                f"{k + 1:>9}  {m['steps']:>5}  {m['mean'].get('loss', float('nan')):>10.4f}  "
+                f"{m['mean'].get('implicit_acc', float('nan')):>18.3f}  {where}"
+            )
 
 
 def cli(argv=None):

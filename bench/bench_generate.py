@@ -31,10 +31,24 @@ def build_pipeline(preset, device, dtype):
 
     unet, vae, text_encoder, _, resolution = build_models(preset, "cpu")
     tokenizer = CLIPTokenizer.from_pretrained(build_clip_tokenizer(Path(tempfile.mkdtemp()) / "tok"))
-    scheduler = DDIMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", clip_sample=False,
-                              set_alpha_to_one=False, steps_offset=1)
-    pipe = StableDiffusionPipeline(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet, scheduler=scheduler,
-                                   safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+    scheduler = DDIMScheduler(
+        beta_start=0.00085,
+        beta_end=0.012,
+        beta_schedule="scaled_linear",
+        clip_sample=False,
+        set_alpha_to_one=False,
+        steps_offset=1,
+    )
+    pipe = StableDiffusionPipeline(
+        vae=vae,
+        text_encoder=text_encoder,
+        tokenizer=tokenizer,
+        unet=unet,
+        scheduler=scheduler,
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
     pipe.set_progress_bar_config(disable=True)
     return pipe.to(device, dtype), resolution
 
@@ -53,7 +67,14 @@ def main():
     p.add_argument("--json", default=None)
     a = p.parse_args()
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[a.dtype]
-    result = {"preset": a.preset, "device": a.device, "dtype": a.dtype, "prompts": a.prompts, "batch": a.batch, "steps": a.steps}
+    result = {
+        "preset": a.preset,
+        "device": a.device,
+        "dtype": a.dtype,
+        "prompts": a.prompts,
+        "batch": a.batch,
+        "steps": a.steps,
+    }
     errors = {}
 
     def measure(name, fn):
@@ -81,22 +102,42 @@ def main():
 
     def generation_phase():
         # warm-up (kernels, allocator) on one batch, outside both timings
-        pipe(prompts[:a.batch], num_inference_steps=2, height=resolution, width=resolution, output_type="latent")
-        return a.prompts / timed(lambda: generate_opponent_samples(
-            pipe, prompts, store, seed=0, iteration=0, batch_size=a.batch, num_inference_steps=a.steps,
-            guidance_scale=a.guidance_scale, resolution=resolution, progress=False))
+        pipe(prompts[: a.batch], num_inference_steps=2, height=resolution, width=resolution, output_type="latent")
+        return a.prompts / timed(
+            lambda: generate_opponent_samples(
+                pipe,
+                prompts,
+                store,
+                seed=0,
+                iteration=0,
+                batch_size=a.batch,
+                num_inference_steps=a.steps,
+                guidance_scale=a.guidance_scale,
+                resolution=resolution,
+                progress=False,
+            )
+        )
 
     def plain_pipeline():
         def loop():
             for start in range(0, len(prompts), a.batch):
                 chunk = list(range(start, min(start + a.batch, len(prompts))))
                 gens = [torch.Generator(device=a.device).manual_seed(sample_seed(0, 0, i)) for i in chunk]
-                pipe([prompts[i] for i in chunk], num_inference_steps=a.steps, guidance_scale=a.guidance_scale,
-                     height=resolution, width=resolution, generator=gens).images
+                pipe(
+                    [prompts[i] for i in chunk],
+                    num_inference_steps=a.steps,
+                    guidance_scale=a.guidance_scale,
+                    height=resolution,
+                    width=resolution,
+                    generator=gens,
+                ).images
+
         return a.prompts / timed(loop)
 
     def vae_decode():
-        latents = torch.cat([store.get(i)["gen_latents"][None] for i in range(min(a.batch, len(prompts)))]).to(a.device, dtype)
+        latents = torch.cat([store.get(i)["gen_latents"][None] for i in range(min(a.batch, len(prompts)))]).to(
+            a.device, dtype
+        )
         with torch.no_grad():
             return timed(lambda: pipe.vae.decode(latents / pipe.vae.config.scaling_factor)) / len(latents)
 
@@ -105,12 +146,19 @@ def main():
         result["plain_pipeline_img_s"] = measure("plain pipeline", plain_pipeline)
         if result["generation_phase_img_s"] is not None:
             result["vae_decode_s_per_image"] = measure("VAE decode", vae_decode)
-    ours, plain, decode = (result.get(k) for k in ("generation_phase_img_s", "plain_pipeline_img_s", "vae_decode_s_per_image"))
+    ours, plain, decode = (
+        result.get(k) for k in ("generation_phase_img_s", "plain_pipeline_img_s", "vae_decode_s_per_image")
+    )
     result["ratio"] = ours / plain if ours and plain else None
-    fmt = lambda v, spec: "FAILED" if v is None else format(v, spec)
-    print(f"| preset | generation phase (latents) img/s | plain pipeline (decoded) img/s | ratio | VAE decode s/img |\n"
-          f"|---|---|---|---|---|\n| {a.preset} | {fmt(ours, '.2f')} | {fmt(plain, '.2f')} | "
-          f"{fmt(result['ratio'], '.2f')}{'x' * bool(result['ratio'])} | {fmt(decode, '.3f')} |")
+
+    def fmt(v, spec):
+        return "FAILED" if v is None else format(v, spec)
+
+    print(
+        f"| preset | generation phase (latents) img/s | plain pipeline (decoded) img/s | ratio | VAE decode s/img |\n"
+        f"|---|---|---|---|---|\n| {a.preset} | {fmt(ours, '.2f')} | {fmt(plain, '.2f')} | "
+        f"{fmt(result['ratio'], '.2f')}{'x' * bool(result['ratio'])} | {fmt(decode, '.3f')} |"
+    )
     if errors:
         result["errors"] = {k: v.strip().splitlines()[-1] for k, v in errors.items()}
     if a.json:

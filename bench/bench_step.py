@@ -52,7 +52,11 @@ def build_models(preset, device):
         cfg = ROOT / "bench" / "configs" / "sd15"
         unet = UNet2DConditionModel.from_config(json.loads((cfg / "unet.json").read_text()))
         vae = AutoencoderKL.from_config(json.loads((cfg / "vae.json").read_text()))
-        te_cfg = {k: v for k, v in json.loads((cfg / "text_encoder.json").read_text()).items() if k not in ("architectures", "model_type")}
+        te_cfg = {
+            k: v
+            for k, v in json.loads((cfg / "text_encoder.json").read_text()).items()
+            if k not in ("architectures", "model_type")
+        }
         text_encoder = CLIPTextModel(CLIPTextConfig(**te_cfg))
         scheduler = DDPMScheduler.from_config(json.loads((cfg / "scheduler.json").read_text()))
         return unet, vae, text_encoder, scheduler, 512
@@ -67,13 +71,33 @@ def build_models(preset, device):
         return unet, vae, text_encoder, scheduler, 32
     if preset == "cpu-medium":  # big enough that UNet compute dominates on a CPU
         unet = UNet2DConditionModel(
-            sample_size=64, block_out_channels=(64, 128, 256), layers_per_block=2, cross_attention_dim=256,
+            sample_size=64,
+            block_out_channels=(64, 128, 256),
+            layers_per_block=2,
+            cross_attention_dim=256,
             down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
-            up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"), attention_head_dim=8, norm_num_groups=32)
-        vae = AutoencoderKL(block_out_channels=(16, 32, 32, 32), layers_per_block=1, latent_channels=4, norm_num_groups=8,
-                            down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4)
-        text_encoder = CLIPTextModel(CLIPTextConfig(hidden_size=256, intermediate_size=512, num_hidden_layers=2,
-                                                    num_attention_heads=4, vocab_size=1000, max_position_embeddings=77))
+            up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
+            attention_head_dim=8,
+            norm_num_groups=32,
+        )
+        vae = AutoencoderKL(
+            block_out_channels=(16, 32, 32, 32),
+            layers_per_block=1,
+            latent_channels=4,
+            norm_num_groups=8,
+            down_block_types=("DownEncoderBlock2D",) * 4,
+            up_block_types=("UpDecoderBlock2D",) * 4,
+        )
+        text_encoder = CLIPTextModel(
+            CLIPTextConfig(
+                hidden_size=256,
+                intermediate_size=512,
+                num_hidden_layers=2,
+                num_attention_heads=4,
+                vocab_size=1000,
+                max_position_embeddings=77,
+            )
+        )
         scheduler = DDPMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear")
         return unet, vae, text_encoder, scheduler, 512
     raise SystemExit(f"unknown preset {preset}")
@@ -83,28 +107,45 @@ def parse_case(case):
     fields = case.split(":")
     opts = set(fields.pop().split("+")) if len(fields) == 6 else set()
     if len(fields) != 5:
-        raise SystemExit(f"bad case {case!r}: MODE:full|lora:fp32|bf16:adamw|adamw8bit:gc0|gc1[:OPTS], MODE in {MODES}")
+        raise SystemExit(
+            f"bad case {case!r}: MODE:full|lora:fp32|bf16:adamw|adamw8bit:gc0|gc1[:OPTS], MODE in {MODES}"
+        )
     mode, params, precision, optim, gc = fields
-    if mode not in MODES or params not in ("full", "lora") or precision not in ("fp32", "bf16") \
-            or optim not in ("adamw", "adamw8bit") or gc not in ("gc0", "gc1") or not opts <= set(OPTS) \
-            or (opts and mode == "naive") or ("cl" in opts and optim == "adamw8bit"):
-        raise SystemExit(f"bad case {case!r}: MODE:full|lora:fp32|bf16:adamw|adamw8bit:gc0|gc1[:OPTS], MODE in {MODES}, "
-                         f"OPTS a '+'-joined subset of {OPTS} (none for naive; no cl with adamw8bit, which the scripts refuse)")
+    if (
+        mode not in MODES
+        or params not in ("full", "lora")
+        or precision not in ("fp32", "bf16")
+        or optim not in ("adamw", "adamw8bit")
+        or gc not in ("gc0", "gc1")
+        or not opts <= set(OPTS)
+        or (opts and mode == "naive")
+        or ("cl" in opts and optim == "adamw8bit")
+    ):
+        raise SystemExit(
+            f"bad case {case!r}: MODE:full|lora:fp32|bf16:adamw|adamw8bit:gc0|gc1[:OPTS], MODE in {MODES}, "
+            f"OPTS a '+'-joined subset of {OPTS} (none for naive; no cl with adamw8bit, which the scripts refuse)"
+        )
     return mode, params == "lora", precision == "bf16", optim == "adamw8bit", gc == "gc1", opts
 
 
 def make_batch(mode, B, unet, vae, resolution, device, vocab):
     h = unet.config.sample_size
     g = torch.Generator().manual_seed(0)
-    batch = {"input_ids": torch.randint(0, vocab, (B, 77), generator=g),
-             "latent_params": torch.randn(B, 2 * unet.config.in_channels, h, h, generator=g)}
+    batch = {
+        "input_ids": torch.randint(0, vocab, (B, 77), generator=g),
+        "latent_params": torch.randn(B, 2 * unet.config.in_channels, h, h, generator=g),
+    }
     if mode in ("spin", "spin-pre", "naive"):
         batch["gen_latents"] = torch.randn(B, unet.config.in_channels, h, h, generator=g)
     if mode == "spin-pre":
         batch.pop("latent_params")
-        batch |= {"real_latents": torch.randn(B, unet.config.in_channels, h, h, generator=g),
-                  "timesteps": torch.randint(0, 1000, (B,), generator=g), "noise_seed": torch.arange(B),
-                  "ref_err_real": torch.rand(B, generator=g), "ref_err_gen": torch.rand(B, generator=g)}
+        batch |= {
+            "real_latents": torch.randn(B, unet.config.in_channels, h, h, generator=g),
+            "timesteps": torch.randint(0, 1000, (B,), generator=g),
+            "noise_seed": torch.arange(B),
+            "ref_err_real": torch.rand(B, generator=g),
+            "ref_err_gen": torch.rand(B, generator=g),
+        }
     if mode == "dpo":
         batch["loser_pixel_values"] = torch.rand(B, 3, resolution, resolution, generator=g) * 2 - 1
     return {k: v.to(device) if k != "noise_seed" else v for k, v in batch.items()}
@@ -119,7 +160,9 @@ def naive_step(unet, ref_unet, vae, text_encoder, scheduler, batch, generator, d
     real = encode_images(vae, batch, generator, dtype)
     gen = batch["gen_latents"].to(real.dtype)
     noise = torch.randn(real.shape, generator=generator, device=real.device, dtype=real.dtype)
-    t = torch.randint(0, scheduler.config.num_train_timesteps, (real.shape[0],), generator=generator, device=real.device)
+    t = torch.randint(
+        0, scheduler.config.num_train_timesteps, (real.shape[0],), generator=generator, device=real.device
+    )
     emb = encode_prompt(text_encoder, batch["input_ids"])
     errs = {}
     for name, x0 in (("real", real), ("gen", gen)):
@@ -133,7 +176,16 @@ def naive_step(unet, ref_unet, vae, text_encoder, scheduler, batch, generator, d
 def run_case(case, preset, B, steps, warmup, device):
     import train_sft
     import train_spin_diffusion
-    from utils.models import FrozenComponents, Reference, add_lora, encode_prompt, freeze, make_optimizer, optimize_unet, trainable_parameters
+    from utils.models import (
+        FrozenComponents,
+        Reference,
+        add_lora,
+        encode_prompt,
+        freeze,
+        make_optimizer,
+        optimize_unet,
+        trainable_parameters,
+    )
 
     mode, lora, bf16, use_8bit, gc, opts = parse_case(case)
     device = torch.device(device)
@@ -161,28 +213,40 @@ def run_case(case, preset, B, steps, warmup, device):
         unet.enable_gradient_checkpointing()
     unet.train()
     optimize_unet(unet, reference, channels_last="cl" in opts, compile="compile" in opts)
-    optimizer = make_optimizer(trainable_parameters(unet), 1e-5, (0.9, 0.999), 1e-2, 1e-8, use_8bit)
+    optimizer = make_optimizer(
+        trainable_parameters(unet), lr=1e-5, betas=(0.9, 0.999), weight_decay=1e-2, eps=1e-8, use_8bit_adam=use_8bit
+    )
     batch = make_batch(mode, B, unet, vae, resolution, device, text_encoder.config.vocab_size)
-    if "emb" in opts or mode == "spin-pre":  # cached text embeddings (stored with --precompute_reference): no text encoder
-        with torch.no_grad(), (torch.autocast(device.type, dtype=torch.bfloat16) if bf16 else contextlib.nullcontext()):
+    if (
+        "emb" in opts or mode == "spin-pre"
+    ):  # cached text embeddings (stored with --precompute_reference): no text encoder
+        with torch.no_grad(), torch.autocast(device.type, dtype=torch.bfloat16) if bf16 else contextlib.nullcontext():
             batch["prompt_embeds"] = encode_prompt(text_encoder, batch.pop("input_ids")).to(dtype)
         text_encoder.to("cpu")
     autocast = (lambda: torch.autocast(device.type, dtype=torch.bfloat16)) if bf16 else contextlib.nullcontext
     frozen = FrozenComponents(None, text_encoder, vae, scheduler, dtype)
-    spin_step = train_spin_diffusion.SpinStep(objective="approximate", precomputed=mode == "spin-pre", beta=5000.0,
-                                              share_noise=True, noise_offset=0.0, snr_gamma=None, table=None,
-                                              trajectory_steps=1)
+    spin_step = train_spin_diffusion.SpinStep(
+        objective="approximate",
+        precomputed=mode == "spin-pre",
+        beta=5000.0,
+        share_noise=True,
+        noise_offset=0.0,
+        snr_gamma=None,
+        table=None,
+        trajectory_steps=1,
+    )
 
     def step(i):
         gen = torch.Generator(device=device).manual_seed(i)
         with autocast():
             if mode == "sft":
-                loss = train_sft.sft_forward(unet, vae, text_encoder, scheduler, batch, gen, dtype)
+                loss = train_sft.sft_forward(unet, batch, gen, frozen=frozen)
             elif mode == "naive":
                 loss, _ = naive_step(unet, ref_unet or reference.copy, vae, text_encoder, scheduler, batch, gen, dtype)
             else:
-                loss, _ = train_spin_diffusion.spin_forward(unet, reference, batch, gen, frozen=frozen, step=spin_step,
-                                                            autocast=autocast)
+                loss, _ = train_spin_diffusion.spin_forward(
+                    unet, reference, batch, gen, frozen=frozen, step=spin_step, autocast=autocast
+                )
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
@@ -213,9 +277,18 @@ def run_case(case, preset, B, steps, warmup, device):
         step(warmup + i)
         sync()
         times.append(time.perf_counter() - t0)
-    result = {"case": case, "preset": preset, "batch": B, "unet_samples": B if mode == "sft" else 2 * B,
-              "step_s": statistics.median(times), "step_s_min": min(times), "steps": steps, "device": str(device), "text_encoder_s": text_encoder_s,
-              "text_encoder_gib": sum(p.numel() * p.element_size() for p in text_encoder.parameters()) / 2**30}
+    result = {
+        "case": case,
+        "preset": preset,
+        "batch": B,
+        "unet_samples": B if mode == "sft" else 2 * B,
+        "step_s": statistics.median(times),
+        "step_s_min": min(times),
+        "steps": steps,
+        "device": str(device),
+        "text_encoder_s": text_encoder_s,
+        "text_encoder_gib": sum(p.numel() * p.element_size() for p in text_encoder.parameters()) / 2**30,
+    }
     if device.type == "cuda":
         result["peak_mem_gib"] = torch.cuda.max_memory_allocated() / 2**30
         result["gpu"] = torch.cuda.get_device_name()
@@ -248,7 +321,10 @@ def unet_mfu(unet, batch, text_encoder, mode, B, step_s, device):
 
 
 def all_cases(modes):
-    return [":".join(c) for c in itertools.product(modes, ("full", "lora"), ("fp32", "bf16"), ("adamw", "adamw8bit"), ("gc0", "gc1"))]
+    return [
+        ":".join(c)
+        for c in itertools.product(modes, ("full", "lora"), ("fp32", "bf16"), ("adamw", "adamw8bit"), ("gc0", "gc1"))
+    ]
 
 
 def table(results):
@@ -259,16 +335,25 @@ def table(results):
     sft = {rest(r): r["step_s"] for r in results if r["case"].startswith("sft:")}
     naive = {rest(r, opts=False): r["step_s"] for r in results if r["case"].startswith("naive:")}
     mem_key = "peak_mem_gib" if any("peak_mem_gib" in r for r in results) else "peak_rss_gib"
-    lines = [f"| case | batch | UNet samples | step (ms) | {mem_key.replace('_', ' ')} | / SFT step same batch | / naive | MFU "
-             "| text encoder fwd (ms) |", "|---|---|---|---|---|---|---|---|---|"]
+    lines = [
+        f"| case | batch | UNet samples | step (ms) | {mem_key.replace('_', ' ')} | / SFT step same batch | / naive "
+        "| MFU "
+        "| text encoder fwd (ms) |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
     for r in results:
         vs_sft = f"{r['step_s'] / sft[rest(r)]:.2f}x" if rest(r) in sft and not r["case"].startswith("sft:") else ""
-        vs_naive = (f"{r['step_s'] / naive[rest(r, False)]:.2f}x"
-                    if rest(r, False) in naive and not r["case"].startswith("naive:") else "")
+        vs_naive = (
+            f"{r['step_s'] / naive[rest(r, False)]:.2f}x"
+            if rest(r, False) in naive and not r["case"].startswith("naive:")
+            else ""
+        )
         mfu = f"{100 * r['unet_mfu']:.0f}%" if r.get("unet_mfu") else ""
         te = f"{1000 * r['text_encoder_s']:.0f}" if r.get("text_encoder_s") is not None else ""
-        lines.append(f"| {r['case']} | {r['batch']} | {r['unet_samples']} | {1000 * r['step_s']:.0f} | {r[mem_key]:.2f} | "
-                     f"{vs_sft} | {vs_naive} | {mfu} | {te} |")
+        lines.append(
+            f"| {r['case']} | {r['batch']} | {r['unet_samples']} | {1000 * r['step_s']:.0f} | {r[mem_key]:.2f} | "
+            f"{vs_sft} | {vs_naive} | {mfu} | {te} |"
+        )
     return "\n".join(lines)
 
 
@@ -302,13 +387,33 @@ def main():
                     print(f"{case} batch {B}: FAILED\n{traceback.format_exc()}", file=sys.stderr, flush=True)
                     continue
             else:
-                cmd = [sys.executable, __file__, "--preset", a.preset, "--steps", str(a.steps), "--warmup", str(a.warmup),
-                       "--device", a.device, "--_one", f"{case}@{B}"]
-                proc = subprocess.run(cmd, capture_output=True, text=True, env=dict(os.environ, TOKENIZERS_PARALLELISM="false"))
-                if proc.returncode != 0:  # the other cases still run; the child's own error is shown, and the exit fails
+                cmd = [
+                    sys.executable,
+                    __file__,
+                    "--preset",
+                    a.preset,
+                    "--steps",
+                    str(a.steps),
+                    "--warmup",
+                    str(a.warmup),
+                    "--device",
+                    a.device,
+                    "--_one",
+                    f"{case}@{B}",
+                ]
+                proc = subprocess.run(
+                    cmd, capture_output=True, text=True, env=dict(os.environ, TOKENIZERS_PARALLELISM="false")
+                )
+                if (
+                    proc.returncode != 0
+                ):  # the other cases still run; the child's own error is shown, and the exit fails
                     failed.append(f"{case} batch {B}")
                     tail = "\n".join(proc.stderr.strip().splitlines()[-STDERR_TAIL:]) or "(no stderr)"
-                    print(f"{case} batch {B}: FAILED (exit {proc.returncode}), its stderr ends:\n{tail}", file=sys.stderr, flush=True)
+                    print(
+                        f"{case} batch {B}: FAILED (exit {proc.returncode}), its stderr ends:\n{tail}",
+                        file=sys.stderr,
+                        flush=True,
+                    )
                     continue
                 r = json.loads(proc.stdout.strip().splitlines()[-1])
             results.append(r)

@@ -27,8 +27,21 @@ from packaging.version import Version
 ROOT = Path(__file__).resolve().parent.parent
 SOURCE_DIRS = ["", "utils", "scorers", "bench", "examples", "examples/toy"]  # the project's code, not its tests
 OPTIONAL = {"wandb"}  # imported only with --report_to wandb, which needs it installed
-SHOWN = ["torch", "diffusers", "transformers", "huggingface_hub", "accelerate", "peft", "bitsandbytes", "datasets",
-         "safetensors", "tokenizers", "numpy", "pyarrow", "fsspec"]
+SHOWN = [
+    "torch",
+    "diffusers",
+    "transformers",
+    "huggingface_hub",
+    "accelerate",
+    "peft",
+    "bitsandbytes",
+    "datasets",
+    "safetensors",
+    "tokenizers",
+    "numpy",
+    "pyarrow",
+    "fsspec",
+]
 
 
 def project_files():
@@ -75,7 +88,10 @@ def library_imports(path, own):
             found += [(node.lineno, a.name, []) for a in node.names]
         elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
             found.append((node.lineno, node.module, [a.name for a in node.names if a.name != "*"]))
-    top = lambda m: m.split(".")[0]
+
+    def top(m):
+        return m.split(".")[0]
+
     return [f for f in found if top(f[1]) not in sys.stdlib_module_names and top(f[1]) not in own]
 
 
@@ -108,8 +124,10 @@ def main():
     sys.path.insert(0, str(ROOT))
     files = project_files()
     own = {f.stem for f in files} | {d.split("/")[0] for d in SOURCE_DIRS if d}
-    modules = [".".join(f.relative_to(ROOT).with_suffix("").parts) if f.parent.name in ("utils", "scorers") else f.stem
-               for f in files]
+    modules = [
+        ".".join(f.relative_to(ROOT).with_suffix("").parts) if f.parent.name in ("utils", "scorers") else f.stem
+        for f in files
+    ]
     for name in modules:
         try:
             importlib.import_module(name)

@@ -75,11 +75,33 @@ DEFAULT_CAPTIONS: list[str] = [
     "a surreal melting clock in a dream landscape",
 ]
 
-_ADJECTIVES = ["red", "blue", "tiny", "giant", "glowing", "ancient", "fluffy", "shiny", "happy", "sleepy",
-               "golden", "misty"]
+_ADJECTIVES = [
+    "red",
+    "blue",
+    "tiny",
+    "giant",
+    "glowing",
+    "ancient",
+    "fluffy",
+    "shiny",
+    "happy",
+    "sleepy",
+    "golden",
+    "misty",
+]
 _SUBJECTS = ["cat", "dog", "robot", "castle", "tree", "dragon", "car", "owl", "boat", "fox", "apple", "house"]
-_SCENES = ["in the rain", "on the moon", "at sunset", "in a forest", "under the sea", "on a table",
-           "in the snow", "in a city", "by the river", "in space"]
+_SCENES = [
+    "in the rain",
+    "on the moon",
+    "at sunset",
+    "in a forest",
+    "under the sea",
+    "on a table",
+    "in the snow",
+    "in a city",
+    "by the river",
+    "in space",
+]
 _STYLES = ["oil painting", "digital art", "photo", "watercolor", "pixel art", "sketch"]
 
 
@@ -505,7 +527,7 @@ def build_pickapic_parquet(
     order = rng.permutation(len(non_tie))
     winner_side = {non_tie[int(j)]: k % 2 for k, j in enumerate(order)}
     corrupt_rows = set(int(non_tie[int(j)]) for j in rng.choice(len(non_tie), size=num_corrupt, replace=False))
-    dup_rows = non_tie[len(non_tie) - duplicate_prompts:] if duplicate_prompts else []
+    dup_rows = non_tie[len(non_tie) - duplicate_prompts :] if duplicate_prompts else []
 
     unique_captions = _make_captions(rng, num_rows - len(dup_rows))
     captions: list[str] = []
@@ -621,9 +643,13 @@ def build_pickapic_webdataset(parquet: Path, path: Path, rows: range | None = No
     with tarfile.open(path, "w") as tar:
         for i in rows:
             row, form = table[i], LABEL_TEXT_FORMS[i % len(LABEL_TEXT_FORMS)]
-            members = {"original_prompt.txt": row["caption"].encode(), "jpg_0.jpg": row["jpg_0"], "jpg_1.jpg": row["jpg_1"],
-                       "label_0.txt": form.format(row["label_0"]).encode(),
-                       "label_1.txt": form.format(row["label_1"]).encode()}
+            members = {
+                "original_prompt.txt": row["caption"].encode(),
+                "jpg_0.jpg": row["jpg_0"],
+                "jpg_1.jpg": row["jpg_1"],
+                "label_0.txt": form.format(row["label_0"]).encode(),
+                "label_1.txt": form.format(row["label_1"]).encode(),
+            }
             for name, data in members.items():
                 info = tarfile.TarInfo(f"{i:06d}.{name}")
                 info.size = len(data)

@@ -1,8 +1,8 @@
 #!/usr/bin/env python
 """Load a trained result the way a user would and write a sample grid:
 
-    python examples/sample_grid.py --base runwayml/stable-diffusion-v1-5 --lora sd15-sft-lora --output grid.png
-    python examples/sample_grid.py --base sd15-sft-full --output grid.png
+python examples/sample_grid.py --base runwayml/stable-diffusion-v1-5 --lora sd15-sft-lora --output grid.png
+python examples/sample_grid.py --base sd15-sft-full --output grid.png
 """
 
 import argparse
@@ -14,8 +14,12 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from utils.generation import make_grid, render  # noqa: E402
 
-PROMPTS = ["a red fox in the snow", "a lighthouse at dusk, oil painting", "a bowl of ramen, studio photo",
-           "an astronaut riding a horse"]
+PROMPTS = [
+    "a red fox in the snow",
+    "a lighthouse at dusk, oil painting",
+    "a bowl of ramen, studio photo",
+    "an astronaut riding a horse",
+]
 
 
 def main():
@@ -30,11 +34,13 @@ def main():
     from diffusers import StableDiffusionPipeline
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    pipe = StableDiffusionPipeline.from_pretrained(a.base, safety_checker=None, requires_safety_checker=False).to(device)
+    pipe = StableDiffusionPipeline.from_pretrained(a.base, safety_checker=None, requires_safety_checker=False).to(
+        device
+    )
     if a.lora:
         pipe.load_lora_weights(a.lora)
     pipe.set_progress_bar_config(disable=True)
-    make_grid(render(pipe, a.prompts, a.seed, a.num_inference_steps)).save(a.output)
+    make_grid(render(pipe, a.prompts, seed=a.seed, num_inference_steps=a.num_inference_steps)).save(a.output)
     print(f"wrote {a.output} ({len(a.prompts)} prompts)")
 
 

@@ -25,24 +25,44 @@ def load_scorer(name, device="cpu", dtype=None, batch_size=16, **locations):
     if name == "pickscore":
         from .pickscore import PickScore
 
-        return PickScore(model=kw.get("pickscore_model", PickScore.MODEL), processor=kw.get("pickscore_processor", PickScore.PROCESSOR),
-                         device=device, dtype=dtype, batch_size=batch_size)
+        return PickScore(
+            model=kw.get("pickscore_model", PickScore.MODEL),
+            processor=kw.get("pickscore_processor", PickScore.PROCESSOR),
+            device=device,
+            dtype=dtype,
+            batch_size=batch_size,
+        )
     if name == "hpsv2":
         from .hps import HPSv2
 
-        return HPSv2(checkpoint=kw.get("hps_checkpoint"), version=kw.get("hps_version", "v2.1"),
-                     processor=kw.get("hps_processor", HPSv2.PROCESSOR), device=device, dtype=dtype, batch_size=batch_size)
+        return HPSv2(
+            checkpoint=kw.get("hps_checkpoint"),
+            version=kw.get("hps_version", "v2.1"),
+            processor=kw.get("hps_processor", HPSv2.PROCESSOR),
+            device=device,
+            dtype=dtype,
+            batch_size=batch_size,
+        )
     if name == "imagereward":
         from .imagereward import ImageReward
 
-        return ImageReward(checkpoint=kw.get("imagereward_checkpoint", ImageReward.CHECKPOINT),
-                           tokenizer=kw.get("imagereward_tokenizer", ImageReward.TOKENIZER),
-                           device=device, dtype=dtype, batch_size=batch_size)
+        return ImageReward(
+            checkpoint=kw.get("imagereward_checkpoint", ImageReward.CHECKPOINT),
+            tokenizer=kw.get("imagereward_tokenizer", ImageReward.TOKENIZER),
+            device=device,
+            dtype=dtype,
+            batch_size=batch_size,
+        )
     if name == "aesthetic":
         from .aesthetic import Aesthetic
 
-        return Aesthetic(head=kw.get("aesthetic_head", Aesthetic.HEAD), clip_model=kw.get("aesthetic_clip_model", Aesthetic.CLIP_MODEL),
-                         device=device, dtype=dtype, batch_size=batch_size)
+        return Aesthetic(
+            head=kw.get("aesthetic_head", Aesthetic.HEAD),
+            clip_model=kw.get("aesthetic_clip_model", Aesthetic.CLIP_MODEL),
+            device=device,
+            dtype=dtype,
+            batch_size=batch_size,
+        )
     if name in TOY_METRICS:
         from .toy import ToyAdherence, ToyFD
 

@@ -36,8 +36,10 @@ def build_head(state_dict):
     """The LAION MLP with the official layer layout, sized from the state dict, weights loaded strictly."""
     keys = {int(m.group(1)) for k in state_dict if (m := re.fullmatch(r"layers\.(\d+)\.(weight|bias)", k))}
     if tuple(sorted(keys)) != LINEAR_INDICES or len(state_dict) != 2 * len(LINEAR_INDICES):
-        raise ValueError(f"not a LAION aesthetic predictor state dict (expected layers.{{0,2,4,6,7}}.weight/bias), "
-                         f"got keys {sorted(state_dict)[:8]}")
+        raise ValueError(
+            f"not a LAION aesthetic predictor state dict (expected layers.{{0,2,4,6,7}}.weight/bias), "
+            f"got keys {sorted(state_dict)[:8]}"
+        )
     modules = []
     for i in range(LINEAR_INDICES[-1] + 1):
         if i in DROPOUTS:
@@ -55,8 +57,11 @@ def _looks_local(location):
     """A path rather than a Hub id ("owner/name" or "owner/name:filename"): absolute, relative with ./ ../ ~,
     more than one "/", or ending in a checkpoint suffix."""
     loc = str(location)
-    return (loc.startswith(("/", "./", "../", "~")) or loc.count("/") > 1
-            or (":" not in loc and loc.endswith((".pt", ".pth", ".bin", ".safetensors"))))
+    return (
+        loc.startswith(("/", "./", "../", "~"))
+        or loc.count("/") > 1
+        or (":" not in loc and loc.endswith((".pt", ".pth", ".bin", ".safetensors")))
+    )
 
 
 class Aesthetic:
@@ -114,8 +119,9 @@ class Aesthetic:
         self.image_size = self.clip.config.image_size
         embed = self.clip.config.projection_dim
         if self.head.layers[0].in_features != embed:
-            raise ValueError(f"aesthetic head expects {self.head.layers[0].in_features}-d embeddings, "
-                             f"{clip_model} gives {embed}")
+            raise ValueError(
+                f"aesthetic head expects {self.head.layers[0].in_features}-d embeddings, {clip_model} gives {embed}"
+            )
 
     @torch.no_grad()
     def score(self, images, prompts=None):
@@ -123,7 +129,7 @@ class Aesthetic:
             raise ValueError(f"{len(images)} images but {len(prompts)} prompts")
         scores = []
         for i in range(0, len(images), self.batch_size):
-            pixels = torch.stack([clip_preprocess(im, self.image_size) for im in images[i:i + self.batch_size]])
+            pixels = torch.stack([clip_preprocess(im, self.image_size) for im in images[i : i + self.batch_size]])
             emb = self.clip(pixel_values=pixels.to(self.device, self.dtype)).image_embeds.float()
             norm = emb.norm(dim=-1, keepdim=True)
             emb = emb / torch.where(norm == 0, torch.ones_like(norm), norm)

@@ -14,8 +14,11 @@ def _looks_local(location):
     """A path rather than a Hub id ("owner/name" or "owner/name:filename"): absolute, relative with ./ ../ ~,
     more than one "/", or ending in a checkpoint suffix."""
     loc = str(location)
-    return (loc.startswith(("/", "./", "../", "~")) or loc.count("/") > 1
-            or (":" not in loc and loc.endswith((".pt", ".pth", ".bin", ".safetensors"))))
+    return (
+        loc.startswith(("/", "./", "../", "~"))
+        or loc.count("/") > 1
+        or (":" not in loc and loc.endswith((".pt", ".pth", ".bin", ".safetensors")))
+    )
 
 
 def _load_state_dict(path):
@@ -28,7 +31,7 @@ def _load_state_dict(path):
     sd = ckpt.get("state_dict", ckpt) if isinstance(ckpt, dict) else None
     if not isinstance(sd, dict) or not all(isinstance(v, torch.Tensor) for v in sd.values()):
         raise ValueError(f"{path}: not an open_clip state dict (expected tensors, optionally under 'state_dict')")
-    return {k[len("module."):] if k.startswith("module.") else k: v for k, v in sd.items()}
+    return {k[len("module.") :] if k.startswith("module.") else k: v for k, v in sd.items()}
 
 
 def _split_blocks(sd, src, dst, n_layers, out):
@@ -70,18 +73,45 @@ def open_clip_to_transformers(sd, config):
         "visual_projection.weight": sd["visual.proj"].t().contiguous(),
     }
     _split_blocks(sd, "transformer.resblocks", "text_model.encoder.layers", config.text_config.num_hidden_layers, out)
-    _split_blocks(sd, "visual.transformer.resblocks", "vision_model.encoder.layers",
-                  config.vision_config.num_hidden_layers, out)
-    used = {"logit_scale", "token_embedding.weight", "positional_embedding", "ln_final.weight", "ln_final.bias",
-            "text_projection", "visual.conv1.weight", "visual.class_embedding", "visual.positional_embedding",
-            "visual.ln_pre.weight", "visual.ln_pre.bias", "visual.ln_post.weight", "visual.ln_post.bias", "visual.proj"}
-    extra = [k for k in sd if k not in used and not k.startswith(("transformer.resblocks.", "visual.transformer.resblocks."))]
-    extra += [k for k in sd if k.startswith("transformer.resblocks.")
-              and int(k.split(".")[2]) >= config.text_config.num_hidden_layers]
-    extra += [k for k in sd if k.startswith("visual.transformer.resblocks.")
-              and int(k.split(".")[3]) >= config.vision_config.num_hidden_layers]
+    _split_blocks(
+        sd, "visual.transformer.resblocks", "vision_model.encoder.layers", config.vision_config.num_hidden_layers, out
+    )
+    used = {
+        "logit_scale",
+        "token_embedding.weight",
+        "positional_embedding",
+        "ln_final.weight",
+        "ln_final.bias",
+        "text_projection",
+        "visual.conv1.weight",
+        "visual.class_embedding",
+        "visual.positional_embedding",
+        "visual.ln_pre.weight",
+        "visual.ln_pre.bias",
+        "visual.ln_post.weight",
+        "visual.ln_post.bias",
+        "visual.proj",
+    }
+    extra = [
+        k
+        for k in sd
+        if k not in used and not k.startswith(("transformer.resblocks.", "visual.transformer.resblocks."))
+    ]
+    extra += [
+        k
+        for k in sd
+        if k.startswith("transformer.resblocks.") and int(k.split(".")[2]) >= config.text_config.num_hidden_layers
+    ]
+    extra += [
+        k
+        for k in sd
+        if k.startswith("visual.transformer.resblocks.")
+        and int(k.split(".")[3]) >= config.vision_config.num_hidden_layers
+    ]
     if extra:
-        raise ValueError(f"open_clip checkpoint has weights this CLIPConfig has no place for, e.g. {sorted(extra)[:5]}")
+        raise ValueError(
+            f"open_clip checkpoint has weights this CLIPConfig has no place for, e.g. {sorted(extra)[:5]}"
+        )
     return out
 
 
@@ -98,8 +128,9 @@ def hps_preprocess(image, size):
     scale = size / float(max(height, width))
     if scale != 1.0:
         height, width = round(height * scale), round(width * scale)
-        x = torch.nn.functional.interpolate(x[None], size=[height, width], mode="bicubic", align_corners=False,
-                                            antialias=True)[0]
+        x = torch.nn.functional.interpolate(
+            x[None], size=[height, width], mode="bicubic", align_corners=False, antialias=True
+        )[0]
     pad_h, pad_w = size - height, size - width
     if pad_h or pad_w:
         x = torch.nn.functional.pad(x, (pad_w // 2, pad_w - pad_w // 2, pad_h // 2, pad_h - pad_h // 2), value=0.0)
@@ -128,8 +159,9 @@ class HPSv2:
     REPO = "xswu/HPSv2"
     FILES = {"v2.0": "HPS_v2_compressed.pt", "v2.1": "HPS_v2.1_compressed.pt"}
 
-    def __init__(self, checkpoint=None, version="v2.1", processor=PROCESSOR, device="cpu", dtype=torch.float32,
-                 batch_size=16):
+    def __init__(
+        self, checkpoint=None, version="v2.1", processor=PROCESSOR, device="cpu", dtype=torch.float32, batch_size=16
+    ):
         from transformers import AutoTokenizer, CLIPConfig, CLIPModel
 
         from utils.hub import resolve_file
@@ -156,8 +188,10 @@ class HPSv2:
         expected = set(model.state_dict())
         missing, unexpected = expected - set(weights), set(weights) - expected
         if missing or unexpected:
-            raise ValueError(f"{path}: does not fit the CLIPConfig of {processor}: missing {sorted(missing)[:5]}, "
-                             f"unexpected {sorted(unexpected)[:5]}")
+            raise ValueError(
+                f"{path}: does not fit the CLIPConfig of {processor}: missing {sorted(missing)[:5]}, "
+                f"unexpected {sorted(unexpected)[:5]}"
+            )
         model.load_state_dict({k: v.float() for k, v in weights.items()}, strict=False, assign=True)
         for mod in model.modules():  # non-persistent buffers are not in the checkpoint
             if getattr(mod, "position_ids", None) is not None and mod.position_ids.is_meta:
@@ -170,9 +204,14 @@ class HPSv2:
             raise ValueError(f"{len(images)} images but {len(prompts)} prompts")
         scores = []
         for i in range(0, len(images), self.batch_size):
-            pixels = torch.stack([hps_preprocess(im, self.image_size) for im in images[i:i + self.batch_size]])
-            text = self.tokenizer(list(prompts[i:i + self.batch_size]), padding="max_length", truncation=True,
-                                  max_length=self.context_length, return_tensors="pt")
+            pixels = torch.stack([hps_preprocess(im, self.image_size) for im in images[i : i + self.batch_size]])
+            text = self.tokenizer(
+                list(prompts[i : i + self.batch_size]),
+                padding="max_length",
+                truncation=True,
+                max_length=self.context_length,
+                return_tensors="pt",
+            )
             img = self.model.get_image_features(pixel_values=pixels.to(self.device, self.dtype))
             txt = self.model.get_text_features(input_ids=text["input_ids"].to(self.device))
             img = getattr(img, "pooler_output", img).float()

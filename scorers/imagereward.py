@@ -50,12 +50,16 @@ def load_state_dict(path):
     try:
         sd = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # UnpicklingError and friends: not a plain tensor dict
-        raise ValueError(f"{path}: not loadable as a weights-only ImageReward state dict ({type(e).__name__}: {e})") from e
+        raise ValueError(
+            f"{path}: not loadable as a weights-only ImageReward state dict ({type(e).__name__}: {e})"
+        ) from e
     if isinstance(sd, dict) and "state_dict" in sd and isinstance(sd["state_dict"], dict):
         sd = sd["state_dict"]
     if not isinstance(sd, dict) or not any(k.startswith(_V) for k in sd) or not any(k.startswith(_T) for k in sd):
-        raise ValueError(f"{path}: not an ImageReward checkpoint (expected keys blip.visual_encoder.*, "
-                         "blip.text_encoder.*, mlp.layers.*)")
+        raise ValueError(
+            f"{path}: not an ImageReward checkpoint (expected keys blip.visual_encoder.*, "
+            "blip.text_encoder.*, mlp.layers.*)"
+        )
     return sd
 
 
@@ -63,21 +67,30 @@ def _vision_from_state_dict(sd):
     """A transformers BlipVisionModel holding the BLIP ViT (`blip.visual_encoder.*`, timm-style names)."""
     from transformers import BlipVisionConfig, BlipVisionModel
 
-    v = {k[len(_V):]: t for k, t in sd.items() if k.startswith(_V)}
+    v = {k[len(_V) :]: t for k, t in sd.items() if k.startswith(_V)}
     hidden = v["cls_token"].shape[-1]
     patch = v["patch_embed.proj.weight"].shape[-1]
     depth = 1 + max(int(k.split(".")[1]) for k in v if k.startswith("blocks."))
     num_positions = v["pos_embed"].shape[1]
     grid = IMAGE_SIZE // patch
     if num_positions != grid * grid + 1:
-        raise ValueError(f"visual encoder pos_embed has {num_positions} positions; {IMAGE_SIZE}px images with "
-                         f"patch {patch} need {grid * grid + 1}")
+        raise ValueError(
+            f"visual encoder pos_embed has {num_positions} positions; {IMAGE_SIZE}px images with "
+            f"patch {patch} need {grid * grid + 1}"
+        )
     if hidden % VISION_HEAD_DIM:
         raise ValueError(f"visual encoder width {hidden} is not a multiple of BLIP's head size {VISION_HEAD_DIM}")
     config = BlipVisionConfig(
-        hidden_size=hidden, intermediate_size=v["blocks.0.mlp.fc1.weight"].shape[0], num_hidden_layers=depth,
-        num_attention_heads=hidden // VISION_HEAD_DIM, image_size=IMAGE_SIZE, patch_size=patch, hidden_act="gelu",
-        layer_norm_eps=VISION_LAYER_NORM_EPS, attention_dropout=0.0)
+        hidden_size=hidden,
+        intermediate_size=v["blocks.0.mlp.fc1.weight"].shape[0],
+        num_hidden_layers=depth,
+        num_attention_heads=hidden // VISION_HEAD_DIM,
+        image_size=IMAGE_SIZE,
+        patch_size=patch,
+        hidden_act="gelu",
+        layer_norm_eps=VISION_LAYER_NORM_EPS,
+        attention_dropout=0.0,
+    )
     mapped = {
         "embeddings.class_embedding": v.pop("cls_token"),
         "embeddings.position_embedding": v.pop("pos_embed"),
@@ -86,8 +99,14 @@ def _vision_from_state_dict(sd):
         "post_layernorm.weight": v.pop("norm.weight"),
         "post_layernorm.bias": v.pop("norm.bias"),
     }
-    rename = {"norm1": "layer_norm1", "norm2": "layer_norm2", "attn.qkv": "self_attn.qkv",
-              "attn.proj": "self_attn.projection", "mlp.fc1": "mlp.fc1", "mlp.fc2": "mlp.fc2"}
+    rename = {
+        "norm1": "layer_norm1",
+        "norm2": "layer_norm2",
+        "attn.qkv": "self_attn.qkv",
+        "attn.proj": "self_attn.projection",
+        "mlp.fc1": "mlp.fc1",
+        "mlp.fc2": "mlp.fc2",
+    }
     for k in list(v):
         m = re.fullmatch(r"blocks\.(\d+)\.(.+)\.(weight|bias)", k)
         if m and m.group(2) in rename:
@@ -109,14 +128,24 @@ def _text_from_state_dict(sd, med_config, encoder_width):
     if cfg.get("position_embedding_type", "absolute") != "absolute":
         raise ValueError("med_config.json: only absolute position embeddings are supported")
     config = BlipTextConfig(
-        vocab_size=cfg["vocab_size"], hidden_size=cfg["hidden_size"], encoder_hidden_size=encoder_width,
-        intermediate_size=cfg["intermediate_size"], num_hidden_layers=cfg["num_hidden_layers"],
-        num_attention_heads=cfg["num_attention_heads"], max_position_embeddings=cfg["max_position_embeddings"],
-        hidden_act=cfg.get("hidden_act", "gelu"), layer_norm_eps=cfg.get("layer_norm_eps", 1e-12),
-        hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0, pad_token_id=cfg.get("pad_token_id", 0),
-        bos_token_id=None, eos_token_id=None, sep_token_id=None,  # generation-only ids; not used for scoring
-        is_decoder=True)  # is_decoder builds the cross-attention layers; forward(is_decoder=False) keeps it bidirectional
-    t = {k[len(_T):]: v for k, v in sd.items() if k.startswith(_T) and not _UNUSED.match(k)}
+        vocab_size=cfg["vocab_size"],
+        hidden_size=cfg["hidden_size"],
+        encoder_hidden_size=encoder_width,
+        intermediate_size=cfg["intermediate_size"],
+        num_hidden_layers=cfg["num_hidden_layers"],
+        num_attention_heads=cfg["num_attention_heads"],
+        max_position_embeddings=cfg["max_position_embeddings"],
+        hidden_act=cfg.get("hidden_act", "gelu"),
+        layer_norm_eps=cfg.get("layer_norm_eps", 1e-12),
+        hidden_dropout_prob=0.0,
+        attention_probs_dropout_prob=0.0,
+        pad_token_id=cfg.get("pad_token_id", 0),
+        bos_token_id=None,
+        eos_token_id=None,
+        sep_token_id=None,  # generation-only ids; not used for scoring
+        is_decoder=True,
+    )  # is_decoder builds the cross-attention layers; forward(is_decoder=False) keeps it bidirectional
+    t = {k[len(_T) :]: v for k, v in sd.items() if k.startswith(_T) and not _UNUSED.match(k)}
     model = BlipTextModel(config, add_pooling_layer=False)
     model.load_state_dict(t, strict=True)
     return model
@@ -173,8 +202,7 @@ class ImageReward:
         self.batch_size = int(batch_size)
         weights, med_config = self._resolve(str(checkpoint), resolve_file)
         sd = load_state_dict(weights)
-        unused = {k for k in sd if not k.startswith((_V, _T, "mlp.layers."))
-                  and not _UNUSED.match(k)}
+        unused = {k for k in sd if not k.startswith((_V, _T, "mlp.layers.")) and not _UNUSED.match(k)}
         if unused:
             raise ValueError(f"{weights}: unexpected keys {sorted(unused)[:5]}")
 
@@ -186,7 +214,9 @@ class ImageReward:
             raise ValueError("ImageReward head input size does not match the text encoder width")
         self.tokenizer = self._load_tokenizer(tokenizer)
         if len(self.tokenizer) > self.text.config.vocab_size:
-            raise ValueError(f"tokenizer has {len(self.tokenizer)} tokens, the text encoder {self.text.config.vocab_size}")
+            raise ValueError(
+                f"tokenizer has {len(self.tokenizer)} tokens, the text encoder {self.text.config.vocab_size}"
+            )
 
     @staticmethod
     def _resolve(location, resolve_file):
@@ -209,7 +239,8 @@ class ImageReward:
         except Exception as e:  # Hub errors: invalid repo id, offline, missing repo/file
             raise FileNotFoundError(
                 f"ImageReward checkpoint {location!r}: not a local file or folder, and the Hub could not provide "
-                f"ImageReward.pt + med_config.json ({type(e).__name__}: {e})") from e
+                f"ImageReward.pt + med_config.json ({type(e).__name__}: {e})"
+            ) from e
 
     @staticmethod
     def _load_tokenizer(location):
@@ -222,8 +253,9 @@ class ImageReward:
         return tok
 
     def tokenize(self, prompts):
-        return self.tokenizer(list(prompts), padding="max_length", truncation=True, max_length=MAX_LENGTH,
-                              return_tensors="pt")
+        return self.tokenizer(
+            list(prompts), padding="max_length", truncation=True, max_length=MAX_LENGTH, return_tensors="pt"
+        )
 
     @torch.no_grad()
     def score(self, images, prompts):
@@ -233,14 +265,18 @@ class ImageReward:
             raise ValueError(f"{len(images)} images but {len(prompts)} prompts")
         out = []
         for i in range(0, len(images), self.batch_size):
-            imgs, texts = images[i:i + self.batch_size], prompts[i:i + self.batch_size]
+            imgs, texts = images[i : i + self.batch_size], prompts[i : i + self.batch_size]
             pixels = torch.stack([preprocess(im) for im in imgs]).to(self.device, self.dtype)
             image_embeds = self.vision(pixel_values=pixels).last_hidden_state
             image_atts = torch.ones(image_embeds.shape[:-1], dtype=torch.long, device=self.device)
             tok = self.tokenize(texts).to(self.device)
-            hidden = self.text(input_ids=tok.input_ids, attention_mask=tok.attention_mask,
-                               encoder_hidden_states=image_embeds, encoder_attention_mask=image_atts,
-                               is_decoder=False).last_hidden_state
+            hidden = self.text(
+                input_ids=tok.input_ids,
+                attention_mask=tok.attention_mask,
+                encoder_hidden_states=image_embeds,
+                encoder_attention_mask=image_atts,
+                is_decoder=False,
+            ).last_hidden_state
             rewards = self.mlp(hidden[:, 0, :].float())
             rewards = (rewards - REWARD_MEAN) / REWARD_STD
             out.extend(rewards[:, 0].cpu().tolist())

@@ -34,12 +34,20 @@ class PickScore:
             raise ValueError(f"{len(images)} images but {len(prompts)} prompts")
         scores = []
         for i in range(0, len(images), self.batch_size):
-            pixels = self.image_processor(images=list(images[i:i + self.batch_size]), return_tensors="pt")["pixel_values"]
-            text = self.tokenizer(list(prompts[i:i + self.batch_size]), padding=True, truncation=True, max_length=77,
-                                  return_tensors="pt")
+            pixels = self.image_processor(images=list(images[i : i + self.batch_size]), return_tensors="pt")[
+                "pixel_values"
+            ]
+            text = self.tokenizer(
+                list(prompts[i : i + self.batch_size]),
+                padding=True,
+                truncation=True,
+                max_length=77,
+                return_tensors="pt",
+            )
             img = self.model.get_image_features(pixel_values=pixels.to(self.device, self.dtype))
-            txt = self.model.get_text_features(input_ids=text["input_ids"].to(self.device),
-                                               attention_mask=text["attention_mask"].to(self.device))
+            txt = self.model.get_text_features(
+                input_ids=text["input_ids"].to(self.device), attention_mask=text["attention_mask"].to(self.device)
+            )
             img = getattr(img, "pooler_output", img).float()
             txt = getattr(txt, "pooler_output", txt).float()
             img = img / img.norm(dim=-1, keepdim=True)

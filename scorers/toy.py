@@ -26,14 +26,16 @@ import numpy as np
 MIN_AREA = 10 / 1024  # smallest blob counted as an object, as a share of the image (10 px at 32x32)
 TOLERANCE = 0.28  # max RGB distance (0-1 scale) from a palette colour for a pixel to belong to it
 SHAPE_NAMES = ("circle", "square", "triangle")
-TEMPLATE_BLUR = 2  # passes of blur on the ideal shapes: a blurred square stays closer to a blurred square than to a circle
+TEMPLATE_BLUR = (
+    2  # passes of blur on the ideal shapes: a blurred square stays closer to a blurred square than to a circle
+)
 GROW = 2  # pixels around a blob that count towards its soft coverage (blurred edges)
 
 
 def _template(shape, cx, cy, area, h, w, ss=4):
     """Soft coverage (h x w) of the ideal shape with this area and centroid (a triangle points up; its centroid
     lies a third of its half-height below the centre of its box)."""
-    ys, xs = (np.mgrid[0:h * ss, 0:w * ss] + 0.5) / ss
+    ys, xs = (np.mgrid[0 : h * ss, 0 : w * ss] + 0.5) / ss
     if shape == "circle":
         r = np.sqrt(area / np.pi)
         mask = (xs - cx) ** 2 + (ys - cy) ** 2 <= r * r
@@ -56,7 +58,12 @@ def parse_caption(caption, world):
     """A caption -> {"objects": [(colour, shape), ...], "position" or "relation"}; None if it is not the world's."""
     words = caption.lower().split()
     if " on the " in caption.lower():
-        ok = len(words) == 6 and words[1] in world["colours"] and words[2] in world["shapes"] and words[5] in world["positions"]
+        ok = (
+            len(words) == 6
+            and words[1] in world["colours"]
+            and words[2] in world["shapes"]
+            and words[5] in world["positions"]
+        )
         if not ok:
             return None
         return {"objects": [(words[1], words[2])], "position": words[5]}
@@ -64,7 +71,11 @@ def parse_caption(caption, world):
         head, sep, tail = caption.lower().partition(f" {rel} ")
         if sep:
             a, b = head.split(), tail.split()
-            if len(a) == 3 and len(b) == 3 and all(x[1] in world["colours"] and x[2] in world["shapes"] for x in (a, b)):
+            if (
+                len(a) == 3
+                and len(b) == 3
+                and all(x[1] in world["colours"] and x[2] in world["shapes"] for x in (a, b))
+            ):
                 return {"objects": [(a[1], a[2]), (b[1], b[2])], "relation": rel}
     return None
 
@@ -93,7 +104,8 @@ def _largest_blob(mask):
 
 
 def parse_drawing(image, world):
-    """{colour: {"shape", "x", "y", "area", "fill", "cornered"}} for every palette colour with a blob big enough to be an object.
+    """{colour: {"shape", "x", "y", "area", "fill", "cornered"}} for every palette colour with a blob big enough to be
+    an object.
     x and y are the blob's centroid in [0, 1] (y grows downwards)."""
     arr = np.asarray(image.convert("RGB"), dtype=np.float32) / 255.0
     h, w, _ = arr.shape
@@ -132,8 +144,14 @@ def parse_drawing(image, world):
         shape = min(errors, key=errors.get)
         fill = alpha.sum() / max(alpha.sum(1).max() * alpha.sum(0).max(), 1e-6)
         cornered = errors["circle"] - min(errors["square"], errors["triangle"])  # > 0: a cornered shape fits better
-        objects[colour] = {"shape": shape, "x": (xs.mean() + 0.5) / w, "y": (ys.mean() + 0.5) / h, "area": area,
-                           "fill": float(fill), "cornered": float(cornered)}
+        objects[colour] = {
+            "shape": shape,
+            "x": (xs.mean() + 0.5) / w,
+            "y": (ys.mean() + 0.5) / h,
+            "area": area,
+            "fill": float(fill),
+            "cornered": float(cornered),
+        }
     return objects
 
 
@@ -161,7 +179,11 @@ def checks(caption, image, world):
     else:
         a, b = wanted
         rel = {"left of": "left", "right of": "right", "above": "top", "below": "bottom"}[scene["relation"]]
-        out.append(a in found and b in found and _direction(found[a]["x"] - found[b]["x"], found[a]["y"] - found[b]["y"]) == rel)
+        out.append(
+            a in found
+            and b in found
+            and _direction(found[a]["x"] - found[b]["x"], found[a]["y"] - found[b]["y"]) == rel
+        )
     return out
 
 

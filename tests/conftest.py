@@ -21,6 +21,7 @@ _hub.setup_test_environment(_TMP_ROOT)
 
 import make_tiny_assets  # noqa: E402
 import pytest  # noqa: E402
+
 from hub_server import TEST_TOKEN, hub_online, hub_server  # noqa: E402,F401
 
 

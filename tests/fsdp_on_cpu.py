@@ -31,8 +31,11 @@ def _init_with_fsdp_on_cpu(self, *args, fsdp_plugin=None, **kwargs):
             fsdp_plugin.set_mixed_precision(self._mixed_precision)
         self.fsdp_plugin = fsdp_plugin
         PartialState._shared_state["distributed_type"] = self.distributed_type
-        print(f"fsdp_on_cpu: process {self.process_index} runs FSDP{fsdp_plugin.fsdp_version}, "
-              f"wrapping {fsdp_plugin.transformer_cls_names_to_wrap}", flush=True)
+        print(
+            f"fsdp_on_cpu: process {self.process_index} runs FSDP{fsdp_plugin.fsdp_version}, "
+            f"wrapping {fsdp_plugin.transformer_cls_names_to_wrap}",
+            flush=True,
+        )
 
 
 AcceleratorState.__init__ = _init_with_fsdp_on_cpu

@@ -8,12 +8,31 @@ from safetensors.torch import load_file
 
 def sft_args(assets, output_dir, *extra, dataset=None):
     """A fast train_sft.py command line on the tiny assets."""
-    return ["--pretrained_model_name_or_path", str(assets["pipeline"]),
-            "--dataset_name", str(dataset or assets["pickapic"]),
-            "--output_dir", str(output_dir), "--resolution", "32", "--train_batch_size", "4",
-            "--learning_rate", "1e-3", "--max_train_steps", "4", "--checkpointing_steps", "1000",
-            "--validation_num_inference_steps", "2", "--num_validation_images", "2", "--report_to", "none",
-            *map(str, extra)]
+    return [
+        "--pretrained_model_name_or_path",
+        str(assets["pipeline"]),
+        "--dataset_name",
+        str(dataset or assets["pickapic"]),
+        "--output_dir",
+        str(output_dir),
+        "--resolution",
+        "32",
+        "--train_batch_size",
+        "4",
+        "--learning_rate",
+        "1e-3",
+        "--max_train_steps",
+        "4",
+        "--checkpointing_steps",
+        "1000",
+        "--validation_num_inference_steps",
+        "2",
+        "--num_validation_images",
+        "2",
+        "--report_to",
+        "none",
+        *map(str, extra),
+    ]
 
 
 def reset_accelerate():
@@ -63,11 +82,37 @@ def mean_abs_diff(a, b):
 
 def spin_args(assets, output_dir, *extra):
     """A fast train_spin_diffusion.py command line on the tiny assets (20 prompts, 2 sampling steps)."""
-    return ["--pretrained_model_name_or_path", str(assets["pipeline"]), "--dataset_name", str(assets["pickapic"]),
-            "--output_dir", str(output_dir), "--resolution", "32", "--train_batch_size", "4",
-            "--learning_rate", "1e-3", "--lr_warmup_steps", "0", "--max_train_steps", "3", "--checkpointing_steps", "1000",
-            "--num_iterations", "2", "--gen_num_inference_steps", "2", "--gen_batch_size", "4", "--gen_shard_size", "8",
-            "--report_to", "none", *map(str, extra)]
+    return [
+        "--pretrained_model_name_or_path",
+        str(assets["pipeline"]),
+        "--dataset_name",
+        str(assets["pickapic"]),
+        "--output_dir",
+        str(output_dir),
+        "--resolution",
+        "32",
+        "--train_batch_size",
+        "4",
+        "--learning_rate",
+        "1e-3",
+        "--lr_warmup_steps",
+        "0",
+        "--max_train_steps",
+        "3",
+        "--checkpointing_steps",
+        "1000",
+        "--num_iterations",
+        "2",
+        "--gen_num_inference_steps",
+        "2",
+        "--gen_batch_size",
+        "4",
+        "--gen_shard_size",
+        "8",
+        "--report_to",
+        "none",
+        *map(str, extra),
+    ]
 
 
 def run_spin(*argv):

@@ -501,7 +501,12 @@ class HubServer:
         if self.init_gitattributes:
             data = self._gitattributes()
             sha256 = self._store_bytes(data)
-            tree[".gitattributes"] = {"sha256": sha256, "size": len(data), "lfs": False, "git_sha1": _git_blob_sha1(data)}
+            tree[".gitattributes"] = {
+                "sha256": sha256,
+                "size": len(data),
+                "lfs": False,
+                "git_sha1": _git_blob_sha1(data),
+            }
         repo.branches[DEFAULT_BRANCH] = repo.new_commit(None, tree, "initial commit")
         self._repos[(repo_type, repo_id)] = repo
         self._save(repo)
@@ -937,7 +942,12 @@ class _Handler(BaseHTTPRequestHandler):
         else:
             tree = repo.tree(sha)
             sub = sorted((p, tree[p]["sha256"]) for p in tree if p.startswith(path + "/"))
-            item = {"type": "directory", "oid": hashlib.sha1(json.dumps(sub).encode()).hexdigest(), "size": 0, "path": path}
+            item = {
+                "type": "directory",
+                "oid": hashlib.sha1(json.dumps(sub).encode()).hexdigest(),
+                "size": 0,
+                "path": path,
+            }
         if expand:
             last = self._last_commit_touching(repo, sha, path, is_file=entry is not None)
             commit = repo.commits[last]
@@ -977,7 +987,9 @@ class _Handler(BaseHTTPRequestHandler):
             tree = repo.tree(sha)
             folders = self._folders(tree)
             if path and path not in folders:
-                raise _HubError(404, f"Tree path not found: {path}", code="EntryNotFound", headers={"X-Repo-Commit": sha})
+                raise _HubError(
+                    404, f"Tree path not found: {path}", code="EntryNotFound", headers={"X-Repo-Commit": sha}
+                )
             prefix = path + "/" if path else ""
             items = []
             for folder in sorted(folders):
@@ -1023,11 +1035,14 @@ class _Handler(BaseHTTPRequestHandler):
                     {"name": n, "ref": f"refs/heads/{n}", "targetCommit": s} for n, s in sorted(repo.branches.items())
                 ],
                 "converts": [],
-                "tags": [{"name": n, "ref": f"refs/tags/{n}", "targetCommit": s} for n, s in sorted(repo.tags.items())],
+                "tags": [
+                    {"name": n, "ref": f"refs/tags/{n}", "targetCommit": s} for n, s in sorted(repo.tags.items())
+                ],
             }
             if _is_true(query.get("include_prs")):
                 data["pullRequests"] = [
-                    {"name": f"refs/pr/{n}", "ref": f"refs/pr/{n}", "targetCommit": s} for n, s in sorted(repo.prs.items())
+                    {"name": f"refs/pr/{n}", "ref": f"refs/pr/{n}", "targetCommit": s}
+                    for n, s in sorted(repo.prs.items())
                 ]
         self._send_json(data)
 
@@ -1274,7 +1289,9 @@ class _Handler(BaseHTTPRequestHandler):
 
     @staticmethod
     def _legacy_commit_payload(payload: dict) -> list[dict]:
-        items = [{"key": "header", "value": {"summary": payload.get("summary"), "description": payload.get("description")}}]
+        items = [
+            {"key": "header", "value": {"summary": payload.get("summary"), "description": payload.get("description")}}
+        ]
         items += [{"key": "file", "value": f} for f in payload.get("files") or []]
         items += [{"key": "lfsFile", "value": f} for f in payload.get("lfsFiles") or []]
         items += [{"key": "deletedFile", "value": f} for f in payload.get("deletedFiles") or []]
@@ -1329,7 +1346,9 @@ class _Handler(BaseHTTPRequestHandler):
             else:
                 start = max(size - int(m.group(2)), 0)
             if start > end or start >= size:
-                raise _HubError(416, f"Unsatisfiable range {range_header!r}", headers={"Content-Range": f"bytes */{size}"})
+                raise _HubError(
+                    416, f"Unsatisfiable range {range_header!r}", headers={"Content-Range": f"bytes */{size}"}
+                )
             status = 206
             headers["Content-Range"] = f"bytes {start}-{end}/{size}"
         length = max(end - start + 1, 0)

@@ -12,6 +12,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import torch
+
 from helpers import reset_accelerate, sft_args, spin_args
 from hub_server import TEST_TOKEN, hub_online
 
@@ -21,64 +22,167 @@ ROOT = Path(__file__).resolve().parent.parent
 # Paths are relative to the test's working folder, which `workdir` fills with the files named here.
 CASES = [
     ("no model given", "sft", ["drop:--pretrained_model_name_or_path"], "--pretrained_model_name_or_path is required"),
-    ("missing local model folder", "sft", ["--pretrained_model_name_or_path", "./no-such-model"],
-     "--pretrained_model_name_or_path ./no-such-model: no such folder"),
-    ("folder that is not a pipeline", "spin", ["--pretrained_model_name_or_path", "empty-folder"],
-     "--pretrained_model_name_or_path empty-folder: not a diffusers pipeline folder"),
-    ("model repo that does not exist", "spin", ["--pretrained_model_name_or_path", "nobody/no-such-model"],
-     "--pretrained_model_name_or_path nobody/no-such-model: no such model repo on the Hub"),
-    ("model revision that does not exist", "sft", ["--pretrained_model_name_or_path", "test-user/tiny-sd",
-                                                   "--revision", "v9"], "the repo has no revision 'v9'"),
+    (
+        "missing local model folder",
+        "sft",
+        ["--pretrained_model_name_or_path", "./no-such-model"],
+        "--pretrained_model_name_or_path ./no-such-model: no such folder",
+    ),
+    (
+        "folder that is not a pipeline",
+        "spin",
+        ["--pretrained_model_name_or_path", "empty-folder"],
+        "--pretrained_model_name_or_path empty-folder: not a diffusers pipeline folder",
+    ),
+    (
+        "model repo that does not exist",
+        "spin",
+        ["--pretrained_model_name_or_path", "nobody/no-such-model"],
+        "--pretrained_model_name_or_path nobody/no-such-model: no such model repo on the Hub",
+    ),
+    (
+        "model revision that does not exist",
+        "sft",
+        ["--pretrained_model_name_or_path", "test-user/tiny-sd", "--revision", "v9"],
+        "the repo has no revision 'v9'",
+    ),
     ("no Hub token", "spin", ["--push_to_hub", "--hub_model_id", "test-user/x"], "--push_to_hub needs a Hub token"),
-    ("bad Hub token", "sft", ["--push_to_hub", "--hub_model_id", "test-user/x", "--hub_token", "hf_wrong"],
-     "the Hub refused the token (HTTP 401)"),
-    ("invalid --hub_model_id", "spin", ["--push_to_hub", "--hub_model_id", "bad id!", "--hub_token", TEST_TOKEN],
-     "--hub_model_id 'bad id!' is not a valid Hub repo id"),
-    ("--hub_model_id too long for its -iterN repos", "spin",
-     ["--push_to_hub", "--hub_model_id", "test-user/" + "a" * 92, "--hub_token", TEST_TOKEN],
-     "-iter2' is not a valid Hub repo id"),
-    ("namespace the token cannot write to", "sft", ["--push_to_hub", "--hub_model_id", "someone-else/x", "--hub_token",
-                                                    TEST_TOKEN], "cannot create repos under 'someone-else'"),
+    (
+        "bad Hub token",
+        "sft",
+        ["--push_to_hub", "--hub_model_id", "test-user/x", "--hub_token", "hf_wrong"],
+        "the Hub refused the token (HTTP 401)",
+    ),
+    (
+        "invalid --hub_model_id",
+        "spin",
+        ["--push_to_hub", "--hub_model_id", "bad id!", "--hub_token", TEST_TOKEN],
+        "--hub_model_id 'bad id!' is not a valid Hub repo id",
+    ),
+    (
+        "--hub_model_id too long for its -iterN repos",
+        "spin",
+        ["--push_to_hub", "--hub_model_id", "test-user/" + "a" * 92, "--hub_token", TEST_TOKEN],
+        "-iter2' is not a valid Hub repo id",
+    ),
+    (
+        "namespace the token cannot write to",
+        "sft",
+        ["--push_to_hub", "--hub_model_id", "someone-else/x", "--hub_token", TEST_TOKEN],
+        "cannot create repos under 'someone-else'",
+    ),
     ("corrupt run state", "spin", ["--output_dir", "broken"], "broken/spin_state.json is corrupt"),
     ("--output_dir is a file", "sft", ["--output_dir", "out.txt"], "--output_dir out.txt: exists and is not a folder"),
-    ("LoRA targets that match nothing", "spin", ["--use_lora", "--lora_target_modules", "to_q,attn_q"],
-     "--lora_target_modules: ['attn_q'] match no module of the UNet"),
-    ("corrupt checkpoint named to resume from", "sft", ["--output_dir", "run", "--resume_from_checkpoint", "checkpoint-2"],
-     "--resume_from_checkpoint checkpoint-2: pytorch_lora_weights.safetensors is truncated or corrupt"),
-    ("checkpoint that does not exist", "sft", ["--resume_from_checkpoint", "checkpoint-99"],
-     "--resume_from_checkpoint checkpoint-99: no such checkpoint folder"),
+    (
+        "LoRA targets that match nothing",
+        "spin",
+        ["--use_lora", "--lora_target_modules", "to_q,attn_q"],
+        "--lora_target_modules: ['attn_q'] match no module of the UNet",
+    ),
+    (
+        "corrupt checkpoint named to resume from",
+        "sft",
+        ["--output_dir", "run", "--resume_from_checkpoint", "checkpoint-2"],
+        "--resume_from_checkpoint checkpoint-2: pytorch_lora_weights.safetensors is truncated or corrupt",
+    ),
+    (
+        "checkpoint that does not exist",
+        "sft",
+        ["--resume_from_checkpoint", "checkpoint-99"],
+        "--resume_from_checkpoint checkpoint-99: no such checkpoint folder",
+    ),
     ("no dataset given", "spin", ["drop:--dataset_name"], "--dataset_name is required"),
-    ("dataset file that does not exist", "sft", ["--dataset_name", "./missing.parquet"],
-     "--dataset_name ./missing.parquet: no such file or folder"),
+    (
+        "dataset file that does not exist",
+        "sft",
+        ["--dataset_name", "./missing.parquet"],
+        "--dataset_name ./missing.parquet: no such file or folder",
+    ),
     ("dataset file of an unknown type", "sft", ["--dataset_name", "data.xyz"], "unsupported file type '.xyz'"),
     ("column that is not in the dataset", "sft", ["--caption_column", "prompt"], "missing column(s) ['prompt']"),
     ("only ties in a Pick-a-Pic dataset", "spin", ["--dataset_name", "ties.parquet"], "no examples left"),
-    ("DPO on an image-caption dataset", "spin", ["--dataset_name", "captions.parquet", "--image_column", "image", "--caption_column", "text",
-                                                 "--negative_source", "dataset"],
-     "--negative_source dataset needs a Pick-a-Pic-shaped dataset"),
-    ("labels that are not numbers", "sft", ["--dataset_name", "yes-labels.parquet"],
-     "column 'label_0' holds labels that are not numbers, e.g. 'yes'"),
-    ("the removed Pick-a-Pic repo", "spin", ["--dataset_name", "yuvalkirstain/pickapic_v2"],
-     "was removed from the Hugging Face Hub in 2025: point --dataset_name at a copy"),
-    ("evaluate: --resolution not a multiple of 8", "eval", ["--resolution", "30"],
-     "--resolution must be a multiple of 8, got 30"),
-    ("evaluate: prompts from the removed repo", "eval", ["--prompts", "pickapic_test_unique"],
-     "was removed from the Hugging Face Hub in 2025"),
-    ("evaluate: unknown metric", "eval", ["--metrics", "pickscore", "fidelity"], "--metrics: unknown metric(s) ['fidelity']"),
-    ("--resolution not a multiple of 8", "sft", ["--resolution", "30"], "--resolution must be a multiple of 8, got 30"),
+    (
+        "DPO on an image-caption dataset",
+        "spin",
+        [
+            "--dataset_name",
+            "captions.parquet",
+            "--image_column",
+            "image",
+            "--caption_column",
+            "text",
+            "--negative_source",
+            "dataset",
+        ],
+        "--negative_source dataset needs a Pick-a-Pic-shaped dataset",
+    ),
+    (
+        "labels that are not numbers",
+        "sft",
+        ["--dataset_name", "yes-labels.parquet"],
+        "column 'label_0' holds labels that are not numbers, e.g. 'yes'",
+    ),
+    (
+        "the removed Pick-a-Pic repo",
+        "spin",
+        ["--dataset_name", "yuvalkirstain/pickapic_v2"],
+        "was removed from the Hugging Face Hub in 2025: point --dataset_name at a copy",
+    ),
+    (
+        "evaluate: --resolution not a multiple of 8",
+        "eval",
+        ["--resolution", "30"],
+        "--resolution must be a multiple of 8, got 30",
+    ),
+    (
+        "evaluate: prompts from the removed repo",
+        "eval",
+        ["--prompts", "pickapic_test_unique"],
+        "was removed from the Hugging Face Hub in 2025",
+    ),
+    (
+        "evaluate: unknown metric",
+        "eval",
+        ["--metrics", "pickscore", "fidelity"],
+        "--metrics: unknown metric(s) ['fidelity']",
+    ),
+    (
+        "--resolution not a multiple of 8",
+        "sft",
+        ["--resolution", "30"],
+        "--resolution must be a multiple of 8, got 30",
+    ),
     ("fp16 without a GPU", "sft", ["--mixed_precision", "fp16"], "--mixed_precision fp16 needs a GPU"),
     ("zero learning rate", "spin", ["--learning_rate", "0"], "--learning_rate must be > 0, got 0.0"),
     ("zero batch size", "sft", ["--train_batch_size", "0"], "--train_batch_size must be >= 1, got 0"),
-    ("zero sampling steps", "spin", ["--gen_num_inference_steps", "0"], "--gen_num_inference_steps must be positive, got 0"),
+    (
+        "zero sampling steps",
+        "spin",
+        ["--gen_num_inference_steps", "0"],
+        "--gen_num_inference_steps must be positive, got 0",
+    ),
     ("non-positive --beta", "spin", ["--beta", "0"], "--beta must be positive, got 0.0"),
-    ("channels-last with 8-bit Adam", "spin", ["--channels_last", "--use_8bit_adam"],
-     "--channels_last and --use_8bit_adam conflict"),
+    (
+        "channels-last with 8-bit Adam",
+        "spin",
+        ["--channels_last", "--use_8bit_adam"],
+        "--channels_last and --use_8bit_adam conflict",
+    ),
     ("EMA with LoRA", "sft", ["--use_ema", "--use_lora"], "--use_ema and --use_lora conflict"),
     ("SPIN with --streaming", "spin", ["--streaming"], "--streaming is not supported by SPIN"),
     ("config file that does not exist", "sft", ["--config", "missing.yaml"], "--config missing.yaml: file not found"),
-    ("config key that is not a flag", "spin", ["--config", "typo.yaml"], "--config typo.yaml: unknown keys ['learnin_rate']"),
-    ("Hub retry time the other processes cannot wait for", "spin", ["--push_to_hub", "--hub_retry_max_time", "5000"],
-     "--hub_retry_max_time 5000 must stay well under --ddp_timeout 7200"),
+    (
+        "config key that is not a flag",
+        "spin",
+        ["--config", "typo.yaml"],
+        "--config typo.yaml: unknown keys ['learnin_rate']",
+    ),
+    (
+        "Hub retry time the other processes cannot wait for",
+        "spin",
+        ["--push_to_hub", "--hub_retry_max_time", "5000"],
+        "--hub_retry_max_time 5000 must stay well under --ddp_timeout 7200",
+    ),
     ("negative Hub retry time", "sft", ["--hub_retry_max_time", "-1"], "--hub_retry_max_time must be > 0, got -1.0"),
 ]
 
@@ -86,10 +190,11 @@ CASES = [
 @pytest.fixture
 def workdir(assets, tmp_path, monkeypatch):
     """A working folder holding the files the cases name; the scripts must not reach training."""
+    from safetensors.torch import save_file
+
     import evaluate
     import train_sft
     import train_spin_diffusion
-    from safetensors.torch import save_file
 
     monkeypatch.chdir(tmp_path)
     (tmp_path / "out.txt").write_text("a file, not a folder\n")
@@ -99,12 +204,16 @@ def workdir(assets, tmp_path, monkeypatch):
     (tmp_path / "broken").mkdir()
     (tmp_path / "broken" / "spin_state.json").write_text('{"done": [1')
     table = pq.read_table(assets["pickapic"])
-    pq.write_table(table.set_column(table.column_names.index("label_0"), "label_0",
-                                    pa.array([0.5] * len(table), pa.float64())), tmp_path / "ties.parquet")
+    pq.write_table(
+        table.set_column(table.column_names.index("label_0"), "label_0", pa.array([0.5] * len(table), pa.float64())),
+        tmp_path / "ties.parquet",
+    )
     (tmp_path / "prompts.txt").write_text("a red circle\n")
     labels = ["yes"] + [str(x) for x in table.column("label_0").to_pylist()[1:]]
-    pq.write_table(table.set_column(table.column_names.index("label_0"), "label_0", pa.array(labels)),
-                   tmp_path / "yes-labels.parquet")
+    pq.write_table(
+        table.set_column(table.column_names.index("label_0"), "label_0", pa.array(labels)),
+        tmp_path / "yes-labels.parquet",
+    )
     checkpoint = tmp_path / "run" / "checkpoint-2"
     checkpoint.mkdir(parents=True)
     save_file({"w": torch.zeros(64, 64)}, str(checkpoint / "pytorch_lora_weights.safetensors"))
@@ -124,14 +233,26 @@ def workdir(assets, tmp_path, monkeypatch):
 def command_line(assets, script, flags):
     """A working command line of `script` on the tiny assets, with `flags` added ("drop:--name" removes --name)."""
     if script == "eval":
-        argv = ["--model", f"base={assets['pipeline']}", "--prompts", "prompts.txt", "--resolution", "32",
-                "--num_inference_steps", "2", "--metrics", "pickscore", "--output_dir", "eval"]
+        argv = [
+            "--model",
+            f"base={assets['pipeline']}",
+            "--prompts",
+            "prompts.txt",
+            "--resolution",
+            "32",
+            "--num_inference_steps",
+            "2",
+            "--metrics",
+            "pickscore",
+            "--output_dir",
+            "eval",
+        ]
     else:
         argv = (sft_args if script == "sft" else spin_args)(assets, "out")
     for flag in flags:
         if flag.startswith("drop:"):
             i = argv.index(flag.removeprefix("drop:"))
-            del argv[i:i + 2]
+            del argv[i : i + 2]
     return argv + [f for f in flags if not f.startswith("drop:")]
 
 
@@ -154,7 +275,9 @@ def run_case(assets, script, flags, capsys):
 
 
 @pytest.mark.parametrize("case,script,flags,fragment", CASES, ids=[c[0] for c in CASES])
-def test_bad_input_gives_one_error_line(assets, workdir, hub_server, monkeypatch, capsys, case, script, flags, fragment):
+def test_bad_input_gives_one_error_line(
+    assets, workdir, hub_server, monkeypatch, capsys, case, script, flags, fragment
+):
     if case == "no Hub token":
         monkeypatch.delenv("HF_TOKEN", raising=False)
     if case == "model revision that does not exist" and not hub_server.repo_exists("test-user/tiny-sd"):
@@ -174,11 +297,21 @@ def test_entry_points_print_error_lines_without_tracebacks(assets, tmp_path):
     """The real command lines: a parser error (exit 2) and an error found after parsing (exit 1)."""
     for script, flags, code, fragment in [
         ("train_spin_diffusion.py", ["--pretrained_model_name_or_path", "./no-such-model"], 2, "no such folder"),
-        ("train_sft.py", ["--use_lora", "--lora_target_modules", "nothing_here"], 1, "['nothing_here'] match no module"),
+        (
+            "train_sft.py",
+            ["--use_lora", "--lora_target_modules", "nothing_here"],
+            1,
+            "['nothing_here'] match no module",
+        ),
     ]:
         argv = (sft_args if script == "train_sft.py" else spin_args)(assets, tmp_path / "o")
-        proc = subprocess.run([sys.executable, str(ROOT / script), *argv, *flags], capture_output=True, text=True,
-                              cwd=tmp_path, timeout=120)
+        proc = subprocess.run(
+            [sys.executable, str(ROOT / script), *argv, *flags],
+            capture_output=True,
+            text=True,
+            cwd=tmp_path,
+            timeout=120,
+        )
         assert proc.returncode == code, proc.stderr[-2000:]
         assert "Traceback" not in proc.stderr and re.search(r"error: .*" + re.escape(fragment), proc.stderr)
 
@@ -205,7 +338,11 @@ def refused_rows():
     for line in text.strip().splitlines()[2:]:
         cells = [c.strip() for c in line.strip("|").split("|")]
         flags = cells[0].split("`")[1].split()
-        scripts = ["sft", "spin"] if cells[1] == "both" else [{"`train_sft.py`": "sft", "`train_spin_diffusion.py`": "spin"}[cells[1]]]
+        scripts = (
+            ["sft", "spin"]
+            if cells[1] == "both"
+            else [{"`train_sft.py`": "sft", "`train_spin_diffusion.py`": "spin"}[cells[1]]]
+        )
         rows += [(" ".join(flags), script, cells[3].strip("`")) for script in scripts]
     return rows
 
@@ -221,7 +358,7 @@ def test_refused_combinations_in_the_readme_are_refused(assets, tmp_path, capsys
     parse = train_sft.parse_args if script == "sft" else train_spin_diffusion.parse_args
     argv = make(assets, tmp_path / "out")
     i = argv.index("--max_train_steps")  # the rows give it where they need it
-    argv = argv[:i] + argv[i + 2:]
+    argv = argv[:i] + argv[i + 2 :]
     parse(argv)  # without the row's flags the command line is fine: the refusal is theirs
     with pytest.raises(SystemExit) as exit_:
         parse(argv + flags.split())

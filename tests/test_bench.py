@@ -11,11 +11,30 @@ ROOT = Path(__file__).resolve().parent.parent
 
 def test_bench_step_tiny_all_modes(tmp_path):
     out = tmp_path / "steps.json"
-    cases = ("sft:full:fp32:adamw:gc0,spin:lora:fp32:adamw8bit:gc1,spin-pre:full:bf16:adamw:gc0,dpo:full:fp32:adamw:gc0,"
-             "naive:full:fp32:adamw:gc0,sft:full:fp32:adamw:gc0:cl,spin-pre:full:fp32:adamw:gc0:emb")
-    proc = subprocess.run([sys.executable, str(ROOT / "bench" / "bench_step.py"), "--preset", "tiny", "--cases", cases,
-                           "--steps", "1", "--warmup", "0", "--in_process", "--json", str(out)],
-                          capture_output=True, text=True, timeout=600)
+    cases = (
+        "sft:full:fp32:adamw:gc0,spin:lora:fp32:adamw8bit:gc1,spin-pre:full:bf16:adamw:gc0,dpo:full:fp32:adamw:gc0,"
+        "naive:full:fp32:adamw:gc0,sft:full:fp32:adamw:gc0:cl,spin-pre:full:fp32:adamw:gc0:emb"
+    )
+    proc = subprocess.run(
+        [
+            sys.executable,
+            str(ROOT / "bench" / "bench_step.py"),
+            "--preset",
+            "tiny",
+            "--cases",
+            cases,
+            "--steps",
+            "1",
+            "--warmup",
+            "0",
+            "--in_process",
+            "--json",
+            str(out),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     results = json.loads(out.read_text())
     assert [r["case"] for r in results] == cases.split(",")
@@ -29,15 +48,43 @@ def test_bench_step_tiny_all_modes(tmp_path):
 
 
 def test_bench_rejects_a_bad_case():
-    proc = subprocess.run([sys.executable, str(ROOT / "bench" / "bench_step.py"), "--preset", "tiny",
-                           "--cases", "spin:full:fp32:adamw:gc0:turbo"], capture_output=True, text=True, timeout=60)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            str(ROOT / "bench" / "bench_step.py"),
+            "--preset",
+            "tiny",
+            "--cases",
+            "spin:full:fp32:adamw:gc0:turbo",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert proc.returncode != 0 and "OPTS" in proc.stderr
 
 
 def test_bench_generate_tiny(tmp_path):
     out = tmp_path / "gen.json"
-    proc = subprocess.run([sys.executable, str(ROOT / "bench" / "bench_generate.py"), "--preset", "tiny", "--prompts", "4",
-                           "--batch", "2", "--steps", "2", "--json", str(out)], capture_output=True, text=True, timeout=600)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            str(ROOT / "bench" / "bench_generate.py"),
+            "--preset",
+            "tiny",
+            "--prompts",
+            "4",
+            "--batch",
+            "2",
+            "--steps",
+            "2",
+            "--json",
+            str(out),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     r = json.loads(out.read_text())
     assert r["generation_phase_img_s"] > 0 and r["plain_pipeline_img_s"] > 0 and r["vae_decode_s_per_image"] > 0

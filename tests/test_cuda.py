@@ -8,9 +8,9 @@ import math
 
 import pytest
 import torch
-from helpers import run_spin, spin_args, tensors
 
 import train_spin_diffusion
+from helpers import run_spin, spin_args, tensors
 from utils.models import Reference
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
@@ -44,10 +44,20 @@ def test_offloaded_reference_is_pinned_and_leaves_nothing_on_the_gpu():
     from diffusers import UNet2DConditionModel
 
     torch.manual_seed(0)
-    unet = UNet2DConditionModel(sample_size=8, block_out_channels=(32, 64), layers_per_block=1, cross_attention_dim=32,
-                                down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
-                                up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"), norm_num_groups=8).cuda()
-    x, t, emb = torch.randn(2, 4, 8, 8, device="cuda"), torch.tensor([10, 500], device="cuda"), torch.randn(2, 7, 32, device="cuda")
+    unet = UNet2DConditionModel(
+        sample_size=8,
+        block_out_channels=(32, 64),
+        layers_per_block=1,
+        cross_attention_dim=32,
+        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+        norm_num_groups=8,
+    ).cuda()
+    x, t, emb = (
+        torch.randn(2, 4, 8, 8, device="cuda"),
+        torch.tensor([10, 500], device="cuda"),
+        torch.randn(2, 7, 32, device="cuda"),
+    )
     resident = Reference.frozen_copy(unet, "cuda")(x, t, emb)[0]
     offloaded = Reference.frozen_copy(unet, "cuda", offload=True)
     torch.cuda.synchronize()
@@ -64,8 +74,22 @@ def test_offloaded_reference_is_pinned_and_leaves_nothing_on_the_gpu():
 
 def test_full_spin_8bit_adam_bf16_checkpointing_trains_finite(assets, tmp_path):
     out = tmp_path / "full8bit"
-    run_spin(*spin_args(assets, out, "--mixed_precision", "bf16", "--use_8bit_adam", "--gradient_checkpointing",
-                        "--max_train_steps", "3", "--checkpointing_steps", "2", "--learning_rate", "1e-4"))
+    run_spin(
+        *spin_args(
+            assets,
+            out,
+            "--mixed_precision",
+            "bf16",
+            "--use_8bit_adam",
+            "--gradient_checkpointing",
+            "--max_train_steps",
+            "3",
+            "--checkpointing_steps",
+            "2",
+            "--learning_rate",
+            "1e-4",
+        )
+    )
     for k in (1, 2):
         assert first_loss(out, k) == pytest.approx(math.log(2), abs=1e-3)
         weights = tensors(out / f"iter_{k}" / "unet")
@@ -85,7 +109,20 @@ def test_lora_spin_fp16_grad_scaler_trains_finite(assets, tmp_path):
 
 def test_offload_reference_full_spin_run_matches_resident(assets, tmp_path):
     for name, extra in (("resident", []), ("offload", ["--offload_reference"])):
-        run_spin(*spin_args(assets, tmp_path / name, "--mixed_precision", "bf16", "--num_iterations", "1",
-                            "--max_train_steps", "2", "--learning_rate", "1e-4", *extra))
+        run_spin(
+            *spin_args(
+                assets,
+                tmp_path / name,
+                "--mixed_precision",
+                "bf16",
+                "--num_iterations",
+                "1",
+                "--max_train_steps",
+                "2",
+                "--learning_rate",
+                "1e-4",
+                *extra,
+            )
+        )
     a, b = tensors(tmp_path / "resident" / "iter_1" / "unet"), tensors(tmp_path / "offload" / "iter_1" / "unet")
     assert a.keys() == b.keys() and max(float((a[k].float() - b[k].float()).abs().max()) for k in a) < 1e-4

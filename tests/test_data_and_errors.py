@@ -5,10 +5,10 @@ import logging
 
 import pyarrow.parquet as pq
 import pytest
-from helpers import run_sft, sft_args, tensors
 from make_tiny_assets import build_pickapic_parquet, image_kind
 
 import train_sft
+from helpers import run_sft, sft_args, tensors
 from utils.data import DataError, load_image, load_training_dataset, winner_and_loser
 
 
@@ -39,12 +39,26 @@ def test_unique_prompts_keeps_first_of_each_caption(assets):
 
 def test_renamed_and_reordered_columns(assets, tmp_path):
     table = pq.read_table(assets["pickapic"])
-    renamed = table.rename_columns([{"caption": "prompt", "jpg_0": "img_a", "jpg_1": "img_b", "label_0": "pref_a"}.get(n, n)
-                                    for n in table.column_names])
+    renamed = table.rename_columns(
+        [
+            {"caption": "prompt", "jpg_0": "img_a", "jpg_1": "img_b", "label_0": "pref_a"}.get(n, n)
+            for n in table.column_names
+        ]
+    )
     path = tmp_path / "renamed.parquet"
     pq.write_table(renamed.select(list(reversed(renamed.column_names))), path)
-    args = data_args(assets, "--caption_column", "prompt", "--image_0_column", "img_a", "--image_1_column", "img_b",
-                     "--label_0_column", "pref_a", dataset=path)
+    args = data_args(
+        assets,
+        "--caption_column",
+        "prompt",
+        "--image_0_column",
+        "img_a",
+        "--image_1_column",
+        "img_b",
+        "--label_0_column",
+        "pref_a",
+        dataset=path,
+    )
     ds, spec = load_training_dataset(args)
     assert len(ds) == sum(x in (0, 1) for x in table.column("label_0").to_pylist())
     assert all(image_kind(load_image(winner_and_loser(r, spec)[0])) == "winner" for r in ds)
@@ -53,36 +67,49 @@ def test_renamed_and_reordered_columns(assets, tmp_path):
 @pytest.fixture
 def no_model_loading(monkeypatch):
     """Any model load during the test fails it: bad input must be caught before."""
+
     def boom(*a, **k):
         raise AssertionError("a model was loaded before the bad input was reported")
+
     monkeypatch.setattr(train_sft, "load_frozen_components", boom)
 
 
-@pytest.mark.parametrize("extra, dataset_key, message", [
-    (["--caption_column", "prompt"], "pickapic", r"missing column\(s\) \['prompt'\]"),
-    ([], "missing", r"no such file or folder"),
-    ([], "captions", r"not Pick-a-Pic-shaped.*--image_column"),
-    (["--image_column", "picture", "--caption_column", "text"], "captions", r"missing column\(s\) \['picture'\]"),
-    ([], "all_ties", r"no examples left after dropping ties"),
-])
-def test_bad_data_stops_before_models_with_named_problem(assets, tmp_path, no_model_loading, extra, dataset_key, message):
-    datasets = dict(assets, missing=tmp_path / "nope" / "pickapic.parquet",
-                    all_ties=build_pickapic_parquet(tmp_path / "ties.parquet", num_rows=4, num_ties=4, duplicate_prompts=0))
+@pytest.mark.parametrize(
+    "extra, dataset_key, message",
+    [
+        (["--caption_column", "prompt"], "pickapic", r"missing column\(s\) \['prompt'\]"),
+        ([], "missing", r"no such file or folder"),
+        ([], "captions", r"not Pick-a-Pic-shaped.*--image_column"),
+        (["--image_column", "picture", "--caption_column", "text"], "captions", r"missing column\(s\) \['picture'\]"),
+        ([], "all_ties", r"no examples left after dropping ties"),
+    ],
+)
+def test_bad_data_stops_before_models_with_named_problem(
+    assets, tmp_path, no_model_loading, extra, dataset_key, message
+):
+    datasets = dict(
+        assets,
+        missing=tmp_path / "nope" / "pickapic.parquet",
+        all_ties=build_pickapic_parquet(tmp_path / "ties.parquet", num_rows=4, num_ties=4, duplicate_prompts=0),
+    )
     with pytest.raises(DataError, match=message):
         run_sft(*sft_args(assets, tmp_path / "out", *extra, dataset=datasets[dataset_key]))
 
 
-@pytest.mark.parametrize("extra, message", [
-    (["--use_ema", "--use_lora"], "--use_ema and --use_lora conflict"),
-    (["--streaming", "--cache_latents"], "--streaming and --cache_latents conflict"),
-    (["--mixed_precision", "fp16"], "use --mixed_precision bf16"),
-    (["--resume_from_checkpoint", "checkpoint-99"], "no such checkpoint folder"),
-    (["--validation_steps", "5"], "--validation_steps needs --validation_prompts"),
-    (["--checkpointing_steps", "0"], "--checkpointing_steps must be >= 1"),
-    (["--max_train_samples", "0"], "--max_train_samples must be >= 1"),
-    (["--lr_scheduler", "cosine_warm"], "invalid choice: 'cosine_warm'"),
-    (["--resume_from_checkpoint", "."], "not a checkpoint-N folder"),
-])
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        (["--use_ema", "--use_lora"], "--use_ema and --use_lora conflict"),
+        (["--streaming", "--cache_latents"], "--streaming and --cache_latents conflict"),
+        (["--mixed_precision", "fp16"], "use --mixed_precision bf16"),
+        (["--resume_from_checkpoint", "checkpoint-99"], "no such checkpoint folder"),
+        (["--validation_steps", "5"], "--validation_steps needs --validation_prompts"),
+        (["--checkpointing_steps", "0"], "--checkpointing_steps must be >= 1"),
+        (["--max_train_samples", "0"], "--max_train_samples must be >= 1"),
+        (["--lr_scheduler", "cosine_warm"], "invalid choice: 'cosine_warm'"),
+        (["--resume_from_checkpoint", "."], "not a checkpoint-N folder"),
+    ],
+)
 def test_bad_flags_exit_with_message(assets, tmp_path, capsys, no_model_loading, extra, message):
     with pytest.raises(SystemExit) as e:
         run_sft(*sft_args(assets, tmp_path / "out", *extra))
@@ -91,11 +118,25 @@ def test_bad_flags_exit_with_message(assets, tmp_path, capsys, no_model_loading,
 
 
 def test_corrupt_images_are_replaced_counted_and_steps_complete(assets, tmp_path, caplog):
-    data = build_pickapic_parquet(tmp_path / "corrupt.parquet", num_rows=12, num_ties=2, num_corrupt=3, duplicate_prompts=0)
+    data = build_pickapic_parquet(
+        tmp_path / "corrupt.parquet", num_rows=12, num_ties=2, num_corrupt=3, duplicate_prompts=0
+    )
     out = tmp_path / "out"
     with caplog.at_level(logging.WARNING):  # 10 winners / batch 2 = one epoch of 5 steps
-        run_sft(*sft_args(assets, out, "--use_lora", "--max_train_steps", "5", "--train_batch_size", "2",
-                          "--checkpointing_steps", "5", dataset=data))
+        run_sft(
+            *sft_args(
+                assets,
+                out,
+                "--use_lora",
+                "--max_train_steps",
+                "5",
+                "--train_batch_size",
+                "2",
+                "--checkpointing_steps",
+                "5",
+                dataset=data,
+            )
+        )
     assert "replaced 3 undecodable images" in caplog.text
     assert (out / "checkpoint-5").is_dir()  # every requested step ran: no batch was dropped
     assert trained_lora(out)
@@ -109,8 +150,11 @@ def trained_lora(out):
 
 def test_streaming_run(assets, tmp_path):
     out = tmp_path / "stream"
-    run_sft(*sft_args(assets, out, "--use_lora", "--streaming", "--max_train_steps", "3",
-                      "--validation_prompts", "a red apple"))
+    run_sft(
+        *sft_args(
+            assets, out, "--use_lora", "--streaming", "--max_train_steps", "3", "--validation_prompts", "a red apple"
+        )
+    )
     assert trained_lora(out) and (out / "validation_grid.png").exists()
 
 
@@ -124,16 +168,18 @@ def test_proportion_empty_prompts_drops_captions_reproducibly(assets):
     args = data_args(assets, "--proportion_empty_prompts", "0.5")
     ds, spec = load_training_dataset(args)
     tokenizer = CLIPTokenizer.from_pretrained(str(assets["pipeline"]), subfolder="tokenizer")
-    empty = tokenizer([""], max_length=tokenizer.model_max_length, padding="max_length", return_tensors="pt").input_ids[0]
+    empty = tokenizer(
+        [""], max_length=tokenizer.model_max_length, padding="max_length", return_tensors="pt"
+    ).input_ids[0]
 
     def dropped(epoch):
-        train = TrainDataset(ds, spec, tokenizer, 32, center_crop=True, seed=0, empty_prompt_prob=0.5)
+        train = TrainDataset(ds, spec, tokenizer, resolution=32, center_crop=True, seed=0, empty_prompt_prob=0.5)
         train.set_epoch(epoch)
         return [bool((train[i]["input_ids"] == empty).all()) for i in range(len(train))]
 
     first = dropped(0)
     assert 0 < sum(first) < len(first) and dropped(0) == first and dropped(1) != first
-    plain = TrainDataset(ds, spec, tokenizer, 32, center_crop=True, seed=0)
+    plain = TrainDataset(ds, spec, tokenizer, resolution=32, center_crop=True, seed=0)
     assert not any(bool((plain[i]["input_ids"] == empty).all()) for i in range(len(plain)))
     with pytest.raises(SystemExit):
         data_args(assets, "--proportion_empty_prompts", "1.0")

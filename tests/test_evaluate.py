@@ -5,17 +5,27 @@ import json
 import statistics
 from pathlib import Path
 
-from helpers import run_sft, sft_args
-
 import evaluate
+from helpers import run_sft, sft_args
 
 GOLDEN = Path(__file__).resolve().parent / "golden"
 SCORER_FLAGS = [
-    "--pickscore_model", GOLDEN / "clip/pickscore/model", "--pickscore_processor", GOLDEN / "clip/pickscore/processor",
-    "--hps_checkpoint", GOLDEN / "clip/hps/HPS_v2.1_compressed.pt", "--hps_processor", GOLDEN / "clip/hps/processor",
-    "--imagereward_checkpoint", GOLDEN / "imagereward", "--imagereward_tokenizer", GOLDEN / "imagereward/tokenizer",
-    "--aesthetic_head", GOLDEN / "clip/aesthetic/sac+logos+ava1-l14-linearMSE.pth",
-    "--aesthetic_clip_model", GOLDEN / "clip/aesthetic/clip",
+    "--pickscore_model",
+    GOLDEN / "clip/pickscore/model",
+    "--pickscore_processor",
+    GOLDEN / "clip/pickscore/processor",
+    "--hps_checkpoint",
+    GOLDEN / "clip/hps/HPS_v2.1_compressed.pt",
+    "--hps_processor",
+    GOLDEN / "clip/hps/processor",
+    "--imagereward_checkpoint",
+    GOLDEN / "imagereward",
+    "--imagereward_tokenizer",
+    GOLDEN / "imagereward/tokenizer",
+    "--aesthetic_head",
+    GOLDEN / "clip/aesthetic/sac+logos+ava1-l14-linearMSE.pth",
+    "--aesthetic_clip_model",
+    GOLDEN / "clip/aesthetic/clip",
 ]
 
 
@@ -23,11 +33,33 @@ def test_two_models_six_prompts_all_metrics(assets, tmp_path, monkeypatch):
     lora = tmp_path / "lora"
     run_sft(*sft_args(assets, lora, "--use_lora", "--max_train_steps", "3", "--learning_rate", "5e-3"))
     prompts = tmp_path / "prompts.txt"
-    prompts.write_text("a red fox\na blue car\nthe moon over a lake\na bowl of soup\na castle on a hill\na small boat\n")
+    prompts.write_text(
+        "a red fox\na blue car\nthe moon over a lake\na bowl of soup\na castle on a hill\na small boat\n"
+    )
     out = tmp_path / "eval"
-    argv = ["--model", f"base={assets['pipeline']}", "--model", f"sft={lora}", "--base_model", str(assets["pipeline"]),
-            "--baseline", "base", "--prompts", str(prompts), "--resolution", "32", "--num_inference_steps", "3",
-            "--batch_size", "4", "--output_dir", str(out), "--bootstrap_resamples", "200", *map(str, SCORER_FLAGS)]
+    argv = [
+        "--model",
+        f"base={assets['pipeline']}",
+        "--model",
+        f"sft={lora}",
+        "--base_model",
+        str(assets["pipeline"]),
+        "--baseline",
+        "base",
+        "--prompts",
+        str(prompts),
+        "--resolution",
+        "32",
+        "--num_inference_steps",
+        "3",
+        "--batch_size",
+        "4",
+        "--output_dir",
+        str(out),
+        "--bootstrap_resamples",
+        "200",
+        *map(str, SCORER_FLAGS),
+    ]
     results = evaluate.main(evaluate.parse_args(argv))
 
     saved = json.loads((out / "results.json").read_text())
@@ -80,8 +112,9 @@ def test_two_models_six_prompts_all_metrics(assets, tmp_path, monkeypatch):
 
 def test_push_results_adds_model_index_to_hub_card(assets, tmp_path, hub_server, monkeypatch):
     import yaml
-    from hub_server import TEST_TOKEN, hub_online
     from huggingface_hub import HfApi
+
+    from hub_server import TEST_TOKEN, hub_online
 
     monkeypatch.setenv("HF_TOKEN", TEST_TOKEN)
     prompts = tmp_path / "prompts.txt"
@@ -90,10 +123,28 @@ def test_push_results_adds_model_index_to_hub_card(assets, tmp_path, hub_server,
         api = HfApi(token=TEST_TOKEN)
         repo = api.create_repo("test-user/eval-card", exist_ok=True).repo_id
         api.upload_folder(repo_id=repo, folder_path=str(assets["pipeline"]))
-        results = evaluate.main(evaluate.parse_args([
-            "--model", f"hub={repo}", "--model", f"local={assets['pipeline']}", "--prompts", str(prompts),
-            "--resolution", "32", "--num_inference_steps", "2", "--output_dir", str(tmp_path / "eval"),
-            "--metrics", "aesthetic,pickscore", "--push_results_to_hub", *map(str, SCORER_FLAGS)]))
+        results = evaluate.main(
+            evaluate.parse_args(
+                [
+                    "--model",
+                    f"hub={repo}",
+                    "--model",
+                    f"local={assets['pipeline']}",
+                    "--prompts",
+                    str(prompts),
+                    "--resolution",
+                    "32",
+                    "--num_inference_steps",
+                    "2",
+                    "--output_dir",
+                    str(tmp_path / "eval"),
+                    "--metrics",
+                    "aesthetic,pickscore",
+                    "--push_results_to_hub",
+                    *map(str, SCORER_FLAGS),
+                ]
+            )
+        )
         card = hub_server.read_file(repo, "README.md").decode()
     meta = yaml.safe_load(card.split("---")[1])
     metrics = {m["type"]: m["value"] for m in meta["model-index"][0]["results"][0]["metrics"]}
@@ -108,12 +159,37 @@ def test_two_process_generation_splits_the_prompts(assets, tmp_path):
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("a red fox\na blue car\nthe moon\na bowl of soup\na castle\n")
     out = tmp_path / "eval"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29541",
-           str(Path(__file__).resolve().parent.parent / "evaluate.py"), "--model", f"base={assets['pipeline']}",
-           "--prompts", str(prompts), "--resolution", "32", "--num_inference_steps", "2", "--output_dir", str(out),
-           "--metrics", "aesthetic", *map(str, SCORER_FLAGS)]
-    proc = subprocess.run(cmd, cwd=tmp_path, env=dict(os.environ, ACCELERATE_USE_CPU="1", OMP_NUM_THREADS="1"),
-                          capture_output=True, text=True, timeout=600)
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node",
+        "2",
+        "--master_port",
+        "29541",
+        str(Path(__file__).resolve().parent.parent / "evaluate.py"),
+        "--model",
+        f"base={assets['pipeline']}",
+        "--prompts",
+        str(prompts),
+        "--resolution",
+        "32",
+        "--num_inference_steps",
+        "2",
+        "--output_dir",
+        str(out),
+        "--metrics",
+        "aesthetic",
+        *map(str, SCORER_FLAGS),
+    ]
+    proc = subprocess.run(
+        cmd,
+        cwd=tmp_path,
+        env=dict(os.environ, ACCELERATE_USE_CPU="1", OMP_NUM_THREADS="1"),
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     errors = [line for line in proc.stderr.splitlines() if "Error" in line or "error" in line]
     assert proc.returncode == 0, "\n".join(errors[-20:]) + proc.stderr[-2000:]
     assert sorted(p.name for p in (out / "images" / "base").glob("*.png")) == [f"{i:05d}_0.png" for i in range(5)]

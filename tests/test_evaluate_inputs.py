@@ -5,16 +5,22 @@ import shutil
 
 import pytest
 import torch
-from helpers import run_sft
-from hub_server import TEST_TOKEN, hub_online
 
 import evaluate
+from helpers import run_sft
+from hub_server import TEST_TOKEN, hub_online
 from utils.evaluation import EvalError, load_pipeline, load_prompts, resolve_model
 
 
 def render(pipe):
-    return pipe("a cat", num_inference_steps=2, height=32, width=32, generator=torch.Generator().manual_seed(0),
-                output_type="np").images
+    return pipe(
+        "a cat",
+        num_inference_steps=2,
+        height=32,
+        width=32,
+        generator=torch.Generator().manual_seed(0),
+        output_type="np",
+    ).images
 
 
 @pytest.fixture(scope="module")
@@ -62,8 +68,12 @@ def test_hub_repo_with_revision(assets, tmp_path, hub_server, monkeypatch):
         spec = resolve_model(f"hubunet={repo}@v1")
         assert (spec.kind, spec.revision, spec.is_hub) == ("unet", "v1", True)
         at_v1 = render(load_pipeline(spec, str(assets["pipeline"]), torch.float32, "cpu"))
-        at_main = render(load_pipeline(resolve_model(f"hubmain={repo}"), str(assets["pipeline"]), torch.float32, "cpu"))
-    local = render(load_pipeline(resolve_model(f"full={assets['pipeline']}"), str(assets["pipeline"]), torch.float32, "cpu"))
+        at_main = render(
+            load_pipeline(resolve_model(f"hubmain={repo}"), str(assets["pipeline"]), torch.float32, "cpu")
+        )
+    local = render(
+        load_pipeline(resolve_model(f"full={assets['pipeline']}"), str(assets["pipeline"]), torch.float32, "cpu")
+    )
     assert abs(at_v1 - local).max() < 1e-6 and abs(at_main - local).max() > 1e-4
 
 
@@ -71,6 +81,7 @@ def test_hub_repo_with_revision(assets, tmp_path, hub_server, monkeypatch):
 def no_generation(monkeypatch):
     def boom(*a, **k):
         raise AssertionError("a model was loaded for generation before the bad input was reported")
+
     monkeypatch.setattr(evaluate, "load_pipeline", boom)
 
 
@@ -78,15 +89,29 @@ def eval_args(assets, tmp_path, *extra, prompts=None):
     if prompts is None:
         prompts = tmp_path / "prompts.txt"
         prompts.write_text("a red fox\na blue car\n")
-    return ["--model", f"a={assets['pipeline']}", "--prompts", str(prompts), "--output_dir", str(tmp_path / "eval"),
-            "--resolution", "32", "--num_inference_steps", "2", *extra]
+    return [
+        "--model",
+        f"a={assets['pipeline']}",
+        "--prompts",
+        str(prompts),
+        "--output_dir",
+        str(tmp_path / "eval"),
+        "--resolution",
+        "32",
+        "--num_inference_steps",
+        "2",
+        *extra,
+    ]
 
 
-@pytest.mark.parametrize("extra, message", [
-    (["--metrics", "pickscore,clipscore"], "unknown metric(s) ['clipscore']"),
-    (["--baseline", "zzz"], "--baseline zzz is not among the models"),
-    (["--model", "a=elsewhere/x"], "--model names must be unique"),
-])
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        (["--metrics", "pickscore,clipscore"], "unknown metric(s) ['clipscore']"),
+        (["--baseline", "zzz"], "--baseline zzz is not among the models"),
+        (["--model", "a=elsewhere/x"], "--model names must be unique"),
+    ],
+)
 def test_bad_flags(assets, tmp_path, capsys, no_generation, extra, message):
     with pytest.raises(SystemExit):
         evaluate.main(evaluate.parse_args(eval_args(assets, tmp_path, *extra)))
@@ -149,18 +174,34 @@ def test_named_prompt_sets_from_the_hub(tmp_path, hub_server, monkeypatch):
         api = HfApi(token=TEST_TOKEN)
         api.create_repo("zhwang/HPDv2", repo_type="dataset", exist_ok=True)
         for style in ("anime", "concept-art", "paintings", "photo"):
-            api.upload_file(repo_id="zhwang/HPDv2", repo_type="dataset", path_in_repo=f"benchmark/{style}.json",
-                            path_or_fileobj=_json.dumps([f"{style} {i}" for i in range(3)]).encode())
-        assert load_prompts("hpsv2") == [f"{s} {i}" for s in ("anime", "concept-art", "paintings", "photo") for i in range(3)]
-        pq.write_table(pa.table({"Prompt": ["p1", "p2", "p3"], "Category": ["a", "b", "c"]}), tmp_path / "train.parquet")
+            api.upload_file(
+                repo_id="zhwang/HPDv2",
+                repo_type="dataset",
+                path_in_repo=f"benchmark/{style}.json",
+                path_or_fileobj=_json.dumps([f"{style} {i}" for i in range(3)]).encode(),
+            )
+        assert load_prompts("hpsv2") == [
+            f"{s} {i}" for s in ("anime", "concept-art", "paintings", "photo") for i in range(3)
+        ]
+        pq.write_table(
+            pa.table({"Prompt": ["p1", "p2", "p3"], "Category": ["a", "b", "c"]}), tmp_path / "train.parquet"
+        )
         api.create_repo("nateraw/parti-prompts", repo_type="dataset", exist_ok=True)
-        api.upload_file(repo_id="nateraw/parti-prompts", repo_type="dataset", path_in_repo="data/train-00000-of-00001.parquet",
-                        path_or_fileobj=str(tmp_path / "train.parquet"))
+        api.upload_file(
+            repo_id="nateraw/parti-prompts",
+            repo_type="dataset",
+            path_in_repo="data/train-00000-of-00001.parquet",
+            path_or_fileobj=str(tmp_path / "train.parquet"),
+        )
         assert load_prompts("parti", max_prompts=2) == ["p1", "p2"]
         pq.write_table(pa.table({"caption": ["c1", "c2"], "jpg_0": [b"x", b"y"]}), tmp_path / "tu.parquet")
         pq.write_table(pa.table({"caption": ["t1"], "jpg_0": [b"z"]}), tmp_path / "tr.parquet")
         api.create_repo("yuvalkirstain/pickapic_v2", repo_type="dataset", exist_ok=True)
         for split, f in (("test_unique", "tu"), ("train", "tr")):
-            api.upload_file(repo_id="yuvalkirstain/pickapic_v2", repo_type="dataset", path_or_fileobj=str(tmp_path / f"{f}.parquet"),
-                            path_in_repo=f"data/{split}-00000-of-00001.parquet")
+            api.upload_file(
+                repo_id="yuvalkirstain/pickapic_v2",
+                repo_type="dataset",
+                path_or_fileobj=str(tmp_path / f"{f}.parquet"),
+                path_in_repo=f"data/{split}-00000-of-00001.parquet",
+            )
         assert load_prompts("pickapic_test_unique") == ["c1", "c2"]

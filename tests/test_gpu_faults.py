@@ -9,9 +9,9 @@ import weakref
 
 import pytest
 import torch
-from helpers import run_spin, spin_args
 
 import train_spin_diffusion
+from helpers import run_spin, spin_args
 from utils.models import Reference
 
 
@@ -107,14 +107,30 @@ def test_fp16_overflow_skips_leave_the_schedule_and_the_means(assets, tmp_path, 
 
         real_log = accelerator.log
         accelerator.backward = backward
-        accelerator.log = lambda values, step=None, **kw: (logged.append(dict(values)), real_log(values, step=step, **kw))
+        accelerator.log = lambda values, step=None, **kw: (
+            logged.append(dict(values)),
+            real_log(values, step=step, **kw),
+        )
         return accelerator
 
     monkeypatch.setattr(train_spin_diffusion, "init_run", init_with_scaler)
     out = tmp_path / "fp16"
     lr, steps = 1e-3, 4
-    run_spin(*spin_args(assets, out, "--use_lora", "--num_iterations", "1", "--max_train_steps", steps,
-                        "--lr_scheduler", "linear", "--learning_rate", lr))
+    run_spin(
+        *spin_args(
+            assets,
+            out,
+            "--use_lora",
+            "--num_iterations",
+            "1",
+            "--max_train_steps",
+            steps,
+            "--lr_scheduler",
+            "linear",
+            "--learning_rate",
+            lr,
+        )
+    )
     m = json.loads((out / "iter_1" / "metrics.json").read_text())
     assert [math.isinf(row["grad_norm"]) for row in logged] == [False, True, False, False]
     # the schedule moved on the three steps that updated the weights, not on the skipped one
@@ -143,8 +159,11 @@ def test_bench_builds_the_full_reference_as_the_script_does(assets, tmp_path, mo
 
     monkeypatch.setattr(Reference, "frozen_copy", classmethod(spy))
     bench_step.run_case("spin:full:bf16:adamw:gc0", "tiny", 1, 1, 0, "cpu")
-    run_spin(*spin_args(assets, tmp_path / "bf16", "--mixed_precision", "bf16", "--num_iterations", "1",
-                        "--max_train_steps", "1"))
+    run_spin(
+        *spin_args(
+            assets, tmp_path / "bf16", "--mixed_precision", "bf16", "--num_iterations", "1", "--max_train_steps", "1"
+        )
+    )
     (bench_copy, bench_policy), (script_copy, script_policy) = built
     assert bench_copy == script_copy == bench_policy == script_policy == {torch.float32}
 
@@ -164,12 +183,36 @@ def test_compiled_unet_under_ddp_is_split_at_the_gradient_buckets(assets, tmp_pa
     outs = {}
     for name, extra, port in (("eager", [], "29541"), ("compiled", ["--torch_compile"], "29542")):
         out = tmp_path / name
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", port,
-               str(root / "tests" / "ddp_compile_probe.py"),
-               *spin_args(assets, out, "--num_iterations", "1", "--train_batch_size", "2",
-                          "--max_train_steps", "2", "--gen_shard_size", "4", *extra)]
-        env = dict(os.environ, ACCELERATE_USE_CPU="1", OMP_NUM_THREADS="1", PROBE_OUT=str(tmp_path / f"probe-{name}"),
-                   PROBE_BUCKET_MB="0.25")
+        cmd = [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--nproc_per_node",
+            "2",
+            "--master_port",
+            port,
+            str(root / "tests" / "ddp_compile_probe.py"),
+            *spin_args(
+                assets,
+                out,
+                "--num_iterations",
+                "1",
+                "--train_batch_size",
+                "2",
+                "--max_train_steps",
+                "2",
+                "--gen_shard_size",
+                "4",
+                *extra,
+            ),
+        ]
+        env = dict(
+            os.environ,
+            ACCELERATE_USE_CPU="1",
+            OMP_NUM_THREADS="1",
+            PROBE_OUT=str(tmp_path / f"probe-{name}"),
+            PROBE_BUCKET_MB="0.25",
+        )
         proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=900)
         assert proc.returncode == 0, proc.stderr[-3000:]
         outs[name] = out

@@ -5,6 +5,7 @@ of the same command pushes them without generating or training."""
 import json
 
 import pytest
+
 from helpers import reset_accelerate, run_sft, run_spin, sft_args, spin_args, tensors
 from hub_server import TEST_TOKEN, WRITE_ENDPOINTS, hub_online
 
@@ -32,7 +33,9 @@ def test_with_retries_backs_off_honours_retry_after_and_never_retries_auth_error
         hub_server.inject("POST", r"^/api/repos/create", status=500, times=None)
         sleeps.clear()
         with pytest.raises(Exception) as err:  # the time budget ends the retries; the last error is raised
-            with_retries(create_repo, "test-user/down", token=TEST_TOKEN, exist_ok=True, sleep=sleeps.append, max_time=3)
+            with_retries(
+                create_repo, "test-user/down", token=TEST_TOKEN, exist_ok=True, sleep=sleeps.append, max_time=3
+            )
         hub_server.clear_faults()
         assert err.value.response.status_code == 500 and sleeps == [2.0]  # a 4 s wait would pass the 3 s budget
 
@@ -41,13 +44,27 @@ def test_spin_run_pushes_through_429_500s_and_a_dropped_upload(assets, tmp_path,
     """R1: one 429 on repo creation, two 500s on commits and one dropped LFS connection: both iterations are
     pushed in one run, which ends normally."""
     name = "test-user/spin-flaky"
-    faults = [hub_server.inject("POST", r"^/api/repos/create", status=429, retry_after=1, times=1),
-              hub_server.inject("POST", r"/commit/", status=500, times=2),
-              hub_server.inject("PUT", r"^/lfs-upload/", drop=True, times=1)]
+    faults = [
+        hub_server.inject("POST", r"^/api/repos/create", status=429, retry_after=1, times=1),
+        hub_server.inject("POST", r"/commit/", status=500, times=2),
+        hub_server.inject("PUT", r"^/lfs-upload/", drop=True, times=1),
+    ]
     try:
         with hub_online():
-            run_spin(*spin_args(assets, tmp_path / "out", "--use_lora", "--push_to_hub", "--hub_model_id", name,
-                                "--hub_token", TEST_TOKEN, "--hub_retry_max_time", "120"))
+            run_spin(
+                *spin_args(
+                    assets,
+                    tmp_path / "out",
+                    "--use_lora",
+                    "--push_to_hub",
+                    "--hub_model_id",
+                    name,
+                    "--hub_token",
+                    TEST_TOKEN,
+                    "--hub_retry_max_time",
+                    "120",
+                )
+            )
     finally:
         hub_server.clear_faults()
     assert [len(f.hits) for f in faults] == [1, 2, 1]  # every fault was met
@@ -55,20 +72,33 @@ def test_spin_run_pushes_through_429_500s_and_a_dropped_upload(assets, tmp_path,
     assert state["pushed"] == {"1": f"{name}-iter1", "2": f"{name}-iter2"} and not state.get("push_errors")
     for k in (1, 2):
         assert "pytorch_lora_weights.safetensors" in hub_server.files(f"{name}-iter{k}")
-        assert hub_server.read_file(f"{name}-iter{k}", "pytorch_lora_weights.safetensors") == \
-            (tmp_path / "out" / f"iter_{k}" / "pytorch_lora_weights.safetensors").read_bytes()
+        assert (
+            hub_server.read_file(f"{name}-iter{k}", "pytorch_lora_weights.safetensors")
+            == (tmp_path / "out" / f"iter_{k}" / "pytorch_lora_weights.safetensors").read_bytes()
+        )
 
 
-def test_spin_trains_every_iteration_when_all_writes_fail_then_a_rerun_only_pushes(assets, tmp_path, hub_server,
-                                                                                   monkeypatch, capsys):
+def test_spin_trains_every_iteration_when_all_writes_fail_then_a_rerun_only_pushes(
+    assets, tmp_path, hub_server, monkeypatch, capsys
+):
     """R2: every write fails from the start while the token check works. Both iterations train and save, the
     run exits non-zero naming each unpushed iteration and the command; once the Hub is back, the same command
     pushes them all with no generation or training."""
     import train_spin_diffusion
 
     name, out = "test-user/spin-down", tmp_path / "out"
-    argv = spin_args(assets, out, "--use_lora", "--push_to_hub", "--hub_model_id", name, "--hub_token", TEST_TOKEN,
-                     "--hub_retry_max_time", "1")
+    argv = spin_args(
+        assets,
+        out,
+        "--use_lora",
+        "--push_to_hub",
+        "--hub_model_id",
+        name,
+        "--hub_token",
+        TEST_TOKEN,
+        "--hub_retry_max_time",
+        "1",
+    )
     down = hub_server.inject(None, WRITE_ENDPOINTS, status=503, times=None)
     with hub_online():
         reset_accelerate()
@@ -94,8 +124,10 @@ def test_spin_trains_every_iteration_when_all_writes_fail_then_a_rerun_only_push
     state = json.loads((out / "spin_state.json").read_text())
     assert set(state["pushed"]) == {"1", "2"} and not state["push_errors"]
     for k in (1, 2):
-        assert hub_server.read_file(f"{name}-iter{k}", "pytorch_lora_weights.safetensors") == \
-            (out / f"iter_{k}" / "pytorch_lora_weights.safetensors").read_bytes()
+        assert (
+            hub_server.read_file(f"{name}-iter{k}", "pytorch_lora_weights.safetensors")
+            == (out / f"iter_{k}" / "pytorch_lora_weights.safetensors").read_bytes()
+        )
         after = tensors(out / f"iter_{k}" / "pytorch_lora_weights.safetensors")
         assert all((saved[k][key] == after[key]).all() for key in after)
 
@@ -118,9 +150,24 @@ def test_spin_push_recovering_midway_is_retried_after_the_next_iteration(assets,
     train_spin_diffusion.train_iteration = train_then_recover
     try:
         with hub_online():
-            run_spin(*spin_args(assets, out, "--use_lora", "--num_iterations", "3", "--max_train_steps", "2",
-                                "--push_to_hub", "--hub_model_id", name, "--hub_token", TEST_TOKEN,
-                                "--hub_retry_max_time", "1"))
+            run_spin(
+                *spin_args(
+                    assets,
+                    out,
+                    "--use_lora",
+                    "--num_iterations",
+                    "3",
+                    "--max_train_steps",
+                    "2",
+                    "--push_to_hub",
+                    "--hub_model_id",
+                    name,
+                    "--hub_token",
+                    TEST_TOKEN,
+                    "--hub_retry_max_time",
+                    "1",
+                )
+            )
     finally:
         train_spin_diffusion.train_iteration = real
         hub_server.clear_faults()
@@ -133,8 +180,18 @@ def test_sft_failed_push_keeps_result_and_rerun_only_pushes(assets, tmp_path, hu
     import train_sft
 
     name, out = "test-user/sft-down", tmp_path / "sft"
-    argv = sft_args(assets, out, "--use_lora", "--push_to_hub", "--hub_model_id", name, "--hub_token", TEST_TOKEN,
-                    "--hub_retry_max_time", "1")
+    argv = sft_args(
+        assets,
+        out,
+        "--use_lora",
+        "--push_to_hub",
+        "--hub_model_id",
+        name,
+        "--hub_token",
+        TEST_TOKEN,
+        "--hub_retry_max_time",
+        "1",
+    )
     hub_server.inject(None, WRITE_ENDPOINTS, status=502, times=None)
     with hub_online():
         reset_accelerate()

@@ -3,6 +3,7 @@ result back by repo id the way a user would."""
 
 import pytest
 import torch
+
 from helpers import max_abs_diff, run_sft, sft_args, tensors
 from hub_server import TEST_TOKEN, hub_online
 
@@ -15,9 +16,23 @@ def test_push_lora_with_hub_token_then_load_lora_weights_from_repo(assets, tmp_p
     out = tmp_path / "sft-lora"
     hub_server.seen_tokens.clear()
     with hub_online():
-        run_sft(*sft_args(assets, out, "--use_lora", "--max_train_steps", "2", "--checkpointing_steps", "1",
-                          "--push_to_hub", "--hub_model_id", "test-user/sft-lora", "--hub_token", TEST_TOKEN,
-                          "--hub_private_repo"))
+        run_sft(
+            *sft_args(
+                assets,
+                out,
+                "--use_lora",
+                "--max_train_steps",
+                "2",
+                "--checkpointing_steps",
+                "1",
+                "--push_to_hub",
+                "--hub_model_id",
+                "test-user/sft-lora",
+                "--hub_token",
+                TEST_TOKEN,
+                "--hub_private_repo",
+            )
+        )
         files = pushed_files(hub_server, "test-user/sft-lora")
         assert {"pytorch_lora_weights.safetensors", "README.md", "training_args.json"} <= set(files)
         assert not [f for f in files if f.startswith(("checkpoint-", "logs/"))], files
@@ -27,7 +42,9 @@ def test_push_lora_with_hub_token_then_load_lora_weights_from_repo(assets, tmp_p
         from diffusers import StableDiffusionPipeline
 
         monkeypatch.setenv("HF_TOKEN", TEST_TOKEN)  # the repo is private: pulling needs the token too
-        pipe = StableDiffusionPipeline.from_pretrained(assets["pipeline"], safety_checker=None, requires_safety_checker=False)
+        pipe = StableDiffusionPipeline.from_pretrained(
+            assets["pipeline"], safety_checker=None, requires_safety_checker=False
+        )
         gen = lambda: torch.Generator().manual_seed(0)  # noqa: E731
         local = pipe("a blue car", num_inference_steps=2, generator=gen(), output_type="np").images
         pipe.load_lora_weights("test-user/sft-lora")
@@ -47,8 +64,19 @@ def test_push_full_with_cached_login_then_from_pretrained_repo(assets, tmp_path,
         with open(token_file, "w") as f:
             f.write(TEST_TOKEN)
         try:
-            run_sft(*sft_args(assets, out, "--max_train_steps", "2", "--checkpointing_steps", "1", "--push_to_hub",
-                              "--hub_model_id", "test-user/sft-full"))
+            run_sft(
+                *sft_args(
+                    assets,
+                    out,
+                    "--max_train_steps",
+                    "2",
+                    "--checkpointing_steps",
+                    "1",
+                    "--push_to_hub",
+                    "--hub_model_id",
+                    "test-user/sft-full",
+                )
+            )
         finally:
             import os
 
@@ -72,6 +100,18 @@ def test_push_with_wrong_token_fails_before_training(assets, tmp_path, hub_serve
 
     out = tmp_path / "sft-denied"
     with hub_online(), pytest.raises(HubError, match=r"refused the token \(HTTP 401\)"):
-        run_sft(*sft_args(assets, out, "--use_lora", "--max_train_steps", "1", "--push_to_hub",
-                          "--hub_model_id", "test-user/denied", "--hub_token", "hf_wrong"))
+        run_sft(
+            *sft_args(
+                assets,
+                out,
+                "--use_lora",
+                "--max_train_steps",
+                "1",
+                "--push_to_hub",
+                "--hub_model_id",
+                "test-user/denied",
+                "--hub_token",
+                "hf_wrong",
+            )
+        )
     assert not (out / "pytorch_lora_weights.safetensors").exists()  # checked before any training

@@ -7,6 +7,7 @@ import os
 from pathlib import Path
 
 import pytest
+
 from hub_server import TEST_TOKEN, TEST_USER, hub_online
 
 pytestmark = pytest.mark.usefixtures("hub_server")

@@ -15,11 +15,11 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import max_abs_diff, mean_abs_diff, sft_args, spin_args, tensors
 from test_train_spin import assert_starts_at_reference, metrics
 
 import train_sft
 import train_spin_diffusion
+from helpers import max_abs_diff, mean_abs_diff, sft_args, spin_args, tensors
 
 ROOT = Path(__file__).resolve().parent.parent
 FSDP2_CONFIG = ROOT / "examples" / "accelerate" / "fsdp2.yaml"
@@ -27,34 +27,73 @@ ZERO2_CONFIG = ROOT / "examples" / "accelerate" / "deepspeed_zero2.yaml"
 ENV = dict(os.environ, ACCELERATE_USE_CPU="1", OMP_NUM_THREADS="1")
 # Both runs: 2 processes x 2 images, 2 optimizer steps per iteration, a checkpoint after each step, gradient
 # checkpointing (as examples/spin_full_8gpu.yaml).
-SPIN_EXTRA = ("--num_iterations", "2", "--train_batch_size", "2", "--learning_rate", "1e-4", "--max_train_steps", "2",
-              "--checkpointing_steps", "1", "--gradient_checkpointing")
+SPIN_EXTRA = (
+    "--num_iterations",
+    "2",
+    "--train_batch_size",
+    "2",
+    "--learning_rate",
+    "1e-4",
+    "--max_train_steps",
+    "2",
+    "--checkpointing_steps",
+    "1",
+    "--gradient_checkpointing",
+)
 LR = 1e-4
 
 # Saving a full UNet under FSDP needs the shards gathered on every process before the main one saves
 # (utils.training.model_for_saving); until the scripts call it, FSDP runs crash in save_pretrained.
 needs_spin_fix = pytest.mark.xfail(
-    not hasattr(train_spin_diffusion, "model_for_saving"), run=False, strict=True,
+    not hasattr(train_spin_diffusion, "model_for_saving"),
+    run=False,
+    strict=True,
     reason="train_spin_diffusion.py must save `model_for_saving(accelerator, unet)` (called on every process) instead "
-           "of `accelerator.unwrap_model(unet)`: under FSDP the main process alone holds only its shard")
+    "of `accelerator.unwrap_model(unet)`: under FSDP the main process alone holds only its shard",
+)
 needs_sft_fix = pytest.mark.xfail(
-    not hasattr(train_sft, "model_for_saving"), run=False, strict=True,
+    not hasattr(train_sft, "model_for_saving"),
+    run=False,
+    strict=True,
     reason="train_sft.py must save `model_for_saving(accelerator, unet)` (called on every process) instead of "
-           "`accelerator.unwrap_model(unet)`: under FSDP the main process alone holds only its shard")
+    "`accelerator.unwrap_model(unet)`: under FSDP the main process alone holds only its shard",
+)
 
 
 def ddp(script, argv, port, cwd):
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", port,
-           str(ROOT / script), *argv]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node",
+        "2",
+        "--master_port",
+        port,
+        str(ROOT / script),
+        *argv,
+    ]
     return run(cmd, cwd)
 
 
 def fsdp2(script, argv, port, cwd):
     """`accelerate launch --config_file examples/accelerate/fsdp2.yaml` with 2 CPU processes, fp32 (the file says
     bf16: fp32 makes the comparison with DDP exact up to reduction order)."""
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(FSDP2_CONFIG),
-           "--num_processes", "2", "--mixed_precision", "no", "--main_process_port", port,
-           str(ROOT / "tests" / "fsdp_on_cpu.py"), str(ROOT / script), *argv]
+    cmd = [
+        sys.executable,
+        "-m",
+        "accelerate.commands.launch",
+        "--config_file",
+        str(FSDP2_CONFIG),
+        "--num_processes",
+        "2",
+        "--mixed_precision",
+        "no",
+        "--main_process_port",
+        port,
+        str(ROOT / "tests" / "fsdp_on_cpu.py"),
+        str(ROOT / script),
+        *argv,
+    ]
     proc = run(cmd, cwd)
     assert "process 1 runs FSDP2, wrapping ['BasicTransformerBlock', 'ResnetBlock2D']" in proc.stdout
     return proc
@@ -100,7 +139,9 @@ def test_fsdp2_full_spin_equals_ddp(assets, spin_runs):
 
     it1_d, it1_f = tensors(ddp_out / "iter_1" / "unet"), tensors(fsdp_out / "iter_1" / "unet")
     it2_d, it2_f = tensors(ddp_out / "iter_2" / "unet"), tensors(fsdp_out / "iter_2" / "unet")
-    assert max_abs_diff(it1_d, start) > LR and max_abs_diff(it2_d, it1_d) > LR  # both iterations trained (Adam: ~LR a step)
+    assert (
+        max_abs_diff(it1_d, start) > LR and max_abs_diff(it2_d, it1_d) > LR
+    )  # both iterations trained (Adam: ~LR a step)
     # Iteration 1: the same inputs; FSDP2 sums the 2 processes' gradients in another order (per block) and
     # computes the clipping norm from shards. Measured here: max 1.1e-6, while each step moves weights by ~LR.
     assert max_abs_diff(it1_d, it1_f) < 0.2 * LR
@@ -138,8 +179,23 @@ def test_fsdp2_full_sft_saves_a_loadable_pipeline(assets, tmp_path):
     from diffusers import StableDiffusionPipeline
 
     out = tmp_path / "sft"
-    fsdp2("train_sft.py", sft_args(assets, out, "--train_batch_size", "2", "--max_train_steps", "2",
-                                   "--learning_rate", "1e-4", "--checkpointing_steps", "2"), "29564", tmp_path)
+    fsdp2(
+        "train_sft.py",
+        sft_args(
+            assets,
+            out,
+            "--train_batch_size",
+            "2",
+            "--max_train_steps",
+            "2",
+            "--learning_rate",
+            "1e-4",
+            "--checkpointing_steps",
+            "2",
+        ),
+        "29564",
+        tmp_path,
+    )
     assert (out / "checkpoint-2" / "pytorch_model_fsdp_0").is_dir()
     pipe = StableDiffusionPipeline.from_pretrained(out)
     trained, start = pipe.unet.state_dict(), tensors(assets["pipeline"] / "unet")
@@ -153,7 +209,9 @@ def launch_env(config, monkeypatch):
     from accelerate.commands.launch import _validate_launch_command, launch_command_parser
     from accelerate.utils.launch import prepare_deepspeed_cmd_env, prepare_multi_gpu_env
 
-    args, defaults, _ = _validate_launch_command(launch_command_parser().parse_args(["--config_file", str(config), "x.py"]))
+    args, defaults, _ = _validate_launch_command(
+        launch_command_parser().parse_args(["--config_file", str(config), "x.py"])
+    )
     if defaults.distributed_type == "DEEPSPEED":
         args.deepspeed_fields_from_accelerate_config = ",".join(defaults.deepspeed_config)
         env = prepare_deepspeed_cmd_env(args)[1]
@@ -182,7 +240,9 @@ def test_example_accelerate_configs_parse(assets, monkeypatch):
         plugin = FullyShardedDataParallelPlugin()
     assert plugin.fsdp_version == 2 and plugin.reshard_after_forward is True  # full shard
     assert plugin.state_dict_type.name == "SHARDED_STATE_DICT" and not plugin.cpu_ram_efficient_loading
-    unet_classes = {type(m).__name__ for m in UNet2DConditionModel.from_pretrained(assets["pipeline"], subfolder="unet").modules()}
+    unet_classes = {
+        type(m).__name__ for m in UNet2DConditionModel.from_pretrained(assets["pipeline"], subfolder="unet").modules()
+    }
     assert set(plugin.transformer_cls_names_to_wrap) == {"BasicTransformerBlock", "ResnetBlock2D"} <= unet_classes
 
     with monkeypatch.context() as m:
@@ -192,7 +252,13 @@ def test_example_accelerate_configs_parse(assets, monkeypatch):
         plugin.set_mixed_precision("bf16")
     ds = plugin.deepspeed_config
     assert ds["zero_optimization"]["stage"] == 2
-    assert ds["zero_optimization"]["offload_optimizer"]["device"] == ds["zero_optimization"]["offload_param"]["device"] == "none"
-    default_clip = train_spin_diffusion.parse_args(["--pretrained_model_name_or_path", "m", "--dataset_name", "d"]).max_grad_norm
+    assert (
+        ds["zero_optimization"]["offload_optimizer"]["device"]
+        == ds["zero_optimization"]["offload_param"]["device"]
+        == "none"
+    )
+    default_clip = train_spin_diffusion.parse_args(
+        ["--pretrained_model_name_or_path", "m", "--dataset_name", "d"]
+    ).max_grad_norm
     assert ds["gradient_clipping"] == default_clip == 1.0
     assert ds["gradient_accumulation_steps"] == "auto" and ds["bf16"]["enabled"] is True

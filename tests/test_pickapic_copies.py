@@ -9,16 +9,25 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import torch
-from helpers import run_sft, run_spin, sft_args, spin_args, tensors
 from make_tiny_assets import build_pickapic_parquet, build_pickapic_webdataset
 
 import evaluate
 import train_sft
-from utils.data import DataError, PairDataset, StreamingTrainDataset, TrainDataset, is_decided, load_training_dataset, \
-    winner_and_loser
+from helpers import run_sft, run_spin, sft_args, spin_args, tensors
+from utils.data import (
+    DataError,
+    PairDataset,
+    StreamingTrainDataset,
+    TrainDataset,
+    is_decided,
+    load_training_dataset,
+    winner_and_loser,
+)
 from utils.evaluation import EvalError
 
-MAPPED = "columns mapped: caption <- original_prompt.txt, jpg_0 <- jpg_0.jpg, jpg_1 <- jpg_1.jpg, label_0 <- label_0.txt"
+MAPPED = (
+    "columns mapped: caption <- original_prompt.txt, jpg_0 <- jpg_0.jpg, jpg_1 <- jpg_1.jpg, label_0 <- label_0.txt"
+)
 
 
 def data_args(assets, dataset, *extra):
@@ -46,14 +55,30 @@ def copies(assets, tmp_path_factory):
         text = pa.array([f"{x:g}" for x in table.column(name).to_pylist()], pa.string())
         table = table.set_column(table.column_names.index(name), name, text)
     pq.write_table(table, root / "string_labels.parquet")
-    return {"tar": root / "pickapic.tar", "shards": root / "shards", "glob": f"{root / 'shards'}/*.tar",
-            "string_labels": root / "string_labels.parquet"}
+    return {
+        "tar": root / "pickapic.tar",
+        "shards": root / "shards",
+        "glob": f"{root / 'shards'}/*.tar",
+        "string_labels": root / "string_labels.parquet",
+    }
 
 
-@pytest.mark.parametrize("label, decided, image_0_wins", [
-    (1, True, True), (0.0, True, False), (0.5, False, None), ("1", True, True), ("0", True, False), ("0.5", False, None),
-    ("1\n", True, True), (" 0.0\n", True, False), (b"1", True, True), ("1.0", True, True), (None, False, None),
-])
+@pytest.mark.parametrize(
+    "label, decided, image_0_wins",
+    [
+        (1, True, True),
+        (0.0, True, False),
+        (0.5, False, None),
+        ("1", True, True),
+        ("0", True, False),
+        ("0.5", False, None),
+        ("1\n", True, True),
+        (" 0.0\n", True, False),
+        (b"1", True, True),
+        ("1.0", True, True),
+        (None, False, None),
+    ],
+)
 def test_labels_as_numbers_or_text_decide_alike(label, decided, image_0_wins):
     assert is_decided(label) is decided
     if decided:
@@ -64,7 +89,7 @@ def test_labels_as_numbers_or_text_decide_alike(label, decided, image_0_wins):
 
 def pairs(ds, spec, tokenizer):
     """(winner, loser) pixels of every row, center-cropped, as the training scripts see them."""
-    base = TrainDataset(ds, spec, tokenizer, 32, center_crop=True)
+    base = TrainDataset(ds, spec, tokenizer, resolution=32, center_crop=True)
     return [(e["pixel_values"], e["loser_pixel_values"]) for e in (PairDataset(base)[i] for i in range(len(base)))]
 
 
@@ -74,8 +99,9 @@ def test_copies_train_on_the_same_winners_as_the_numeric_parquet(assets, copies,
     with caplog.at_level(logging.INFO):
         copy_ds, copy_spec = load_training_dataset(data_args(assets, copies[copy]))
     assert len(copy_ds) == len(ds) == 20  # 24 rows, 4 ties dropped
-    for (winner, loser), (copy_winner, copy_loser) in zip(pairs(ds, spec, tokenizer), pairs(copy_ds, copy_spec, tokenizer),
-                                                          strict=True):
+    for (winner, loser), (copy_winner, copy_loser) in zip(
+        pairs(ds, spec, tokenizer), pairs(copy_ds, copy_spec, tokenizer), strict=True
+    ):
         assert torch.equal(winner, copy_winner) and torch.equal(loser, copy_loser)
     if copy == "string_labels":
         assert "columns mapped" not in caplog.text
@@ -87,15 +113,17 @@ def test_copies_train_on_the_same_winners_as_the_numeric_parquet(assets, copies,
 def test_streamed_tar_skips_an_undecodable_image(assets, tmp_path, tokenizer):
     """--streaming on a webdataset: the same winners in order, and a corrupt JPEG is skipped and counted
     (our decoder sees the bytes; datasets' own decoding would crash the run)."""
-    numeric = build_pickapic_parquet(tmp_path / "corrupt.parquet", num_rows=12, num_ties=2, num_corrupt=1, duplicate_prompts=0)
+    numeric = build_pickapic_parquet(
+        tmp_path / "corrupt.parquet", num_rows=12, num_ties=2, num_corrupt=1, duplicate_prompts=0
+    )
     tar = build_pickapic_webdataset(numeric, tmp_path / "corrupt.tar")
     ds, spec = load_training_dataset(data_args(assets, tar, "--streaming"))
     assert spec["image_0"] == "jpg_0.jpg"
-    stream = StreamingTrainDataset(ds, spec, tokenizer, 32, center_crop=True, shuffle_buffer=0)
+    stream = StreamingTrainDataset(ds, spec, tokenizer, resolution=32, center_crop=True, shuffle_buffer=0)
     examples = list(stream)
     assert len(examples) == 9 and sum(e["num_skipped"] for e in examples) == 1  # 10 winners, 1 undecodable
     parquet_ds, parquet_spec = load_training_dataset(data_args(assets, numeric))
-    expected = TrainDataset(parquet_ds, parquet_spec, tokenizer, 32, center_crop=True)
+    expected = TrainDataset(parquet_ds, parquet_spec, tokenizer, resolution=32, center_crop=True)
     expected = [e for e in (expected.example(i) for i in range(len(expected))) if e is not None]
     assert all(torch.equal(a["pixel_values"], b["pixel_values"]) for a, b in zip(examples, expected, strict=True))
 
@@ -109,11 +137,17 @@ def with_labels(assets, path, labels):
 
 def test_non_numeric_label_names_the_column_and_a_value(assets, tmp_path):
     for labels in (["1", "0", "yes", "0.5"], ["yes", "no", "yes", "no"]):
-        with pytest.raises(DataError, match=r"column 'label_0' holds labels that are not numbers, e.g. 'yes' "
-                                            r"\(of 4 rows, \d are ties, \d have a label that is not a number"):
+        with pytest.raises(
+            DataError,
+            match=r"column 'label_0' holds labels that are not numbers, e.g. 'yes' "
+            r"\(of 4 rows, \d are ties, \d have a label that is not a number",
+        ):
             load_training_dataset(data_args(assets, with_labels(assets, tmp_path / "words.parquet", labels)))
-    with pytest.raises(DataError, match=r"no examples left after dropping ties \(of 3 rows, 3 are ties, 0 have a label "
-                                        r"that is not a number and 0 have none\)"):
+    with pytest.raises(
+        DataError,
+        match=r"no examples left after dropping ties \(of 3 rows, 3 are ties, 0 have a label "
+        r"that is not a number and 0 have none\)",
+    ):
         load_training_dataset(data_args(assets, with_labels(assets, tmp_path / "ties.parquet", ["0.5", "0.5", "0.5"])))
 
 
@@ -162,11 +196,27 @@ def test_evaluate_reads_pickapic_prompts_from_a_copy(assets, copies, tmp_path, m
     captions = list(dict.fromkeys(pq.read_table(assets["pickapic"]).column("caption").to_pylist()))  # unique, in order
     assert len(captions) == 22
     for copy in ("pickapic", "tar"):  # any split name reads a single local file
-        argv = eval_args(assets, tmp_path / copy, "--prompts", "pickapic_test_unique", "--pickapic_prompts_dataset",
-                         str(copies.get(copy, assets["pickapic"])))
+        argv = eval_args(
+            assets,
+            tmp_path / copy,
+            "--prompts",
+            "pickapic_test_unique",
+            "--pickapic_prompts_dataset",
+            str(copies.get(copy, assets["pickapic"])),
+        )
         assert prompts_of(monkeypatch, argv) == captions
-    argv = eval_args(assets, tmp_path / "shards", "--pickapic_prompts_dataset", str(copies["shards"]),
-                     "--pickapic_prompts_split", "train", "--prompt_column", "original_prompt", "--max_prompts", "5")
+    argv = eval_args(
+        assets,
+        tmp_path / "shards",
+        "--pickapic_prompts_dataset",
+        str(copies["shards"]),
+        "--pickapic_prompts_split",
+        "train",
+        "--prompt_column",
+        "original_prompt",
+        "--max_prompts",
+        "5",
+    )
     assert prompts_of(monkeypatch, argv) == captions[:5]
 
 
@@ -179,23 +229,39 @@ def test_evaluate_on_the_removed_repo_says_what_to_pass(assets, tmp_path, monkey
     assert "was removed from the Hugging Face Hub in 2025" in message and "--prompts FILE" in message
     assert "point --pickapic_prompts_dataset at a copy" in message
     with pytest.raises(EvalError, match=r"--pickapic_prompts_dataset .*: no column 'Prompt'"):
-        evaluate.main(evaluate.parse_args(eval_args(assets, tmp_path, "--pickapic_prompts_dataset", str(assets["pickapic"]),
-                                                    "--prompt_column", "Prompt")))
+        evaluate.main(
+            evaluate.parse_args(
+                eval_args(
+                    assets,
+                    tmp_path,
+                    "--pickapic_prompts_dataset",
+                    str(assets["pickapic"]),
+                    "--prompt_column",
+                    "Prompt",
+                )
+            )
+        )
 
 
-@pytest.mark.parametrize("flags, metrics", [
-    (["pickscore", "hpsv2"], ["pickscore", "hpsv2"]),
-    (["pickscore,hpsv2"], ["pickscore", "hpsv2"]),
-    (["pickscore,hpsv2", "aesthetic"], ["pickscore", "hpsv2", "aesthetic"]),
-])
+@pytest.mark.parametrize(
+    "flags, metrics",
+    [
+        (["pickscore", "hpsv2"], ["pickscore", "hpsv2"]),
+        (["pickscore,hpsv2"], ["pickscore", "hpsv2"]),
+        (["pickscore,hpsv2", "aesthetic"], ["pickscore", "hpsv2", "aesthetic"]),
+    ],
+)
 def test_metrics_space_or_comma_separated(assets, tmp_path, flags, metrics):
     assert evaluate.parse_args(eval_args(assets, tmp_path, "--metrics", *flags)).metrics == metrics
 
 
-@pytest.mark.parametrize("extra, message", [
-    (["--metrics", "pickscore", "clipscore"], "--metrics: unknown metric(s) ['clipscore']"),
-    (["--resolution", "30"], "--resolution must be a multiple of 8, got 30"),
-])
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        (["--metrics", "pickscore", "clipscore"], "--metrics: unknown metric(s) ['clipscore']"),
+        (["--resolution", "30"], "--resolution must be a multiple of 8, got 30"),
+    ],
+)
 def test_evaluate_bad_flags_fail_at_parse_time(assets, tmp_path, capsys, extra, message):
     with pytest.raises(SystemExit) as e:
         evaluate.parse_args(eval_args(assets, tmp_path, *extra))
@@ -216,7 +282,18 @@ def test_sft_trains_on_a_webdataset_tar(assets, copies, tmp_path):
 
 def test_spin_trains_on_a_webdataset_tar(assets, copies, tmp_path):
     out = tmp_path / "spin"
-    run_spin(*spin_args(assets, out, "--num_iterations", "1", "--use_lora", "--max_train_steps", "2",
-                        "--dataset_name", copies["tar"]))
+    run_spin(
+        *spin_args(
+            assets,
+            out,
+            "--num_iterations",
+            "1",
+            "--use_lora",
+            "--max_train_steps",
+            "2",
+            "--dataset_name",
+            copies["tar"],
+        )
+    )
     assert trained_lora(out / "iter_1" / "pytorch_lora_weights.safetensors")
     assert not (out / "iter_2").exists()

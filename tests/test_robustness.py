@@ -5,9 +5,9 @@ import json
 
 import pytest
 import torch
+
 from helpers import reset_accelerate, run_sft, sft_args, spin_args, tensors
 from hub_server import TEST_TOKEN, hub_online
-
 from utils.training import DivergedError, assert_finite_weights, check_finite_step
 
 
@@ -28,8 +28,20 @@ def test_spin_iteration_2_diverges_iteration_1_stays_saved_and_pushed(assets, tm
         return real(args, accelerator, k, *rest)
 
     monkeypatch.setattr(train_spin_diffusion, "train_iteration", explode_in_iteration_2)
-    argv = spin_args(assets, out, "--use_lora", "--max_train_steps", "6", "--checkpointing_steps", "1", "--push_to_hub",
-                     "--hub_model_id", name, "--hub_token", TEST_TOKEN)
+    argv = spin_args(
+        assets,
+        out,
+        "--use_lora",
+        "--max_train_steps",
+        "6",
+        "--checkpointing_steps",
+        "1",
+        "--push_to_hub",
+        "--hub_model_id",
+        name,
+        "--hub_token",
+        TEST_TOKEN,
+    )
     with hub_online():
         reset_accelerate()
         with pytest.raises(SystemExit) as exit_:
@@ -53,8 +65,17 @@ def test_sft_diverges_saves_and_pushes_nothing(assets, tmp_path, hub_server, lor
     import train_sft
 
     out, name = tmp_path / "nan", f"test-user/sft-nan-{lora}"
-    flags = ["--checkpointing_steps", "1", "--max_train_steps", "6", "--push_to_hub", "--hub_model_id", name,
-             "--hub_token", TEST_TOKEN] + (["--use_lora"] if lora else [])
+    flags = [
+        "--checkpointing_steps",
+        "1",
+        "--max_train_steps",
+        "6",
+        "--push_to_hub",
+        "--hub_model_id",
+        name,
+        "--hub_token",
+        TEST_TOKEN,
+    ] + (["--use_lora"] if lora else [])
     with hub_online():
         reset_accelerate()
         with pytest.raises(SystemExit) as exit_:
@@ -90,12 +111,16 @@ def test_resumed_run_takes_the_new_learning_rate_on_the_checkpoints_schedule(ass
 def test_fp16_overflow_skips_are_not_divergence_but_nan_weights_are_never_saved():
     check_finite_step({"loss": 0.7, "grad_norm": float("inf")}, where="step 3", last_checkpoint="x", skipped=True)
     with pytest.raises(DivergedError, match="skipped 25 steps in a row"):  # overflowing at any scale: divergence
-        check_finite_step({"loss": float("inf")}, where="step 30", last_checkpoint="x", skipped=True, skipped_in_a_row=25)
+        check_finite_step(
+            {"loss": float("inf")}, where="step 30", last_checkpoint="x", skipped=True, skipped_in_a_row=25
+        )
     with pytest.raises(DivergedError, match="step 3: non-finite grad_norm=inf"):
         check_finite_step({"loss": 0.7, "grad_norm": float("inf")}, where="step 3", last_checkpoint="x")
     model = torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.Linear(2, 2))
     assert_finite_weights(model, "the result")
     with torch.no_grad():
         model[1].bias[0] = float("nan")
-    with pytest.raises(DivergedError, match=r"the result: 1 parameter tensor\(s\) hold non-finite values \(e.g. 1.bias\)"):
+    with pytest.raises(
+        DivergedError, match=r"the result: 1 parameter tensor\(s\) hold non-finite values \(e.g. 1.bias\)"
+    ):
         assert_finite_weights(model, "the result")

@@ -111,13 +111,18 @@ def test_pickle_with_arbitrary_objects_is_refused(tmp_path, capsys):
 
 
 def test_checkpoint_from_hub_repo(hub_server, golden):
-    from hub_server import TEST_TOKEN, hub_online
     from huggingface_hub import create_repo, upload_folder
+
+    from hub_server import TEST_TOKEN, hub_online
 
     with hub_online():
         repo = create_repo("test-user/tiny-imagereward", token=TEST_TOKEN, exist_ok=True).repo_id
-        upload_folder(repo_id=repo, folder_path=str(GOLDEN), token=TEST_TOKEN,
-                      allow_patterns=["ImageReward.pt", "med_config.json"])
+        upload_folder(
+            repo_id=repo,
+            folder_path=str(GOLDEN),
+            token=TEST_TOKEN,
+            allow_patterns=["ImageReward.pt", "med_config.json"],
+        )
         pairs = golden["pairs"][:3]
         for location in (repo, f"{repo}:ImageReward.pt"):
             s = ImageReward(checkpoint=location, tokenizer=str(GOLDEN / "tokenizer"))

@@ -37,12 +37,16 @@ def test_hps_matches_reference(golden):
     # Regenerate: see tests/golden/make_clip_goldens.py (runs in /tmp/refenv_clip, not in this venv).
     from scorers.hps import HPSv2
 
-    scorer = HPSv2(checkpoint=str(GOLDEN / "hps"), version="v2.1", processor=str(GOLDEN / "hps" / "processor"),
-                   batch_size=3)
+    scorer = HPSv2(
+        checkpoint=str(GOLDEN / "hps"), version="v2.1", processor=str(GOLDEN / "hps" / "processor"), batch_size=3
+    )
     _check(scorer.score(golden["pil_images"], golden["prompts"]), golden["hpsv2"])
     # the same file given as a path, one image per batch
-    scorer = HPSv2(checkpoint=str(GOLDEN / "hps" / "HPS_v2.1_compressed.pt"), processor=str(GOLDEN / "hps" / "processor"),
-                   batch_size=1)
+    scorer = HPSv2(
+        checkpoint=str(GOLDEN / "hps" / "HPS_v2.1_compressed.pt"),
+        processor=str(GOLDEN / "hps" / "processor"),
+        batch_size=1,
+    )
     _check(scorer.score(golden["pil_images"], golden["prompts"]), golden["hpsv2"])
 
 
@@ -51,8 +55,9 @@ def test_pickscore_matches_reference(golden):
     # Regenerate: see tests/golden/make_clip_goldens.py (runs in /tmp/refenv_clip, not in this venv).
     from scorers.pickscore import PickScore
 
-    scorer = PickScore(model=str(GOLDEN / "pickscore" / "model"), processor=str(GOLDEN / "pickscore" / "processor"),
-                       batch_size=3)
+    scorer = PickScore(
+        model=str(GOLDEN / "pickscore" / "model"), processor=str(GOLDEN / "pickscore" / "processor"), batch_size=3
+    )
     _check(scorer.score(golden["pil_images"], golden["prompts"]), golden["pickscore"])
 
 
@@ -64,8 +69,10 @@ def test_aesthetic_matches_reference(golden):
 
     scorer = Aesthetic(head=str(GOLDEN / "aesthetic"), clip_model=str(GOLDEN / "aesthetic" / "clip"), batch_size=3)
     _check(scorer.score(golden["pil_images"], golden["prompts"]), golden["aesthetic"])
-    scorer = Aesthetic(head=str(GOLDEN / "aesthetic" / "sac+logos+ava1-l14-linearMSE.pth"),
-                       clip_model=str(GOLDEN / "aesthetic" / "clip"))
+    scorer = Aesthetic(
+        head=str(GOLDEN / "aesthetic" / "sac+logos+ava1-l14-linearMSE.pth"),
+        clip_model=str(GOLDEN / "aesthetic" / "clip"),
+    )
     _check(scorer.score(golden["pil_images"], None), golden["aesthetic"])
 
 

@@ -6,6 +6,7 @@ import shutil
 
 import pytest
 import torch
+
 from helpers import run_spin, spin_args, tensors
 from hub_server import TEST_TOKEN, hub_online
 
@@ -24,8 +25,22 @@ def render(pipe):
 def test_full_iterations_as_repos_with_lineage(assets, tmp_path, hub_server):
     out, name = tmp_path / "repos", "test-user/spin-repos"
     with hub_online():
-        run_spin(*spin_args(assets, out, "--max_train_steps", "2", "--learning_rate", "1e-4", "--push_to_hub",
-                            "--hub_model_id", name, "--hub_token", TEST_TOKEN, "--push_synthetic_dataset"))
+        run_spin(
+            *spin_args(
+                assets,
+                out,
+                "--max_train_steps",
+                "2",
+                "--learning_rate",
+                "1e-4",
+                "--push_to_hub",
+                "--hub_model_id",
+                name,
+                "--hub_token",
+                TEST_TOKEN,
+                "--push_synthetic_dataset",
+            )
+        )
         from diffusers import StableDiffusionPipeline
 
         for k in (1, 2):
@@ -34,7 +49,9 @@ def test_full_iterations_as_repos_with_lineage(assets, tmp_path, hub_server):
             assert {"model_index.json", "unet/diffusion_pytorch_model.safetensors", "metrics.json"} <= set(files)
             assert not [f for f in files if "checkpoint-" in f or "synthetic" in f]
             # the lineage: iteration 2 is based on iteration 1's repo, iteration 1 on the start model
-            assert card_meta(hub_server, repo)["base_model"] == (str(assets["pipeline"]) if k == 1 else f"{name}-iter1")
+            assert card_meta(hub_server, repo)["base_model"] == (
+                str(assets["pipeline"]) if k == 1 else f"{name}-iter1"
+            )
             pulled = StableDiffusionPipeline.from_pretrained(repo).unet.state_dict()
             local = tensors(out / f"iter_{k}" / "unet")
             assert all(torch.equal(pulled[key.split(":", 1)[1]], v) for key, v in local.items())
@@ -45,14 +62,26 @@ def test_full_iterations_as_repos_with_lineage(assets, tmp_path, hub_server):
 
 def test_lora_iterations_as_tagged_revisions(assets, tmp_path, hub_server):
     out, name = tmp_path / "revisions", "test-user/spin-revisions"
-    argv = spin_args(assets, out, "--use_lora", "--push_to_hub", "--hub_model_id", name, "--hub_token", TEST_TOKEN,
-                     "--hub_versioning", "revisions")
+    argv = spin_args(
+        assets,
+        out,
+        "--use_lora",
+        "--push_to_hub",
+        "--hub_model_id",
+        name,
+        "--hub_token",
+        TEST_TOKEN,
+        "--hub_versioning",
+        "revisions",
+    )
     with hub_online():
         run_spin(*argv)
         from diffusers import StableDiffusionPipeline
 
         assert {"iter1", "iter2"} <= {t["name"] if isinstance(t, dict) else t for t in hub_server.refs(name)["tags"]}
-        pipe = StableDiffusionPipeline.from_pretrained(assets["pipeline"], safety_checker=None, requires_safety_checker=False)
+        pipe = StableDiffusionPipeline.from_pretrained(
+            assets["pipeline"], safety_checker=None, requires_safety_checker=False
+        )
         for k in (1, 2):
             rev = f"iter{k}"
             assert "pytorch_lora_weights.safetensors" in hub_server.files(name, rev)
@@ -80,5 +109,9 @@ def test_bad_token_fails_before_training(assets, tmp_path, hub_server):
 
     out = tmp_path / "denied"
     with hub_online(), pytest.raises(HubError, match="refused the token"):
-        run_spin(*spin_args(assets, out, "--use_lora", "--push_to_hub", "--hub_model_id", "test-user/x", "--hub_token", "hf_wrong"))
+        run_spin(
+            *spin_args(
+                assets, out, "--use_lora", "--push_to_hub", "--hub_model_id", "test-user/x", "--hub_token", "hf_wrong"
+            )
+        )
     assert not list(out.glob("iter_*"))

@@ -89,12 +89,24 @@ def test_precomputed_reference_gives_the_in_loop_loss(assets):
     theta_k = UNet2DConditionModel.from_pretrained(pipe, subfolder="unet")
     from diffusers import AutoencoderKL
 
-    vae, text_encoder = AutoencoderKL.from_pretrained(pipe, subfolder="vae"), CLIPTextModel.from_pretrained(pipe, subfolder="text_encoder")
+    vae, text_encoder = (
+        AutoencoderKL.from_pretrained(pipe, subfolder="vae"),
+        CLIPTextModel.from_pretrained(pipe, subfolder="text_encoder"),
+    )
     sched = DDPMScheduler.from_pretrained(pipe, subfolder="scheduler")
     pixels, gen_latents = torch.rand(3, 3, 32, 32) * 2 - 1, torch.randn(3, 4, 16, 16)
     input_ids = torch.randint(0, 600, (3, 77))
-    stored = precompute_reference(theta_k, pixels, gen_latents, input_ids, [11, 22, 33], vae=vae,
-                                  text_encoder=text_encoder, noise_scheduler=sched, dtype=torch.float32)
+    stored = precompute_reference(
+        theta_k,
+        pixels,
+        gen_latents,
+        input_ids,
+        [11, 22, 33],
+        vae=vae,
+        text_encoder=text_encoder,
+        noise_scheduler=sched,
+        dtype=torch.float32,
+    )
     policy = copy.deepcopy(theta_k)  # a policy that has moved away from theta_k
     with torch.no_grad():
         for p in policy.parameters():
@@ -104,13 +116,17 @@ def test_precomputed_reference_gives_the_in_loop_loss(assets):
     step_loop = step_pre._replace(precomputed=False)
     batch = {"input_ids": input_ids, "gen_latents": gen_latents.half().float(), **stored}  # as the store gives them
     gen = torch.Generator().manual_seed(0)
-    loss_pre, logs_pre = train_spin_diffusion.spin_forward(policy, None, batch, gen, frozen=frozen, step=step_pre,
-                                                           autocast=contextlib.nullcontext)
+    loss_pre, logs_pre = train_spin_diffusion.spin_forward(
+        policy, None, batch, gen, frozen=frozen, step=step_pre, autocast=contextlib.nullcontext
+    )
     assert stored["prompt_embeds"].shape == (3, 77, text_encoder.config.hidden_size)
-    in_loop = {k: v for k, v in batch.items() if not k.startswith("ref_err") and k != "prompt_embeds"}  # TE and reference run
+    in_loop = {
+        k: v for k, v in batch.items() if not k.startswith("ref_err") and k != "prompt_embeds"
+    }  # TE and reference run
     reference = Reference.frozen_copy(theta_k, "cpu")
-    loss_loop, logs_loop = train_spin_diffusion.spin_forward(policy, reference, in_loop, gen, frozen=frozen,
-                                                             step=step_loop, autocast=contextlib.nullcontext)
+    loss_loop, logs_loop = train_spin_diffusion.spin_forward(
+        policy, reference, in_loop, gen, frozen=frozen, step=step_loop, autocast=contextlib.nullcontext
+    )
     assert abs(loss_pre.item() - math.log(2)) > 1e-3  # the policy differs from the reference: a real check
     assert loss_pre.item() == pytest.approx(loss_loop.item(), abs=1e-6)
     assert logs_pre["ref_err_real"].item() == pytest.approx(logs_loop["ref_err_real"].item(), rel=1e-6)

@@ -29,9 +29,24 @@ def _load_module():
 mta = _load_module()
 
 PICKAPIC_COLUMNS = {
-    "are_different", "best_image_uid", "caption", "created_at", "has_label", "image_0_uid", "image_1_uid",
-    "image_0_url", "image_1_url", "jpg_0", "jpg_1", "label_0", "label_1", "model_0", "model_1",
-    "ranking_id", "user_id", "num_example_per_prompt",
+    "are_different",
+    "best_image_uid",
+    "caption",
+    "created_at",
+    "has_label",
+    "image_0_uid",
+    "image_1_uid",
+    "image_0_url",
+    "image_1_url",
+    "jpg_0",
+    "jpg_1",
+    "label_0",
+    "label_1",
+    "model_0",
+    "model_1",
+    "ranking_id",
+    "user_id",
+    "num_example_per_prompt",
 }
 
 
@@ -197,8 +212,16 @@ def test_pickapic_corrupt_and_column_order(tmp_path):
     import pyarrow.parquet as pq
 
     order = ["caption", "jpg_0", "jpg_1", "label_0", "label_1"]
-    path = mta.build_pickapic_parquet(tmp_path / "p.parquet", num_rows=10, num_ties=2, num_corrupt=3,
-                                      seed=1, image_size=(24, 16), duplicate_prompts=1, column_order=order)
+    path = mta.build_pickapic_parquet(
+        tmp_path / "p.parquet",
+        num_rows=10,
+        num_ties=2,
+        num_corrupt=3,
+        seed=1,
+        image_size=(24, 16),
+        duplicate_prompts=1,
+        column_order=order,
+    )
     table = pq.read_table(path)
     assert table.column_names[: len(order)] == order
     assert set(table.column_names) == PICKAPIC_COLUMNS
@@ -214,9 +237,18 @@ def test_pickapic_corrupt_and_column_order(tmp_path):
         except Exception:
             n_corrupt += 1
     assert n_corrupt == 3
-    again = pq.read_table(mta.build_pickapic_parquet(tmp_path / "q.parquet", num_rows=10, num_ties=2,
-                                                     num_corrupt=3, seed=1, image_size=(24, 16),
-                                                     duplicate_prompts=1, column_order=order))
+    again = pq.read_table(
+        mta.build_pickapic_parquet(
+            tmp_path / "q.parquet",
+            num_rows=10,
+            num_ties=2,
+            num_corrupt=3,
+            seed=1,
+            image_size=(24, 16),
+            duplicate_prompts=1,
+            column_order=order,
+        )
+    )
     assert again.equals(table)
 
 
@@ -230,8 +262,7 @@ def test_caption_parquet(assets, tmp_path):
     assert isinstance(row["image"], Image.Image) and row["image"].size == (40, 48)
     assert isinstance(row["text"], str) and row["text"]
 
-    path = mta.build_caption_parquet(tmp_path / "c.parquet", num_rows=3, image_column="img",
-                                     caption_column="prompt")
+    path = mta.build_caption_parquet(tmp_path / "c.parquet", num_rows=3, image_column="img", caption_column="prompt")
     ds = datasets.load_dataset("parquet", data_files=str(path), split="train")
     assert set(ds.column_names) == {"img", "prompt"}
     assert isinstance(ds[2]["img"], Image.Image)

@@ -14,6 +14,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "examples" / "toy"))
 
 import world  # noqa: E402
+
 from scorers.toy import ToyAdherence, checks, frechet_distance, parse_caption  # noqa: E402
 
 SPEC = world.world_spec() | {"resolution": 32}
@@ -30,8 +31,13 @@ def test_captions_parse_to_their_scene():
     caps = world.all_captions()
     assert len(caps) == 48 + 432 and len(set(caps)) == len(caps)
     assert parse_caption("a red circle above a blue square", SPEC) == {
-        "objects": [("red", "circle"), ("blue", "square")], "relation": "above"}
-    assert parse_caption("a green triangle on the left", SPEC) == {"objects": [("green", "triangle")], "position": "left"}
+        "objects": [("red", "circle"), ("blue", "square")],
+        "relation": "above",
+    }
+    assert parse_caption("a green triangle on the left", SPEC) == {
+        "objects": [("green", "triangle")],
+        "position": "left",
+    }
     assert parse_caption("an astronaut riding a horse", SPEC) is None
 
 

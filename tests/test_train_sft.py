@@ -5,9 +5,9 @@ import json
 
 import pytest
 import torch
-from helpers import assert_same_tensors, max_abs_diff, mean_abs_diff, run_sft, sft_args, tensors
 
 import train_sft
+from helpers import assert_same_tensors, max_abs_diff, mean_abs_diff, run_sft, sft_args, tensors
 
 
 def base_unet(assets):
@@ -25,10 +25,16 @@ def test_lora_run_gives_loadable_changed_adapter_card_and_args(assets, tmp_path)
 
     from diffusers import StableDiffusionPipeline
 
-    pipe = StableDiffusionPipeline.from_pretrained(assets["pipeline"], safety_checker=None, requires_safety_checker=False)
-    before = pipe("a red fox", num_inference_steps=2, generator=torch.Generator().manual_seed(0), output_type="np").images
+    pipe = StableDiffusionPipeline.from_pretrained(
+        assets["pipeline"], safety_checker=None, requires_safety_checker=False
+    )
+    before = pipe(
+        "a red fox", num_inference_steps=2, generator=torch.Generator().manual_seed(0), output_type="np"
+    ).images
     pipe.load_lora_weights(out)
-    after = pipe("a red fox", num_inference_steps=2, generator=torch.Generator().manual_seed(0), output_type="np").images
+    after = pipe(
+        "a red fox", num_inference_steps=2, generator=torch.Generator().manual_seed(0), output_type="np"
+    ).images
     assert abs(before - after).max() > 1e-4
 
     card = (out / "README.md").read_text()
@@ -78,17 +84,41 @@ def test_killed_run_resumed_with_latest_equals_uninterrupted_run(assets, tmp_pat
     # 20 winners / batch 4 = 5 batches per epoch; accumulation 2 -> 3 steps per epoch; 7 steps span 3 epochs.
     # The kill at step 4 lands mid-epoch, so resuming must skip the right batches, not restart the epoch.
     # Validation renders in between must not disturb training (EMA weights swapped in and back out).
-    extra = ["--use_ema", "--validation_prompts", "a cat", "--validation_steps", "3"] if mode == "full_ema" else ["--use_lora"]
-    common = [*extra, "--max_train_steps", "7", "--gradient_accumulation_steps", "2", "--random_flip",
-              "--checkpointing_steps", "2", "--checkpoints_total_limit", "2", "--lr_scheduler", "linear",
-              "--lr_warmup_steps", "2", "--validation_num_inference_steps", "1", "--num_validation_images", "1"]
+    extra = (
+        ["--use_ema", "--validation_prompts", "a cat", "--validation_steps", "3"]
+        if mode == "full_ema"
+        else ["--use_lora"]
+    )
+    common = [
+        *extra,
+        "--max_train_steps",
+        "7",
+        "--gradient_accumulation_steps",
+        "2",
+        "--random_flip",
+        "--checkpointing_steps",
+        "2",
+        "--checkpoints_total_limit",
+        "2",
+        "--lr_scheduler",
+        "linear",
+        "--lr_warmup_steps",
+        "2",
+        "--validation_num_inference_steps",
+        "1",
+        "--num_validation_images",
+        "1",
+    ]
     straight = tmp_path / "straight"
     run_sft(*sft_args(assets, straight, *common))
     resumed = tmp_path / "resumed"
     run_killed_then_resumed(monkeypatch, sft_args(assets, resumed, *common), kill_at_step=4)
 
     if mode == "lora":
-        a, b = tensors(straight / "pytorch_lora_weights.safetensors"), tensors(resumed / "pytorch_lora_weights.safetensors")
+        a, b = (
+            tensors(straight / "pytorch_lora_weights.safetensors"),
+            tensors(resumed / "pytorch_lora_weights.safetensors"),
+        )
     else:  # the saved UNet is the EMA: equal only if EMA state was restored too
         a, b = tensors(straight / "unet"), tensors(resumed / "unet")
     assert max_abs_diff(a, b) < 1e-5
@@ -100,18 +130,41 @@ def test_killed_run_resumed_with_latest_equals_uninterrupted_run(assets, tmp_pat
 
 def test_checkpoints_total_limit_keeps_newest(assets, tmp_path):
     out = tmp_path / "limit"
-    run_sft(*sft_args(assets, out, "--use_lora", "--max_train_steps", "5", "--checkpointing_steps", "1",
-                      "--checkpoints_total_limit", "3"))
+    run_sft(
+        *sft_args(
+            assets,
+            out,
+            "--use_lora",
+            "--max_train_steps",
+            "5",
+            "--checkpointing_steps",
+            "1",
+            "--checkpoints_total_limit",
+            "3",
+        )
+    )
     assert sorted(p.name for p in out.glob("checkpoint-*")) == ["checkpoint-3", "checkpoint-4", "checkpoint-5"]
     assert (out / "checkpoint-5" / "pytorch_lora_weights.safetensors").exists()
 
 
 def test_8bit_adam_and_bf16_full_run(assets, tmp_path):
     out = tmp_path / "bnb"
-    run_sft(*sft_args(assets, out, "--use_8bit_adam", "--mixed_precision", "bf16", "--max_train_steps", "2",
-                      "--checkpointing_steps", "2"))
+    run_sft(
+        *sft_args(
+            assets,
+            out,
+            "--use_8bit_adam",
+            "--mixed_precision",
+            "bf16",
+            "--max_train_steps",
+            "2",
+            "--checkpointing_steps",
+            "2",
+        )
+    )
     assert max_abs_diff(tensors(out / "unet"), base_unet(assets)) > 1e-5
     opt = torch.load(out / "checkpoint-2" / "optimizer.bin", weights_only=False)
+
     def leaves(x):
         if isinstance(x, dict):
             return [t for v in x.values() for t in leaves(v)]
@@ -141,9 +194,23 @@ def test_latent_cache_gives_same_result_as_encoding_every_step(assets, tmp_path)
 
 def test_plain_image_caption_dataset(assets, tmp_path):
     out = tmp_path / "captions"
-    run_sft(*sft_args(assets, out, "--use_lora", "--max_train_steps", "2", "--image_column", "image",
-                      "--caption_column", "text", dataset=assets["captions"]))
-    assert all(v.abs().sum() > 0 for k, v in tensors(out / "pytorch_lora_weights.safetensors").items() if "lora.up" in k)
+    run_sft(
+        *sft_args(
+            assets,
+            out,
+            "--use_lora",
+            "--max_train_steps",
+            "2",
+            "--image_column",
+            "image",
+            "--caption_column",
+            "text",
+            dataset=assets["captions"],
+        )
+    )
+    assert all(
+        v.abs().sum() > 0 for k, v in tensors(out / "pytorch_lora_weights.safetensors").items() if "lora.up" in k
+    )
 
 
 def test_v_prediction_is_saved_with_the_pipeline(assets, tmp_path):
@@ -156,8 +223,9 @@ def test_v_prediction_is_saved_with_the_pipeline(assets, tmp_path):
 def test_yaml_config_with_command_line_override(assets, tmp_path):
     cfg = tmp_path / "run.yaml"
     cfg.write_text("use_lora: true\nrank: 8\nlearning_rate: 3.0e-4\nresolution: 32\nmax_train_steps: 9\n")
-    args = train_sft.parse_args(["--config", str(cfg), "--rank", "2", "--pretrained_model_name_or_path", "x",
-                                 "--dataset_name", "y"])
+    args = train_sft.parse_args(
+        ["--config", str(cfg), "--rank", "2", "--pretrained_model_name_or_path", "x", "--dataset_name", "y"]
+    )
     assert args.use_lora and args.learning_rate == 3e-4 and args.max_train_steps == 9
     assert args.rank == 2  # the command line wins
     cfg.write_text("use_lora: true\nranc: 8\n")
@@ -170,8 +238,10 @@ def spy_layouts(monkeypatch, module, name):
     seen, real = [], getattr(module, name)
 
     def spy(unet, *args, **kwargs):
-        seen.append(unet.conv_in.weight.is_contiguous(memory_format=torch.channels_last)
-                    and not unet.conv_in.weight.is_contiguous())
+        seen.append(
+            unet.conv_in.weight.is_contiguous(memory_format=torch.channels_last)
+            and not unet.conv_in.weight.is_contiguous()
+        )
         return real(unet, *args, **kwargs)
 
     monkeypatch.setattr(module, name, spy)
@@ -198,8 +268,16 @@ def test_channels_last_run_saves_checkpoints_and_matches_the_default_layout(asse
 def test_torch_compile_with_gradient_checkpointing_trains_like_eager(assets, tmp_path, compiled_graphs):
     """--torch_compile: the training steps run through compiled graphs (with checkpointed blocks and EMA),
     checkpoints and the pipeline save under the usual keys, and the weights equal an uncompiled run's."""
-    common = ["--gradient_checkpointing", "--use_ema", "--max_train_steps", "2", "--checkpointing_steps", "1",
-              "--learning_rate", "1e-4"]
+    common = [
+        "--gradient_checkpointing",
+        "--use_ema",
+        "--max_train_steps",
+        "2",
+        "--checkpointing_steps",
+        "1",
+        "--learning_rate",
+        "1e-4",
+    ]
     run_sft(*sft_args(assets, tmp_path / "eager", *common))
     run_sft(*sft_args(assets, tmp_path / "compiled", *common, "--torch_compile"))
     assert True in compiled_graphs  # a graph was built for the training step
@@ -220,11 +298,23 @@ def test_resume_with_the_other_layout_puts_optimizer_states_in_the_parameters_la
 
     def load_and_check(accelerator, checkpoint, optimizer, *rest):
         real_load(accelerator, checkpoint, optimizer, *rest)
-        states = [(p, s) for g in optimizer.param_groups for p in g["params"] for s in [optimizer.state[p]] if p.dim() == 4]
+        states = [
+            (p, s) for g in optimizer.param_groups for p in g["params"] for s in [optimizer.state[p]] if p.dim() == 4
+        ]
         checked.append(all(s["exp_avg"].stride() == p.stride() == s["exp_avg_sq"].stride() for p, s in states))
         assert states and not states[0][0].is_contiguous()  # the parameters really are channels-last
 
     monkeypatch.setattr(train_sft, "load_checkpoint", load_and_check)
-    run_sft(*sft_args(assets, tmp_path / "run", *common, "--max_train_steps", "3", "--channels_last",
-                      "--resume_from_checkpoint", "latest"))
+    run_sft(
+        *sft_args(
+            assets,
+            tmp_path / "run",
+            *common,
+            "--max_train_steps",
+            "3",
+            "--channels_last",
+            "--resume_from_checkpoint",
+            "latest",
+        )
+    )
     assert checked == [True]

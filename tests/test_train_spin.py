@@ -10,10 +10,10 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import max_abs_diff, mean_abs_diff, run_spin, spin_args, tensors
 
 import train_spin_diffusion
 import utils.models
+from helpers import max_abs_diff, mean_abs_diff, run_spin, spin_args, tensors
 from utils.generation import SyntheticStore
 from utils.models import lora_state_dict
 
@@ -34,7 +34,9 @@ def spy_references(monkeypatch):
         elif ref.copy is not None:
             snapshot["ref_weights"] = {key: v.detach().clone() for key, v in ref.copy.state_dict().items()}
         elif ref.adapter is not None:
-            snapshot["ref_weights"] = {key: v.detach().clone() for key, v in lora_state_dict(unet, ref.adapter).items()}
+            snapshot["ref_weights"] = {
+                key: v.detach().clone() for key, v in lora_state_dict(unet, ref.adapter).items()
+            }
         seen.append(snapshot)
         return unet, ref
 
@@ -56,7 +58,10 @@ def test_two_lora_iterations(assets, tmp_path, monkeypatch):
     out = tmp_path / "spin-lora"
     seen = spy_references(monkeypatch)
     run_spin(*spin_args(assets, out, "--use_lora"))
-    it1, it2 = tensors(out / "iter_1" / "pytorch_lora_weights.safetensors"), tensors(out / "iter_2" / "pytorch_lora_weights.safetensors")
+    it1, it2 = (
+        tensors(out / "iter_1" / "pytorch_lora_weights.safetensors"),
+        tensors(out / "iter_2" / "pytorch_lora_weights.safetensors"),
+    )
     assert all(v.abs().sum() > 0 for k, v in it1.items() if "lora.up" in k)  # iteration 1 trained (B starts at 0)
     assert max_abs_diff(it1, it2) > 1e-5  # iteration 2 changed it again
     # Iteration 1's reference is the base (adapters off); iteration 2's is iteration 1's saved adapter.
@@ -76,12 +81,16 @@ def test_two_lora_iterations(assets, tmp_path, monkeypatch):
 
     from diffusers import StableDiffusionPipeline
 
-    pipe = StableDiffusionPipeline.from_pretrained(assets["pipeline"], safety_checker=None, requires_safety_checker=False)
+    pipe = StableDiffusionPipeline.from_pretrained(
+        assets["pipeline"], safety_checker=None, requires_safety_checker=False
+    )
     images = []
     for k in (1, 2):
         pipe.load_lora_weights(out / f"iter_{k}", adapter_name=f"iter{k}")
         pipe.set_adapters(f"iter{k}")
-        images.append(pipe("a cat", num_inference_steps=2, generator=torch.Generator().manual_seed(0), output_type="np").images)
+        images.append(
+            pipe("a cat", num_inference_steps=2, generator=torch.Generator().manual_seed(0), output_type="np").images
+        )
     assert abs(images[0] - images[1]).max() > 1e-5
     card = (out / "iter_2" / "README.md").read_text()
     assert "SPIN-Diffusion iteration 2" in card and "spin-diffusion" in card
@@ -163,7 +172,12 @@ def test_killed_then_rerun_equals_uninterrupted(assets, tmp_path, monkeypatch, u
         if where == "generation":  # after 2 of iteration 2's 3 shards
             kill_on(m, SyntheticStore, "write_shard", lambda self, k, *a: "iter_2" in str(self.dir) and k == 1)
         elif where == "training_checkpoint":  # iteration 2, right after checkpoint-2
-            kill_on(m, train_spin_diffusion, "save_checkpoint", lambda acc, d, step, *a, **k: "iter_2" in str(d) and step == 2)
+            kill_on(
+                m,
+                train_spin_diffusion,
+                "save_checkpoint",
+                lambda acc, d, step, *a, **k: "iter_2" in str(d) and step == 2,
+            )
         else:  # iteration 1 saved, iteration 2 not started
             kill_on(m, train_spin_diffusion, "load_policy_and_reference", lambda args, k, *a: k == 1)
         with pytest.raises(Killed):
@@ -180,10 +194,29 @@ def test_killed_then_rerun_equals_uninterrupted(assets, tmp_path, monkeypatch, u
 
 def test_two_process_cpu_run_generates_each_prompt_once(assets, tmp_path):
     out = tmp_path / "ddp"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29533",
-           str(ROOT / "train_spin_diffusion.py"),
-           *spin_args(assets, out, "--use_lora", "--num_iterations", "1", "--train_batch_size", "2", "--gen_shard_size", "4",
-                      "--checkpointing_steps", "2")]  # a checkpoint: both processes agree its weights are finite
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node",
+        "2",
+        "--master_port",
+        "29533",
+        str(ROOT / "train_spin_diffusion.py"),
+        *spin_args(
+            assets,
+            out,
+            "--use_lora",
+            "--num_iterations",
+            "1",
+            "--train_batch_size",
+            "2",
+            "--gen_shard_size",
+            "4",
+            "--checkpointing_steps",
+            "2",
+        ),
+    ]  # a checkpoint: both processes agree its weights are finite
     env = dict(os.environ, ACCELERATE_USE_CPU="1", OMP_NUM_THREADS="1")
     proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -204,22 +237,30 @@ def test_precomputed_reference_run_holds_no_reference(assets, tmp_path, monkeypa
     assert [s["ref"] for s in seen] == [None, None]  # full fine-tuning without a frozen UNet copy
     assert text_encoder_calls == []  # the training steps read the stored text embeddings
     store = SyntheticStore(out / "iter_2" / "synthetic", 20, 8)
-    assert {"real_latents", "timesteps", "noise_seed", "ref_err_real", "ref_err_gen", "prompt_embeds"} <= set(store.get(0))
+    assert {"real_latents", "timesteps", "noise_seed", "ref_err_real", "ref_err_gen", "prompt_embeds"} <= set(
+        store.get(0)
+    )
     for k in (1, 2):
         assert_starts_at_reference(metrics(out, k))
     assert max_abs_diff(tensors(out / "iter_1" / "unet"), tensors(out / "iter_2" / "unet")) > 1e-7
 
 
 def test_channels_last_full_iterations(assets, tmp_path, monkeypatch):
-    """--channels_last: both iterations start at their reference and save loadable weights close to the default layout."""
+    """--channels_last: both iterations start at their reference and save loadable weights close to the default
+    layout."""
     argv = ["--max_train_steps", "2", "--learning_rate", "1e-4"]
     run_spin(*spin_args(assets, tmp_path / "default", *argv))
     seen = []
     real_forward = train_spin_diffusion.spin_forward
 
     def spy(unet, reference, *args, **kwargs):  # the policy and the reference's frozen copy are channels-last
-        seen.append(all(m.conv_in.weight.is_contiguous(memory_format=torch.channels_last)
-                        and not m.conv_in.weight.is_contiguous() for m in (unet, reference.copy)))
+        seen.append(
+            all(
+                m.conv_in.weight.is_contiguous(memory_format=torch.channels_last)
+                and not m.conv_in.weight.is_contiguous()
+                for m in (unet, reference.copy)
+            )
+        )
         return real_forward(unet, reference, *args, **kwargs)
 
     monkeypatch.setattr(train_spin_diffusion, "spin_forward", spy)
@@ -239,8 +280,22 @@ def test_channels_last_lora_on_convolutions_saves(assets, tmp_path):
     from diffusers import StableDiffusionPipeline
 
     out = tmp_path / "lora_conv"
-    run_spin(*spin_args(assets, out, "--use_lora", "--lora_target_modules", "to_q,to_v,conv1", "--channels_last",
-                        "--num_iterations", "1", "--max_train_steps", "2", "--checkpointing_steps", "1"))
+    run_spin(
+        *spin_args(
+            assets,
+            out,
+            "--use_lora",
+            "--lora_target_modules",
+            "to_q,to_v,conv1",
+            "--channels_last",
+            "--num_iterations",
+            "1",
+            "--max_train_steps",
+            "2",
+            "--checkpointing_steps",
+            "1",
+        )
+    )
     saved = tensors(out / "iter_1" / "pytorch_lora_weights.safetensors")
     assert any("conv1.lora_A" in k and v.dim() == 4 for k, v in saved.items())
     assert (out / "iter_1" / "checkpoint-2" / "pytorch_lora_weights.safetensors").exists()
@@ -251,9 +306,17 @@ def test_channels_last_lora_on_convolutions_saves(assets, tmp_path):
 @pytest.mark.parametrize("mode", ["lora", "full_precompute"])
 def test_torch_compile_iterations_equal_eager(assets, tmp_path, compiled_graphs, mode):
     """--torch_compile: generation and training run through compiled graphs, over two iterations (LoRA: the
-    reference is the same compiled UNet with theta_1's adapter switched in), and the weights equal an uncompiled run's."""
-    argv = ["--num_iterations", "2", "--max_train_steps", "2", "--learning_rate", "1e-4",
-            *(["--use_lora"] if mode == "lora" else ["--precompute_reference"])]
+    reference is the same compiled UNet with theta_1's adapter switched in), and the weights equal an uncompiled
+    run's."""
+    argv = [
+        "--num_iterations",
+        "2",
+        "--max_train_steps",
+        "2",
+        "--learning_rate",
+        "1e-4",
+        *(["--use_lora"] if mode == "lora" else ["--precompute_reference"]),
+    ]
     run_spin(*spin_args(assets, tmp_path / "eager", *argv))
     run_spin(*spin_args(assets, tmp_path / "compiled", *argv, "--torch_compile"))
     assert True in compiled_graphs and False in compiled_graphs  # training steps (grad) and generation (no grad)
@@ -266,23 +329,46 @@ def test_synthetic_store_refuses_samples_made_for_other_settings(tmp_path):
     store = SyntheticStore(tmp_path / "s", 20, 8, settings={"seed": 0, "captions_sha256": "abc"})
     store.claim()
     SyntheticStore(tmp_path / "s", 20, 8, settings={"seed": 0, "captions_sha256": "abc"}).claim()  # same: fine
-    for other in (SyntheticStore(tmp_path / "s", 20, 4, settings={"seed": 0, "captions_sha256": "abc"}),
-                  SyntheticStore(tmp_path / "s", 20, 8, settings={"seed": 1, "captions_sha256": "abc"})):
+    for other in (
+        SyntheticStore(tmp_path / "s", 20, 4, settings={"seed": 0, "captions_sha256": "abc"}),
+        SyntheticStore(tmp_path / "s", 20, 8, settings={"seed": 1, "captions_sha256": "abc"}),
+    ):
         with pytest.raises(ValueError, match="other settings"):
             other.claim()
 
 
 def test_bf16_full_iteration_starts_at_the_reference(assets, tmp_path):
     out = tmp_path / "bf16"
-    run_spin(*spin_args(assets, out, "--mixed_precision", "bf16", "--num_iterations", "2", "--max_train_steps", "2",
-                        "--learning_rate", "1e-4"))
+    run_spin(
+        *spin_args(
+            assets,
+            out,
+            "--mixed_precision",
+            "bf16",
+            "--num_iterations",
+            "2",
+            "--max_train_steps",
+            "2",
+            "--learning_rate",
+            "1e-4",
+        )
+    )
     for k in (1, 2):  # the frozen copy keeps the policy's fp32 weights: same computation under autocast
         assert_starts_at_reference(metrics(out, k))
 
 
 def test_full_ema_iteration_resumed_after_checkpoint(assets, tmp_path, monkeypatch):
-    argv = ["--use_ema", "--num_iterations", "1", "--max_train_steps", "4", "--checkpointing_steps", "2",
-            "--learning_rate", "1e-4"]
+    argv = [
+        "--use_ema",
+        "--num_iterations",
+        "1",
+        "--max_train_steps",
+        "4",
+        "--checkpointing_steps",
+        "2",
+        "--learning_rate",
+        "1e-4",
+    ]
     run_spin(*spin_args(assets, tmp_path / "straight", *argv))
     out = tmp_path / "resumed"
     with monkeypatch.context() as m:
@@ -301,17 +387,23 @@ def truncate(path):
     path.write_bytes(data[: len(data) // 2])
 
 
-def test_corrupt_latest_checkpoint_and_shard_are_replaced_and_rerun_equals_uninterrupted(assets, tmp_path, monkeypatch,
-                                                                                          uninterrupted, caplog):
+def test_corrupt_latest_checkpoint_and_shard_are_replaced_and_rerun_equals_uninterrupted(
+    assets, tmp_path, monkeypatch, uninterrupted, caplog
+):
     """A truncated newest checkpoint: resume from the previous complete one, with a warning naming the bad one. A
     truncated synthetic shard: generated again, with a warning naming it. The result equals an uninterrupted run."""
     out = tmp_path / "corrupt"
     argv = spin_args(assets, out, "--use_lora", "--max_train_steps", "4", "--checkpointing_steps", "1")
     with monkeypatch.context() as m:  # iteration 2, right after checkpoint-3
-        kill_on(m, train_spin_diffusion, "save_checkpoint", lambda acc, d, step, *a, **k: "iter_2" in str(d) and step == 3)
+        kill_on(
+            m, train_spin_diffusion, "save_checkpoint", lambda acc, d, step, *a, **k: "iter_2" in str(d) and step == 3
+        )
         with pytest.raises(Killed):
             run_spin(*argv)
-    bad_checkpoint, bad_shard = out / "iter_2" / "checkpoint-3", out / "iter_2" / "synthetic" / "shard-00001.safetensors"
+    bad_checkpoint, bad_shard = (
+        out / "iter_2" / "checkpoint-3",
+        out / "iter_2" / "synthetic" / "shard-00001.safetensors",
+    )
     truncate(bad_checkpoint / "pytorch_lora_weights.safetensors")
     good_shard = bad_shard.read_bytes()
     truncate(bad_shard)

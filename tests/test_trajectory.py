@@ -10,8 +10,9 @@ from diffusers.utils.torch_utils import randn_tensor
 
 from utils.losses import forward_posterior_pair, sampler_step_coefficients, spin_trajectory_log_ratio
 
-SD15 = dict(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
-            clip_sample=False)
+SD15 = dict(
+    num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", clip_sample=False
+)
 
 
 def sampler(kind, steps):
@@ -67,7 +68,7 @@ def test_log_ratio_through_eps_errors_equals_gaussian_log_densities(kind, steps,
         eps_ref = eps_model + 0.1 * torch.randn(3, 4, 8, 8, generator=g, dtype=torch.float64)
         # x_prev from the reference's own step, as on the generated side (the opponent is the reference)
         x_prev = a * x_t - b * eps_ref + sigma * torch.randn(3, 4, 8, 8, generator=g, dtype=torch.float64)
-        ours = spin_trajectory_log_ratio(eps_model, eps_ref, x_t, x_prev, a, b, sigma)
+        ours = spin_trajectory_log_ratio(eps_model, eps_ref, x_t, x_prev, a=a, b=b, sigma=sigma)
 
         def log_density(eps):
             return torch.distributions.Normal(a * x_t - b * eps, sigma).log_prob(x_prev).flatten(1).sum(1)
@@ -75,8 +76,15 @@ def test_log_ratio_through_eps_errors_equals_gaussian_log_densities(kind, steps,
         expected = log_density(eps_model) - log_density(eps_ref)
         assert torch.allclose(ours, expected, atol=1e-5, rtol=0), (kind, t, ours, expected)
         # per-sample coefficients as tensors give the same
-        per_sample = spin_trajectory_log_ratio(eps_model, eps_ref, x_t, x_prev, torch.full((3,), a),
-                                               torch.full((3,), b), torch.full((3,), sigma))
+        per_sample = spin_trajectory_log_ratio(
+            eps_model,
+            eps_ref,
+            x_t,
+            x_prev,
+            a=torch.full((3,), a),
+            b=torch.full((3,), b),
+            sigma=torch.full((3,), sigma),
+        )
         assert torch.allclose(per_sample, ours)
 
 
@@ -90,8 +98,14 @@ def test_real_pairs_have_the_forward_processs_moments(t, s):
     g = torch.Generator().manual_seed(2)
     x0 = torch.full((n, 1), 0.7, dtype=torch.float64)
     tt, ss = torch.full((n,), t), torch.full((n,), s)
-    x_t, x_s = forward_posterior_pair(sched, x0, torch.randn(n, 1, generator=g, dtype=torch.float64),
-                                      torch.randn(n, 1, generator=g, dtype=torch.float64), tt, ss)
+    x_t, x_s = forward_posterior_pair(
+        sched,
+        x0,
+        torch.randn(n, 1, generator=g, dtype=torch.float64),
+        torch.randn(n, 1, generator=g, dtype=torch.float64),
+        tt,
+        ss,
+    )
     x_t, x_s = x_t.flatten(), x_s.flatten()
     abar = sched.alphas_cumprod.double()
     abar_t, abar_s = float(abar[t]), (float(abar[s]) if s >= 0 else 1.0)
@@ -129,7 +143,7 @@ def test_trajectory_errors_are_the_scaled_exact_log_ratio():
 
     emb = torch.zeros(b, 1, 1)
     m, r = (trajectory_errors(model_with(w), s, inputs, emb, k) for w in (w1, w2))
-    exact = spin_trajectory_log_ratio(x_t * w1, x_t * w2, x_t, x_prev, a, bb, sigma).reshape(-1, k).mean(1)
+    exact = spin_trajectory_log_ratio(x_t * w1, x_t * w2, x_t, x_prev, a=a, b=bb, sigma=sigma).reshape(-1, k).mean(1)
     d = x_t[0].numel()
     assert torch.allclose(m - r, -2 / (d * table.mean_weight) * exact, rtol=1e-4, atol=1e-6)
     assert torch.equal(trajectory_errors(model_with(w1), s, inputs, emb, k), m)
@@ -149,8 +163,16 @@ def test_recorded_chain_steps_are_the_samplers_own(assets):
     table = TrajectoryTable(pipe.scheduler, eta=1.0)
     chosen = [list(table.timesteps), list(table.timesteps)]
     with TrajectoryRecorder(pipe.scheduler, chosen) as rec:
-        out = pipe(["a red square", "a blue circle"], num_inference_steps=4, guidance_scale=3.0, eta=1.0, height=32,
-                   width=32, output_type="latent", generator=[torch.Generator().manual_seed(i) for i in (1, 2)])
+        out = pipe(
+            ["a red square", "a blue circle"],
+            num_inference_steps=4,
+            guidance_scale=3.0,
+            eta=1.0,
+            height=32,
+            width=32,
+            output_type="latent",
+            generator=[torch.Generator().manual_seed(i) for i in (1, 2)],
+        )
     traj = rec.tensors()
     assert traj["traj_x_t"].shape == (2, len(chosen[0]), 4, 16, 16) and traj["traj_t"].tolist() == chosen
     assert torch.equal(traj["traj_x_prev"][:, :-1], traj["traj_x_t"][:, 1:])
@@ -160,8 +182,16 @@ def test_recorded_chain_steps_are_the_samplers_own(assets):
 
 # ----------------------------------------------------------------------------- end to end (tiny assets)
 
-TRAJ = ["--spin_objective", "trajectory", "--gen_scheduler", "ddpm", "--gen_num_inference_steps", "4",
-        "--trajectory_steps", "2"]
+TRAJ = [
+    "--spin_objective",
+    "trajectory",
+    "--gen_scheduler",
+    "ddpm",
+    "--gen_num_inference_steps",
+    "4",
+    "--trajectory_steps",
+    "2",
+]
 
 
 def iteration_metrics(out, k):
@@ -181,17 +211,35 @@ def test_trajectory_runs_push_loadable_iterations_starting_at_log_2(assets, tmp_
     import math
 
     from diffusers import StableDiffusionPipeline
+
     from helpers import run_spin, spin_args
     from hub_server import TEST_TOKEN, hub_online
 
-    extra = {"lora": ["--use_lora"],
-             "full_ddim": ["--gen_scheduler", "ddim", "--gen_eta", "1.0", "--learning_rate", "1e-4"],
-             "lora_precompute": ["--use_lora", "--precompute_reference"]}[mode]
+    extra = {
+        "lora": ["--use_lora"],
+        "full_ddim": ["--gen_scheduler", "ddim", "--gen_eta", "1.0", "--learning_rate", "1e-4"],
+        "lora_precompute": ["--use_lora", "--precompute_reference"],
+    }[mode]
     out, name = tmp_path / mode, f"test-user/traj-{mode.replace('_', '-')}"
     with hub_online():
-        run_spin(*spin_args(assets, out, *TRAJ, "--max_train_steps", "2", *extra, "--push_to_hub", "--hub_model_id",
-                            name, "--hub_token", TEST_TOKEN))
-        base = StableDiffusionPipeline.from_pretrained(assets["pipeline"], safety_checker=None, requires_safety_checker=False)
+        run_spin(
+            *spin_args(
+                assets,
+                out,
+                *TRAJ,
+                "--max_train_steps",
+                "2",
+                *extra,
+                "--push_to_hub",
+                "--hub_model_id",
+                name,
+                "--hub_token",
+                TEST_TOKEN,
+            )
+        )
+        base = StableDiffusionPipeline.from_pretrained(
+            assets["pipeline"], safety_checker=None, requires_safety_checker=False
+        )
         for k in (1, 2):
             m = iteration_metrics(out, k)
             assert m["spin_objective"] == "trajectory"
@@ -214,9 +262,8 @@ def test_trajectory_runs_push_loadable_iterations_starting_at_log_2(assets, tmp_
 
 
 def test_killed_trajectory_iteration_reruns_to_the_same_weights(assets, tmp_path, monkeypatch):
-    from helpers import max_abs_diff, run_spin, spin_args, tensors
-
     import train_spin_diffusion
+    from helpers import max_abs_diff, run_spin, spin_args, tensors
 
     argv = [*TRAJ, "--use_lora", "--max_train_steps", "4", "--checkpointing_steps", "2", "--num_iterations", "1"]
     run_spin(*spin_args(assets, tmp_path / "straight", *argv))

@@ -1,5 +1,6 @@
 """Resumable `checkpoint-N` folders through `accelerator.save_state`, with hooks that store the UNet as
-diffusers weights (full) or LoRA weights, plus the EMA weights, and restore them on load."""
+diffusers weights (full) or LoRA weights, plus the EMA weights, and restore them on load.
+Needs its sibling `models.py`."""
 
 import json
 import logging
@@ -9,7 +10,10 @@ import shutil
 import zipfile
 from pathlib import Path
 
+from .models import load_lora, save_lora
+
 logger = logging.getLogger(__name__)
+
 
 class CheckpointError(ValueError):
     """A checkpoint named on the command line that cannot be resumed from."""
@@ -50,7 +54,9 @@ def checkpoint_problem(path):
             elif f.suffix == ".json":
                 json.loads(f.read_text())
         except Exception as e:
-            return f"{f.relative_to(path)} is truncated or corrupt ({type(e).__name__}: {str(e).splitlines()[0][:120]})"
+            return (
+                f"{f.relative_to(path)} is truncated or corrupt ({type(e).__name__}: {str(e).splitlines()[0][:120]})"
+            )
     return None
 
 
@@ -77,11 +83,14 @@ def resolve_resume_checkpoint(output_dir, resume_from_checkpoint):
         if candidate.is_dir():
             problem = checkpoint_problem(candidate)
             if problem is not None:
-                raise CheckpointError(f"--resume_from_checkpoint {resume_from_checkpoint}: {problem}; "
-                                 f"pass an earlier checkpoint-N or 'latest' (the newest complete one)")
+                raise CheckpointError(
+                    f"--resume_from_checkpoint {resume_from_checkpoint}: {problem}; "
+                    f"pass an earlier checkpoint-N or 'latest' (the newest complete one)"
+                )
             return candidate
-    raise FileNotFoundError(f"--resume_from_checkpoint {resume_from_checkpoint}: no such checkpoint folder "
-                            f"(looked in . and {output_dir})")
+    raise FileNotFoundError(
+        f"--resume_from_checkpoint {resume_from_checkpoint}: no such checkpoint folder (looked in . and {output_dir})"
+    )
 
 
 def step_of(checkpoint_path):
@@ -94,7 +103,7 @@ def prune_checkpoints(output_dir, total_limit, keep_room_for=1):
         return []
     ckpts = list_checkpoints(output_dir)
     excess = len(ckpts) - (total_limit - keep_room_for)
-    removed = [p for _, p in ckpts[:max(0, excess)]]
+    removed = [p for _, p in ckpts[: max(0, excess)]]
     for p in removed:
         shutil.rmtree(p)
     return removed
@@ -129,8 +138,14 @@ def load_checkpoint(accelerator, checkpoint, optimizer, lr_scheduler=None, learn
 
     accelerator.load_state(str(checkpoint))
     schedule = getattr(lr_scheduler, "scheduler", lr_scheduler)
-    if learning_rate is not None and hasattr(schedule, "lr_lambdas") and schedule.base_lrs != [learning_rate] * len(schedule.base_lrs):
-        logger.warning(f"resuming with --learning_rate {learning_rate} (the checkpoint was trained with {schedule.base_lrs[0]})")
+    if (
+        learning_rate is not None
+        and hasattr(schedule, "lr_lambdas")
+        and schedule.base_lrs != [learning_rate] * len(schedule.base_lrs)
+    ):
+        logger.warning(
+            f"resuming with --learning_rate {learning_rate} (the checkpoint was trained with {schedule.base_lrs[0]})"
+        )
         schedule.base_lrs = [learning_rate] * len(schedule.base_lrs)
         for group, factor in zip(schedule.optimizer.param_groups, schedule.lr_lambdas):
             group["initial_lr"] = learning_rate
@@ -152,8 +167,6 @@ def register_checkpoint_hooks(accelerator, use_lora=False, ema_model=None):
     from accelerate.utils import DistributedType
     from diffusers import UNet2DConditionModel
     from diffusers.training_utils import EMAModel
-
-    from .models import load_lora, save_lora
 
     sharded = accelerator.distributed_type == DistributedType.FSDP  # accelerate saves and loads FSDP models itself
 
@@ -210,8 +223,10 @@ class RunState:
             try:
                 self.data = json.loads(self.path.read_text())
             except ValueError as e:
-                raise CheckpointError(f"{self.path} is corrupt ({e}): restore it, or delete it to let the run start "
-                                      f"over (finished iterations are then trained again)") from e
+                raise CheckpointError(
+                    f"{self.path} is corrupt ({e}): restore it, or delete it to let the run start "
+                    f"over (finished iterations are then trained again)"
+                ) from e
 
     def get(self, key, default=None):
         return self.data.get(key, default)

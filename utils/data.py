@@ -7,6 +7,7 @@ in webdataset copies, whose columns (`jpg_0.jpg`, `label_0.txt`, `original_promp
 
 Everything that can be checked without a model (paths, columns, empty splits) is checked by
 `load_training_dataset`, which raises `DataError` with the problem named.
+Needs no sibling module: it can be copied on its own.
 """
 
 import glob
@@ -23,16 +24,26 @@ import numpy as np
 import torch
 from PIL import Image
 
-FILE_BUILDERS = {".parquet": "parquet", ".json": "json", ".jsonl": "json", ".csv": "csv", ".arrow": "arrow",
-                 ".tar": "webdataset"}
+FILE_BUILDERS = {
+    ".parquet": "parquet",
+    ".json": "json",
+    ".jsonl": "json",
+    ".csv": "csv",
+    ".arrow": "arrow",
+    ".tar": "webdataset",
+}
 CAPTION_FALLBACKS = ("original_prompt", "prompt")  # tried, in either form, when the default caption column is absent
 
 PICKAPIC_V2 = "yuvalkirstain/pickapic_v2"
-PICKAPIC_COPIES = ("a copy: a webdataset archive such as sayakpaul/pickapic_v2_webdataset (the Hub repo, or its .tar "
-                   "shards downloaded: one .tar, a folder of them or a glob), or a local folder or .parquet file")
-COLUMN_FLAGS_HINT = ("If the copy names its columns differently, pass --caption_column, --image_0_column, --image_1_column "
-                     "and --label_0_column (webdataset names such as original_prompt.txt, jpg_0.jpg and label_0.txt are "
-                     "mapped automatically).")
+PICKAPIC_COPIES = (
+    "a copy: a webdataset archive such as sayakpaul/pickapic_v2_webdataset (the Hub repo, or its .tar "
+    "shards downloaded: one .tar, a folder of them or a glob), or a local folder or .parquet file"
+)
+COLUMN_FLAGS_HINT = (
+    "If the copy names its columns differently, pass --caption_column, --image_0_column, --image_1_column "
+    "and --label_0_column (webdataset names such as original_prompt.txt, jpg_0.jpg and label_0.txt are "
+    "mapped automatically)."
+)
 
 STREAM_LABEL_CHECK_ROWS = 100  # a streamed Pick-a-Pic split has its labels checked on this many first rows
 
@@ -54,8 +65,17 @@ def removed_dataset_note(name, flag="--dataset_name", hint=COLUMN_FLAGS_HINT):
     return f" {PICKAPIC_V2} was removed from the Hugging Face Hub in 2025: point {flag} at {PICKAPIC_COPIES}. {hint}"
 
 
-def load_raw_dataset(name, split="train", config_name=None, streaming=False, cache_dir=None, token=None,
-                     flag="--dataset_name", hint=COLUMN_FLAGS_HINT):
+def load_raw_dataset(
+    name,
+    split="train",
+    *,
+    config_name=None,
+    streaming=False,
+    cache_dir=None,
+    token=None,
+    flag="--dataset_name",
+    hint=COLUMN_FLAGS_HINT,
+):
     """A `datasets` split from a local file (.parquet, .tar webdataset shard, ...), a glob of them, a local folder
     (data files or `save_to_disk` output) or the Hub. `flag` and `hint` word the errors."""
     import datasets
@@ -69,13 +89,18 @@ def load_raw_dataset(name, split="train", config_name=None, streaming=False, cac
                 raise DataError(f"{flag} {name}: no file matches")
             if len(builders) != 1 or None in builders:
                 raise DataError(f"{flag} {name}: the files must share one type among {sorted(FILE_BUILDERS)}")
-            return datasets.load_dataset(builders.pop(), data_files={split: files}, split=split, streaming=streaming,
-                                         cache_dir=cache_dir)
+            return datasets.load_dataset(
+                builders.pop(), data_files={split: files}, split=split, streaming=streaming, cache_dir=cache_dir
+            )
         if path.is_file():
             builder = FILE_BUILDERS.get(path.suffix.lower())
             if builder is None:
-                raise DataError(f"{flag} {name}: unsupported file type {path.suffix!r} (use one of {sorted(FILE_BUILDERS)})")
-            return datasets.load_dataset(builder, data_files={split: str(path)}, split=split, streaming=streaming, cache_dir=cache_dir)
+                raise DataError(
+                    f"{flag} {name}: unsupported file type {path.suffix!r} (use one of {sorted(FILE_BUILDERS)})"
+                )
+            return datasets.load_dataset(
+                builder, data_files={split: str(path)}, split=split, streaming=streaming, cache_dir=cache_dir
+            )
         if path.is_dir():
             if (path / "dataset_dict.json").exists() or (path / "state.json").exists():
                 ds = datasets.load_from_disk(str(path))
@@ -87,12 +112,16 @@ def load_raw_dataset(name, split="train", config_name=None, streaming=False, cac
             return datasets.load_dataset(str(path), config_name, split=split, streaming=streaming, cache_dir=cache_dir)
         if name.startswith((".", "/", "~")) or name.count("/") > 1 or path.suffix.lower() in FILE_BUILDERS:
             raise DataError(f"{flag} {name}: no such file or folder")
-        return datasets.load_dataset(name, config_name, split=split, streaming=streaming, cache_dir=cache_dir, token=token)
+        return datasets.load_dataset(
+            name, config_name, split=split, streaming=streaming, cache_dir=cache_dir, token=token
+        )
     except DataError:
         raise
     except Exception as e:  # datasets raises many types; the user needs the name and the reason
-        raise DataError(f"{flag} {name} (split {split!r}) could not be loaded: {type(e).__name__}: {str(e).rstrip('.')}."
-                        f"{removed_dataset_note(name, flag, hint)}") from e
+        raise DataError(
+            f"{flag} {name} (split {split!r}) could not be loaded: {type(e).__name__}: {str(e).rstrip('.')}."
+            f"{removed_dataset_note(name, flag, hint)}"
+        ) from e
 
 
 def column_names(ds):
@@ -115,8 +144,16 @@ def find_column(names, column, fallbacks=()):
     return None
 
 
-def resolve_columns(names, caption_column, image_column=None, image_0_column="jpg_0", image_1_column="jpg_1",
-                    label_0_column="label_0", dataset_name="dataset"):
+def resolve_columns(
+    names,
+    *,
+    caption_column,
+    image_column=None,
+    image_0_column="jpg_0",
+    image_1_column="jpg_1",
+    label_0_column="label_0",
+    dataset_name="dataset",
+):
     """Decide the dataset kind from its columns: a dict {kind, caption, image | image_0, image_1, label_0} holding
     the dataset's real column names (a webdataset's `jpg_0.jpg` for `jpg_0`; logged when they differ)."""
     wanted = {"caption": caption_column}
@@ -124,12 +161,15 @@ def resolve_columns(names, caption_column, image_column=None, image_0_column="jp
         wanted["image"] = image_column
     else:
         wanted.update(image_0=image_0_column, image_1=image_1_column, label_0=label_0_column)
-    found = {key: find_column(names, column, CAPTION_FALLBACKS if key == "caption" and column == "caption" else ())
-             for key, column in wanted.items()}
+    found = {
+        key: find_column(names, column, CAPTION_FALLBACKS if key == "caption" and column == "caption" else ())
+        for key, column in wanted.items()
+    }
     if image_column is None and found["image_0"] is None and found["image_1"] is None:
         raise DataError(
             f"{dataset_name} is not Pick-a-Pic-shaped (no {image_0_column!r}/{image_1_column!r} columns; it has "
-            f"{sorted(names)}). For a plain image-caption dataset pass --image_column (and --caption_column).")
+            f"{sorted(names)}). For a plain image-caption dataset pass --image_column (and --caption_column)."
+        )
     missing = [wanted[key] for key, column in found.items() if column is None]
     if missing:
         raise DataError(f"{dataset_name}: missing column(s) {missing}; the dataset has {sorted(names)}")
@@ -166,23 +206,31 @@ def is_decided(label):
 
 
 def describe_labels(labels, first_rows=False):
-    """'of 24 rows, 4 are ties, 0 have a label that is not a number and 0 have none' (`first_rows`: a stream's head)."""
+    """'of 24 rows, 4 are ties, 0 have a label that is not a number and 0 have none' (`first_rows`: a stream's
+    head)."""
     kinds = Counter(label_kind(x) for x in labels)
-    return (f"of {'the first ' if first_rows else ''}{len(labels)} rows, {kinds['tie']} are ties, "
-            f"{kinds['unparseable']} have a label that is not a number and {kinds['missing']} have none")
+    return (
+        f"of {'the first ' if first_rows else ''}{len(labels)} rows, {kinds['tie']} are ties, "
+        f"{kinds['unparseable']} have a label that is not a number and {kinds['missing']} have none"
+    )
 
 
 def check_labels(labels, column, dataset_name, split, first_rows=False):
     """DataError when a label is not a number (the wrong column, or a copy that words its labels), or when no row
-    has a winner; both messages count the ties and the unparseable labels. `first_rows`: only a stream's head was read."""
+    has a winner; both messages count the ties and the unparseable labels. `first_rows`: only a stream's head was
+    read."""
     kinds = [label_kind(x) for x in labels]
     if "unparseable" in kinds:
         example = labels[kinds.index("unparseable")]
-        raise DataError(f"{dataset_name}: column {column!r} holds labels that are not numbers, e.g. {example!r} "
-                        f"({describe_labels(labels, first_rows)}). Pick-a-Pic labels are 1, 0 or 0.5 (a tie), as numbers "
-                        f"or numeric text; if the preference is in another column, pass --label_0_column")
+        raise DataError(
+            f"{dataset_name}: column {column!r} holds labels that are not numbers, e.g. {example!r} "
+            f"({describe_labels(labels, first_rows)}). Pick-a-Pic labels are 1, 0 or 0.5 (a tie), as numbers "
+            f"or numeric text; if the preference is in another column, pass --label_0_column"
+        )
     if "decided" not in kinds and not first_rows:
-        raise DataError(f"{dataset_name} split {split!r}: no examples left after dropping ties ({describe_labels(labels)})")
+        raise DataError(
+            f"{dataset_name} split {split!r}: no examples left after dropping ties ({describe_labels(labels)})"
+        )
 
 
 def drop_ties(ds, label_0_column):
@@ -211,15 +259,34 @@ def load_training_dataset(args, num_processes=1, process_index=0):
     Raises DataError naming the problem (unknown path, missing column, nothing left after filtering)."""
     import datasets
 
-    ds = load_raw_dataset(args.dataset_name, args.dataset_split, args.dataset_config_name, args.streaming, args.cache_dir)
-    spec = resolve_columns(column_names(ds), args.caption_column, args.image_column, args.image_0_column,
-                           args.image_1_column, args.label_0_column, dataset_name=args.dataset_name)
+    ds = load_raw_dataset(
+        args.dataset_name,
+        args.dataset_split,
+        config_name=args.dataset_config_name,
+        streaming=args.streaming,
+        cache_dir=args.cache_dir,
+    )
+    spec = resolve_columns(
+        column_names(ds),
+        caption_column=args.caption_column,
+        image_column=args.image_column,
+        image_0_column=args.image_0_column,
+        image_1_column=args.image_1_column,
+        label_0_column=args.label_0_column,
+        dataset_name=args.dataset_name,
+    )
     keep = [spec[k] for k in ("caption", "image", "image_0", "image_1", "label_0") if k in spec]
     ds = ds.select_columns(keep)
-    for key in ("image", "image_0", "image_1"):  # webdataset images and Image features: decoded by us, a bad file is skipped
+    for key in (
+        "image",
+        "image_0",
+        "image_1",
+    ):  # webdataset images and Image features: decoded by us, a bad file is skipped
         if key in spec and isinstance((ds.features or {}).get(spec[key]), datasets.Image):
             ds = ds.cast_column(spec[key], datasets.Image(decode=False))
-    if spec["kind"] == "pickapic":  # a stream is checked on its head; later unparseable labels are dropped with the ties
+    if (
+        spec["kind"] == "pickapic"
+    ):  # a stream is checked on its head; later unparseable labels are dropped with the ties
         if args.streaming:
             labels = [row[spec["label_0"]] for row in ds.take(STREAM_LABEL_CHECK_ROWS)]
         else:
@@ -230,7 +297,11 @@ def load_training_dataset(args, num_processes=1, process_index=0):
         if args.max_train_samples is not None:
             ds = ds.take(args.max_train_samples)
         if next(iter(ds), None) is None:
-            why = f"dropping ties ({describe_labels(labels, first_rows=True)})" if spec["kind"] == "pickapic" else "loading"
+            why = (
+                f"dropping ties ({describe_labels(labels, first_rows=True)})"
+                if spec["kind"] == "pickapic"
+                else "loading"
+            )
             raise DataError(f"{args.dataset_name} split {args.dataset_split!r}: no examples left after {why}")
         if num_processes > 1:
             ds = datasets.distributed.split_dataset_by_node(ds, rank=process_index, world_size=num_processes)
@@ -240,9 +311,11 @@ def load_training_dataset(args, num_processes=1, process_index=0):
     if args.max_train_samples is not None:
         ds = ds.select(range(min(args.max_train_samples, len(ds))))
     if len(ds) == 0:
-        raise DataError(f"{args.dataset_name} split {args.dataset_split!r}: no examples left after "
-                        f"{'dropping ties' if spec['kind'] == 'pickapic' else 'loading'}"
-                        f"{' and keeping unique prompts' if args.unique_prompts else ''}")
+        raise DataError(
+            f"{args.dataset_name} split {args.dataset_split!r}: no examples left after "
+            f"{'dropping ties' if spec['kind'] == 'pickapic' else 'loading'}"
+            f"{' and keeping unique prompts' if args.unique_prompts else ''}"
+        )
     return ds, spec
 
 
@@ -296,8 +369,9 @@ def caption_of(value):
 
 
 def tokenize(tokenizer, captions):
-    return tokenizer(captions, max_length=tokenizer.model_max_length, padding="max_length",
-                     truncation=True, return_tensors="pt").input_ids
+    return tokenizer(
+        captions, max_length=tokenizer.model_max_length, padding="max_length", truncation=True, return_tensors="pt"
+    ).input_ids
 
 
 # ----------------------------------------------------------------------------- torch datasets
@@ -307,8 +381,19 @@ class TrainDataset(torch.utils.data.Dataset):
     """Map-style training examples: {"pixel_values" or "latent_params", "input_ids", "num_skipped"}; a row
     whose image does not decode is replaced by the next decodable one and counted (`with_replacement`)."""
 
-    def __init__(self, ds, spec, tokenizer, resolution, center_crop=False, random_flip=False, seed=0, latent_cache=None,
-                 empty_prompt_prob=0.0):
+    def __init__(
+        self,
+        ds,
+        spec,
+        tokenizer,
+        *,
+        resolution,
+        center_crop=False,
+        random_flip=False,
+        seed=0,
+        latent_cache=None,
+        empty_prompt_prob=0.0,
+    ):
         self.ds, self.spec, self.tokenizer = ds, spec, tokenizer
         self.empty_prompt_prob = empty_prompt_prob
         self.resolution, self.center_crop, self.random_flip, self.seed = resolution, center_crop, random_flip, seed
@@ -342,7 +427,10 @@ class TrainDataset(torch.utils.data.Dataset):
 
     def caption(self, row, index):
         """The row's caption, or the empty prompt for a share `empty_prompt_prob` of the (epoch, index) pairs."""
-        if self.empty_prompt_prob and random.Random(f"{self.seed}-{self.epoch}-{index}-caption").random() < self.empty_prompt_prob:
+        if (
+            self.empty_prompt_prob
+            and random.Random(f"{self.seed}-{self.epoch}-{index}-caption").random() < self.empty_prompt_prob
+        ):
             return ""
         return caption_of(row[self.spec["caption"]])
 
@@ -418,9 +506,29 @@ class PairDataset(torch.utils.data.Dataset):
 class StreamingTrainDataset(torch.utils.data.IterableDataset):
     """The same examples from a streamed (iterable) `datasets` split, shuffled with a buffer per epoch."""
 
-    def __init__(self, ds, spec, tokenizer, resolution, center_crop=False, random_flip=False, seed=0, shuffle_buffer=1000,
-                 empty_prompt_prob=0.0):
-        self.item = TrainDataset(ds, spec, tokenizer, resolution, center_crop, random_flip, seed, empty_prompt_prob=empty_prompt_prob)
+    def __init__(
+        self,
+        ds,
+        spec,
+        tokenizer,
+        *,
+        resolution,
+        center_crop=False,
+        random_flip=False,
+        seed=0,
+        shuffle_buffer=1000,
+        empty_prompt_prob=0.0,
+    ):
+        self.item = TrainDataset(
+            ds,
+            spec,
+            tokenizer,
+            resolution=resolution,
+            center_crop=center_crop,
+            random_flip=random_flip,
+            seed=seed,
+            empty_prompt_prob=empty_prompt_prob,
+        )
         self.ds = ds.shuffle(seed=seed, buffer_size=shuffle_buffer) if shuffle_buffer else ds
         self.epoch = 0
 
@@ -443,8 +551,22 @@ class StreamingTrainDataset(torch.utils.data.IterableDataset):
 def collate(examples):
     """Stack examples into a batch; `num_skipped` counts the undecodable rows that were replaced."""
     batch = {"num_skipped": sum(e["num_skipped"] for e in examples)}
-    for key in ("pixel_values", "latent_params", "input_ids", "gen_latents", "loser_pixel_values", "real_latents",
-                "timesteps", "noise_seed", "ref_err_real", "ref_err_gen", "prompt_embeds", "traj_t", "traj_x_t", "traj_x_prev"):
+    for key in (
+        "pixel_values",
+        "latent_params",
+        "input_ids",
+        "gen_latents",
+        "loser_pixel_values",
+        "real_latents",
+        "timesteps",
+        "noise_seed",
+        "ref_err_real",
+        "ref_err_gen",
+        "prompt_embeds",
+        "traj_t",
+        "traj_x_t",
+        "traj_x_prev",
+    ):
         if key in examples[0]:
             batch[key] = torch.stack([e[key] for e in examples])
     return batch
@@ -508,7 +630,7 @@ class LatentCache:
     def num_shards(self):
         return math.ceil(self.num_examples / self.SHARD)
 
-    def build(self, dataset, encode, batch_size, process_index=0, num_processes=1, progress=True):
+    def build(self, dataset, encode, *, batch_size, process_index=0, num_processes=1, progress=True):
         """`dataset` is a TrainDataset without cache; `encode(pixels) -> params` runs the VAE. Each process
         builds shards process_index, process_index + num_processes, ... and skips finished ones."""
         from safetensors.torch import save_file
@@ -523,7 +645,7 @@ class LatentCache:
             out = {f"flip{int(f)}": [] for f in flips}
             valid = []
             for start in range(0, len(indices), batch_size):
-                chunk = indices[start:start + batch_size]
+                chunk = indices[start : start + batch_size]
                 rows = [dataset.ds[i] for i in chunk]
                 imgs = []
                 for i, row in zip(chunk, rows):
@@ -534,8 +656,14 @@ class LatentCache:
                         imgs.append(None)
                         valid.append(False)
                 for f in flips:
-                    pix = [preprocess_image(im, dataset.resolution, dataset.center_crop, f, sample_rng(dataset.seed, 0, i))
-                           if im is not None else None for i, im in zip(chunk, imgs)]
+                    pix = [
+                        preprocess_image(
+                            im, dataset.resolution, dataset.center_crop, f, sample_rng(dataset.seed, 0, i)
+                        )
+                        if im is not None
+                        else None
+                        for i, im in zip(chunk, imgs)
+                    ]
                     ok = [p for p in pix if p is not None]
                     params = encode(torch.stack(ok)).float().cpu() if ok else None
                     it = iter(params) if params is not None else iter(())
@@ -543,7 +671,9 @@ class LatentCache:
                         out[f"flip{int(f)}"].append(next(it) if p is not None else None)
                 bar.update(len(chunk))
             shape = next((p.shape for p in out["flip0"] if p is not None), (1, 1, 1))
-            tensors = {name: torch.stack([p if p is not None else torch.zeros(shape) for p in ps]) for name, ps in out.items()}
+            tensors = {
+                name: torch.stack([p if p is not None else torch.zeros(shape) for p in ps]) for name, ps in out.items()
+            }
             tensors["valid"] = torch.tensor(valid, dtype=torch.bool)
             tmp = self.shard_path(k).with_suffix(".tmp")
             save_file(tensors, str(tmp))

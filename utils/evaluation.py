@@ -1,11 +1,15 @@
 """Evaluation pieces: model specs (full pipeline, UNet-only + base, LoRA + base; local or Hub, @revision),
-prompt sets, win rates with bootstrap confidence intervals, and the report (markdown, plots, grid)."""
+prompt sets, win rates with bootstrap confidence intervals, and the report (markdown, plots, grid).
+Needs its siblings `data.py` and `models.py`."""
 
 import json
 import random
 import statistics
 from dataclasses import dataclass
 from pathlib import Path
+
+from .data import CAPTION_FALLBACKS, DataError, column_names, find_column, load_raw_dataset
+from .models import sd_pipeline
 
 PROMPT_SETS = {
     # name: (Hub dataset repo, how to read it)
@@ -57,7 +61,9 @@ def list_files(location, revision=None, token=None):
     try:
         return list_repo_files(location, revision=revision, token=token)
     except Exception as e:
-        raise EvalError(f"{location}{'@' + revision if revision else ''}: cannot list the repo ({type(e).__name__}: {e})") from e
+        raise EvalError(
+            f"{location}{'@' + revision if revision else ''}: cannot list the repo ({type(e).__name__}: {e})"
+        ) from e
 
 
 def detect_kind(files):
@@ -79,9 +85,15 @@ def resolve_model(arg, token=None):
     files = list_files(location, revision, token)
     kind, sub = detect_kind(files)
     if kind is None:
-        hint = " (a SPIN output folder: name one iteration, e.g. .../iter_2)" if any(f.startswith("iter_") for f in files) else ""
-        raise EvalError(f"--model {arg}: neither a diffusers pipeline (model_index.json), a UNet (unet/config.json or "
-                        f"config.json + weights) nor LoRA weights (pytorch_lora_weights.safetensors){hint}")
+        hint = (
+            " (a SPIN output folder: name one iteration, e.g. .../iter_2)"
+            if any(f.startswith("iter_") for f in files)
+            else ""
+        )
+        raise EvalError(
+            f"--model {arg}: neither a diffusers pipeline (model_index.json), a UNet (unet/config.json or "
+            f"config.json + weights) nor LoRA weights (pytorch_lora_weights.safetensors){hint}"
+        )
     return ModelSpec(name, location, revision, kind, sub)
 
 
@@ -89,13 +101,12 @@ def load_pipeline(spec, base_model, dtype, device, token=None):
     """A StableDiffusionPipeline for `spec`: the pipeline itself, the base with this UNet, or the base + LoRA."""
     from diffusers import UNet2DConditionModel
 
-    from .models import sd_pipeline
-
     if spec.kind == "pipeline":
         pipe = sd_pipeline(spec.location, revision=spec.revision, torch_dtype=dtype, token=token)
     elif spec.kind == "unet":
-        unet = UNet2DConditionModel.from_pretrained(spec.location, subfolder=spec.unet_subfolder, revision=spec.revision,
-                                                    torch_dtype=dtype, token=token)
+        unet = UNet2DConditionModel.from_pretrained(
+            spec.location, subfolder=spec.unet_subfolder, revision=spec.revision, torch_dtype=dtype, token=token
+        )
         pipe = sd_pipeline(base_model, unet=unet, torch_dtype=dtype, token=token)
     else:
         pipe = sd_pipeline(base_model, torch_dtype=dtype, token=token)
@@ -107,12 +118,21 @@ def load_pipeline(spec, base_model, dtype, device, token=None):
 # ----------------------------------------------------------------------------- prompts
 
 
-PICKAPIC_PROMPTS_HINT = ("Its split and caption column may be named differently: pass --pickapic_prompts_split and "
-                         "--prompt_column; or give your own prompts with --prompts FILE.")
+PICKAPIC_PROMPTS_HINT = (
+    "Its split and caption column may be named differently: pass --pickapic_prompts_split and "
+    "--prompt_column; or give your own prompts with --prompts FILE."
+)
 
 
-def load_prompts(source, prompt_column=None, max_prompts=None, token=None,
-                 pickapic_dataset=PROMPT_SETS["pickapic_test_unique"][0], pickapic_split="test_unique"):
+def load_prompts(
+    source,
+    *,
+    prompt_column=None,
+    max_prompts=None,
+    token=None,
+    pickapic_dataset=PROMPT_SETS["pickapic_test_unique"][0],
+    pickapic_split="test_unique",
+):
     """Prompts from a named benchmark (PROMPT_SETS) or a local .txt (one per line), .parquet, .csv or .json(l).
     pickapic_test_unique reads the unique captions of `pickapic_dataset` (the Hub repo or a copy of it: a repo, a local
     folder, .parquet or webdataset .tar) at `pickapic_split`."""
@@ -138,7 +158,9 @@ def load_prompts(source, prompt_column=None, max_prompts=None, token=None,
             ds = datasets.load_dataset(PROMPT_SETS["parti"][0], split="train", streaming=True, token=token)
             prompts = [row["Prompt"] for row in ds.select_columns(["Prompt"])]
         except Exception as e:
-            raise EvalError(f"--prompts parti: {PROMPT_SETS['parti'][0]} could not be read: {type(e).__name__}: {e}") from e
+            raise EvalError(
+                f"--prompts parti: {PROMPT_SETS['parti'][0]} could not be read: {type(e).__name__}: {e}"
+            ) from e
     else:
         raise EvalError(f"--prompts {source}: not a file and not one of {sorted(PROMPT_SETS)}")
     prompts = [str(p) for p in prompts if p is not None and str(p).strip()]
@@ -152,7 +174,6 @@ def load_prompts(source, prompt_column=None, max_prompts=None, token=None,
 def pickapic_prompts(dataset, split, column="caption", max_prompts=None, token=None):
     """The unique captions of a Pick-a-Pic split, streamed (up to `max_prompts`). A copy's webdataset column names
     (caption.txt, original_prompt.txt) are found as in training."""
-    from .data import CAPTION_FALLBACKS, DataError, column_names, find_column, load_raw_dataset
 
     flag = "--pickapic_prompts_dataset"
     try:
@@ -186,8 +207,10 @@ def _column_prompts(path, column):
     candidates = [column] if column else ["prompt", "caption", "Prompt", "text"]
     found = next((c for c in candidates if c in ds.column_names), None)
     if found is None:
-        raise EvalError(f"--prompts {path}: no column {candidates if column else 'named prompt/caption/Prompt/text'} "
-                        f"(columns: {ds.column_names}); pass --prompt_column")
+        raise EvalError(
+            f"--prompts {path}: no column {candidates if column else 'named prompt/caption/Prompt/text'} "
+            f"(columns: {ds.column_names}); pass --prompt_column"
+        )
     return ds[found]
 
 
@@ -208,7 +231,7 @@ def bootstrap_ci(values_fn, n, resamples=1000, seed=0, level=0.95):
     return [lo, hi]
 
 
-def summarize(per_prompt, models, metrics, baseline, resamples=1000, seed=0):
+def summarize(per_prompt, models, metrics, *, baseline, resamples=1000, seed=0):
     """{model: {metric: {mean, median, win_rate, win_rate_ci}, "average": {win_rate, win_rate_ci}}}."""
     n = len(per_prompt)
     col = {(m, k): [p["scores"][m][k] for p in per_prompt] for m in models for k in metrics}
@@ -218,12 +241,18 @@ def summarize(per_prompt, models, metrics, baseline, resamples=1000, seed=0):
         for k in metrics:
             xs, bs = col[(m, k)], col[(baseline, k)]
             out[m][k] = {
-                "mean": statistics.fmean(xs), "median": statistics.median(xs), "win_rate": win_rate(xs, bs),
-                "win_rate_ci": bootstrap_ci(lambda idx: win_rate([xs[i] for i in idx], [bs[i] for i in idx]), n, resamples, seed),
+                "mean": statistics.fmean(xs),
+                "median": statistics.median(xs),
+                "win_rate": win_rate(xs, bs),
+                "win_rate_ci": bootstrap_ci(
+                    lambda idx: win_rate([xs[i] for i in idx], [bs[i] for i in idx]), n, resamples, seed
+                ),
             }
 
         def average(idx, m=m):
-            return statistics.fmean(win_rate([col[(m, k)][i] for i in idx], [col[(baseline, k)][i] for i in idx]) for k in metrics)
+            return statistics.fmean(
+                win_rate([col[(m, k)][i] for i in idx], [col[(baseline, k)][i] for i in idx]) for k in metrics
+            )
 
         out[m]["average"] = {"win_rate": average(range(n)), "win_rate_ci": bootstrap_ci(average, n, resamples, seed)}
     return out
@@ -232,8 +261,9 @@ def summarize(per_prompt, models, metrics, baseline, resamples=1000, seed=0):
 # ----------------------------------------------------------------------------- report
 
 
-def markdown_report(summary, models, metrics, baseline, prompts_name, n_prompts, distribution=()):
+def markdown_report(summary, models, metrics, *, baseline, prompts_name, n_prompts, distribution=()):
     """Means, medians and win rates of the per-image metrics; one value per model for distribution metrics."""
+
     def table(title, cell):
         head = "| model | " + " | ".join(metrics) + " |\n|---|" + "---|" * len(metrics) + "\n"
         rows = "".join(f"| {m} | " + " | ".join(cell(m, k) for k in metrics) + " |\n" for m in models)
@@ -245,10 +275,14 @@ def markdown_report(summary, models, metrics, baseline, prompts_name, n_prompts,
         md += table("Mean", lambda m, k: f"{summary[m][k]['mean']:.4f}")
         md += table("Median", lambda m, k: f"{summary[m][k]['median']:.4f}")
         md += table(f"Win rate against {baseline} (95% bootstrap CI)", lambda m, k: _rate(summary[m][k]))
-        md += "| model | average win rate |\n|---|---|\n" + "".join(f"| {m} | {_rate(summary[m]['average'])} |\n" for m in models)
+        md += "| model | average win rate |\n|---|---|\n" + "".join(
+            f"| {m} | {_rate(summary[m]['average'])} |\n" for m in models
+        )
     if distribution:
         head = "| model | " + " | ".join(distribution) + " |\n|---|" + "---|" * len(distribution) + "\n"
-        rows = "".join(f"| {m} | " + " | ".join(f"{summary[m][k]['value']:.4f}" for k in distribution) + " |\n" for m in models)
+        rows = "".join(
+            f"| {m} | " + " | ".join(f"{summary[m][k]['value']:.4f}" for k in distribution) + " |\n" for m in models
+        )
         md += f"\n### Distribution metrics (one value per model from all its images; lower is better)\n\n{head}{rows}"
     return md
 
@@ -294,8 +328,10 @@ def plot_win_rates(summary, models, metrics, path):
     fig, ax = plt.subplots(figsize=(1.6 * len(groups) + 2, 4))
     for j, m in enumerate(models):
         rates = [summary[m][g]["win_rate"] for g in groups]
-        err = [[r - summary[m][g]["win_rate_ci"][0] for r, g in zip(rates, groups)],
-               [summary[m][g]["win_rate_ci"][1] - r for r, g in zip(rates, groups)]]
+        err = [
+            [r - summary[m][g]["win_rate_ci"][0] for r, g in zip(rates, groups)],
+            [summary[m][g]["win_rate_ci"][1] - r for r, g in zip(rates, groups)],
+        ]
         ax.bar([i + j * width for i in range(len(groups))], rates, width, yerr=err, capsize=3, label=m)
     ax.axhline(0.5, color="gray", linestyle="--", linewidth=1)
     ax.set_xticks([i + width * (len(models) - 1) / 2 for i in range(len(groups))], groups)

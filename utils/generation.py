@@ -1,6 +1,6 @@
 """Sampling with a pipeline: fixed-seed renders for validation and model cards, image grids, and the opponent's
-samples of SPIN (with their stored chain steps for the trajectory objective). Needs its sibling `spin.py` (and
-through it `losses.py` and `models.py`); `SyntheticStore.claim` uses `checkpointing.record_settings`."""
+samples of SPIN (with their stored chain steps for the trajectory objective). Needs its siblings `spin.py` and
+`checkpointing.py` (and through them `losses.py` and `models.py`)."""
 
 import contextlib
 import json
@@ -11,6 +11,7 @@ from pathlib import Path
 import torch
 from PIL import Image
 
+from .checkpointing import record_settings
 from .spin import TrajectoryRecorder, choose_trajectory_steps
 
 logger = logging.getLogger(__name__)
@@ -65,7 +66,9 @@ def prompt_seed(seed, index):
 
 
 @torch.no_grad()
-def render(pipeline, prompts, seed=0, num_inference_steps=30, guidance_scale=7.5, resolution=None, autocast_dtype=None):
+def render(
+    pipeline, prompts, *, seed=0, num_inference_steps=30, guidance_scale=7.5, resolution=None, autocast_dtype=None
+):
     """One image per prompt, prompt i seeded with `prompt_seed(seed, i)`."""
     device = pipeline.device
     ctx = torch.autocast(device.type, dtype=autocast_dtype) if autocast_dtype is not None else contextlib.nullcontext()
@@ -73,8 +76,16 @@ def render(pipeline, prompts, seed=0, num_inference_steps=30, guidance_scale=7.5
     with ctx:
         for i, prompt in enumerate(prompts):
             gen = torch.Generator(device=device).manual_seed(prompt_seed(seed, i))
-            images.append(pipeline(prompt, num_inference_steps=num_inference_steps, guidance_scale=guidance_scale,
-                                   height=resolution, width=resolution, generator=gen).images[0])
+            images.append(
+                pipeline(
+                    prompt,
+                    num_inference_steps=num_inference_steps,
+                    guidance_scale=guidance_scale,
+                    height=resolution,
+                    width=resolution,
+                    generator=gen,
+                ).images[0]
+            )
     return images
 
 
@@ -115,12 +126,13 @@ class SyntheticStore:
         `store.json`, or check that an existing store was made with the same: reusing shards made for other
         prompts or settings would silently pair prompts with the wrong samples. Raises ValueError on a mismatch.
         Every process checks; only the one with `write` records."""
-        from .checkpointing import record_settings
 
         diff = record_settings(self.dir / "store.json", self.settings, write)
         if diff:
-            raise ValueError(f"{self.dir} holds samples made with other settings ({', '.join(diff)} differ): "
-                             f"delete that folder to regenerate, or use the original command")
+            raise ValueError(
+                f"{self.dir} holds samples made with other settings ({', '.join(diff)} differ): "
+                f"delete that folder to regenerate, or use the original command"
+            )
 
     @property
     def num_shards(self):
@@ -195,7 +207,11 @@ class SyntheticStore:
         stored_index = int(f.get_slice("index")[j])
         if stored_index != index:
             raise ValueError(f"{self.shard_path(k)} row {j} holds prompt {stored_index}, not {index}")
-        out = {("gen_latents" if name == "latents" else name): f.get_slice(name)[j] for name in f.keys() if name != "index"}
+        out = {
+            ("gen_latents" if name == "latents" else name): f.get_slice(name)[j]
+            for name in f.keys()
+            if name != "index"
+        }
         out["gen_latents"] = out["gen_latents"].float()
         return out
 
@@ -207,9 +223,25 @@ class SyntheticStore:
 
 
 @torch.no_grad()
-def generate_opponent_samples(pipeline, captions, store, *, seed, iteration, batch_size=8, num_inference_steps=50,
-                              guidance_scale=7.5, resolution=512, eta=0.0, process_index=0, num_processes=1,
-                              autocast_dtype=None, progress=True, extras=None, trajectory=None):
+def generate_opponent_samples(
+    pipeline,
+    captions,
+    store,
+    *,
+    seed,
+    iteration,
+    batch_size=8,
+    num_inference_steps=50,
+    guidance_scale=7.5,
+    resolution=512,
+    eta=0.0,
+    process_index=0,
+    num_processes=1,
+    autocast_dtype=None,
+    progress=True,
+    extras=None,
+    trajectory=None,
+):
     """The opponent (theta_k) draws one latent per training prompt, prompt i seeded with
     `sample_seed(seed, iteration, i)`. Each process fills its own shards (k = process_index mod num_processes);
     finished shards are skipped. `eta` goes to the sampler (DDIM's; DDPM ignores it).
@@ -224,19 +256,29 @@ def generate_opponent_samples(pipeline, captions, store, *, seed, iteration, bat
     total = sum(len(store.shard_indices(k)) for k in todo)
     device = pipeline.device
     ctx = torch.autocast(device.type, dtype=autocast_dtype) if autocast_dtype is not None else contextlib.nullcontext()
-    bar = tqdm(total=total, desc=f"generating (iteration {iteration + 1})", unit="img", disable=not progress or total == 0)
+    bar = tqdm(
+        total=total, desc=f"generating (iteration {iteration + 1})", unit="img", disable=not progress or total == 0
+    )
     for k in todo:
         indices = list(store.shard_indices(k))
         latents, rows, more = [], [], {}
         for start in range(0, len(indices), batch_size):
-            chunk = indices[start:start + batch_size]
+            chunk = indices[start : start + batch_size]
             seeds = [sample_seed(seed, iteration, i) for i in chunk]
             gens = [torch.Generator(device=device).manual_seed(s) for s in seeds]
             prompts = [captions[i] for i in chunk]
             chosen = choose_trajectory_steps(trajectory[0], seeds, trajectory[1]) if trajectory else []
             with ctx, TrajectoryRecorder(pipeline.scheduler, chosen) as recorder:
-                out = pipeline(prompts, num_inference_steps=num_inference_steps, guidance_scale=guidance_scale,
-                               height=resolution, width=resolution, generator=gens, output_type="latent", eta=eta)
+                out = pipeline(
+                    prompts,
+                    num_inference_steps=num_inference_steps,
+                    guidance_scale=guidance_scale,
+                    height=resolution,
+                    width=resolution,
+                    generator=gens,
+                    output_type="latent",
+                    eta=eta,
+                )
             outputs = {"latents": out.images.float()} | (recorder.tensors() if trajectory else {})
             latents.append(outputs["latents"].cpu())
             for name, t in outputs.items():
@@ -245,7 +287,10 @@ def generate_opponent_samples(pipeline, captions, store, *, seed, iteration, bat
             if extras is not None:
                 for name, t in extras(chunk, seeds, outputs).items():
                     more.setdefault(name, []).append(t.cpu())
-            rows += [{"index": i, "caption": p, "seed": s, "process": process_index} for i, p, s in zip(chunk, prompts, seeds)]
+            rows += [
+                {"index": i, "caption": p, "seed": s, "process": process_index}
+                for i, p, s in zip(chunk, prompts, seeds)
+            ]
             bar.update(len(chunk))
         store.write_shard(k, {"latents": torch.cat(latents), **{n: torch.cat(ts) for n, ts in more.items()}}, rows)
     bar.close()

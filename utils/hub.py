@@ -3,6 +3,7 @@ the argument, else HF_TOKEN or the cached login; the token is never written anyw
 
 Every write (repo creation, upload, tags) goes through `with_retries`: bounded exponential backoff on 429, 5xx
 and dropped connections, honouring `Retry-After`, never retrying 401/403/404 (they need the user, not time).
+Needs no sibling module: it can be copied on its own.
 """
 
 import logging
@@ -47,8 +48,17 @@ def retry_after(err):
         return None
 
 
-def with_retries(fn, *args, what="Hub request", max_time=600.0, base_delay=2.0, max_delay=60.0, deadline=None,
-                 sleep=time.sleep, **kwargs):
+def with_retries(
+    fn,
+    *args,
+    what="Hub request",
+    max_time=600.0,
+    base_delay=2.0,
+    max_delay=60.0,
+    deadline=None,
+    sleep=time.sleep,
+    **kwargs,
+):
     """`fn(*args, **kwargs)`, retried on transient failures (`is_transient`) with exponential backoff from
     `base_delay` up to `max_delay` seconds, or the server's `Retry-After`, until `max_time` seconds have passed
     (or the monotonic `deadline`). The last error is raised, with the attempts noted in its log lines."""
@@ -65,8 +75,10 @@ def with_retries(fn, *args, what="Hub request", max_time=600.0, base_delay=2.0, 
             delay = min(max_delay, base_delay * 2 ** (attempt - 1)) if delay is None else max(delay, 0.5)
             left = deadline - time.monotonic()
             if delay > left:
-                logger.warning(f"{what} failed ({describe(err)}); giving up after {attempt} attempt(s): the retry "
-                               f"time limit is spent")
+                logger.warning(
+                    f"{what} failed ({describe(err)}); giving up after {attempt} attempt(s): the retry "
+                    f"time limit is spent"
+                )
                 raise
             logger.warning(f"{what} failed ({describe(err)}); retry {attempt} in {delay:.0f}s")
             sleep(delay)
@@ -78,14 +90,32 @@ def describe(err):
     text = str(err).strip().splitlines()[0] if str(err).strip() else ""
     return f"HTTP {status}: {text}" if status is not None else f"{type(err).__name__}: {text}"
 
+
 # Never uploaded with a model: resumable training state, logs, caches and SPIN samples stay local
 # (fnmatch patterns: "*" also matches "/").
-PUSH_IGNORE = ["checkpoint-*", "logs/*", "latent_cache/*", "synthetic/*", "*.partial/*", "spin_state.json",
-               "sft_state.json"]
+PUSH_IGNORE = [
+    "checkpoint-*",
+    "logs/*",
+    "latent_cache/*",
+    "synthetic/*",
+    "*.partial/*",
+    "spin_state.json",
+    "sft_state.json",
+]
 
 
-def write_model_card(output_dir, *, base_model, dataset, title, description, tags, hyperparameters,
-                     image="validation_grid.png", metrics=None):
+def write_model_card(
+    output_dir,
+    *,
+    base_model,
+    dataset,
+    title,
+    description,
+    tags,
+    hyperparameters,
+    image="validation_grid.png",
+    metrics=None,
+):
     """README.md with Hub metadata (base_model, datasets, tags, license) and a hyperparameter table."""
     from huggingface_hub import ModelCard, ModelCardData
 
@@ -124,8 +154,19 @@ Base model: `{base_model}`. {dataset_line}
     return card
 
 
-def push_folder(folder, repo_id, token=None, private=False, commit_message="Upload model", revision=None,
-                ignore_patterns=PUSH_IGNORE, repo_type="model", max_time=600.0, deadline=None):
+def push_folder(
+    folder,
+    repo_id,
+    *,
+    token=None,
+    private=False,
+    commit_message="Upload model",
+    revision=None,
+    ignore_patterns=PUSH_IGNORE,
+    repo_type="model",
+    max_time=600.0,
+    deadline=None,
+):
     """Create `repo_id` if needed and upload `folder` (without checkpoints/logs), each retried on transient
     failures for up to `max_time` seconds in all. Returns the full repo id. An upload is one commit: a retry
     after a failed commit re-sends only what the Hub does not already hold. `deadline` (monotonic) replaces
@@ -133,11 +174,28 @@ def push_folder(folder, repo_id, token=None, private=False, commit_message="Uplo
     from huggingface_hub import create_repo, upload_folder
 
     deadline = deadline if deadline is not None else time.monotonic() + max_time
-    repo_id = with_retries(create_repo, repo_id, token=token, private=private, exist_ok=True, repo_type=repo_type,
-                           what=f"creating {repo_id}", deadline=deadline).repo_id
-    with_retries(upload_folder, repo_id=repo_id, folder_path=str(folder), token=token, commit_message=commit_message,
-                 ignore_patterns=ignore_patterns, revision=revision, repo_type=repo_type,
-                 what=f"uploading {folder} to {repo_id}", deadline=deadline)
+    repo_id = with_retries(
+        create_repo,
+        repo_id,
+        token=token,
+        private=private,
+        exist_ok=True,
+        repo_type=repo_type,
+        what=f"creating {repo_id}",
+        deadline=deadline,
+    ).repo_id
+    with_retries(
+        upload_folder,
+        repo_id=repo_id,
+        folder_path=str(folder),
+        token=token,
+        commit_message=commit_message,
+        ignore_patterns=ignore_patterns,
+        revision=revision,
+        repo_type=repo_type,
+        what=f"uploading {folder} to {repo_id}",
+        deadline=deadline,
+    )
     return repo_id
 
 
@@ -147,7 +205,9 @@ def move_tag(repo_id, tag, token=None, max_time=600.0, deadline=None):
 
     deadline = deadline if deadline is not None else time.monotonic() + max_time
     try:
-        with_retries(delete_tag, repo_id, tag=tag, token=token, what=f"deleting tag {tag} of {repo_id}", deadline=deadline)
+        with_retries(
+            delete_tag, repo_id, tag=tag, token=token, what=f"deleting tag {tag} of {repo_id}", deadline=deadline
+        )
     except Exception as err:
         if http_status(err) != 404:  # 404: no such tag yet
             raise
@@ -165,17 +225,23 @@ def hub_user(token=None, max_time=600.0, repo_id=None):
         me = with_retries(whoami, token=token, what="checking the Hub token", max_time=max_time)
         namespaces = [me["name"]] + [org.get("name") for org in me.get("orgs") or []]
         if repo_id and "/" in repo_id and repo_id.split("/")[0] not in namespaces:
-            raise HubError(f"--hub_model_id {repo_id}: the token's account ({me['name']}) cannot create repos under "
-                           f"{repo_id.split('/')[0]!r}; use one of {namespaces}")
+            raise HubError(
+                f"--hub_model_id {repo_id}: the token's account ({me['name']}) cannot create repos under "
+                f"{repo_id.split('/')[0]!r}; use one of {namespaces}"
+            )
         return me["name"]
     except HubError:
         raise
     except LocalTokenNotFoundError as err:
-        raise HubError("--push_to_hub needs a Hub token: run `hf auth login`, set HF_TOKEN, or pass --hub_token") from err
+        raise HubError(
+            "--push_to_hub needs a Hub token: run `hf auth login`, set HF_TOKEN, or pass --hub_token"
+        ) from err
     except Exception as err:
         if http_status(err) in (401, 403):
-            raise HubError(f"the Hub refused the token (HTTP {http_status(err)}): check --hub_token, HF_TOKEN or "
-                           f"the cached login (`hf auth login`)") from err
+            raise HubError(
+                f"the Hub refused the token (HTTP {http_status(err)}): check --hub_token, HF_TOKEN or "
+                f"the cached login (`hf auth login`)"
+            ) from err
         raise HubError(f"could not check the Hub token at {constants.ENDPOINT}: {describe(err)}") from err
 
 

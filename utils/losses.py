@@ -71,7 +71,9 @@ def sample_noise_and_timesteps(latents, num_train_timesteps, generator, noise_of
     b, c = latents.shape[:2]
     noise = torch.randn(latents.shape, generator=generator, device=latents.device, dtype=latents.dtype)
     if noise_offset:
-        noise = noise + noise_offset * torch.randn((b, c, 1, 1), generator=generator, device=latents.device, dtype=latents.dtype)
+        noise = noise + noise_offset * torch.randn(
+            (b, c, 1, 1), generator=generator, device=latents.device, dtype=latents.dtype
+        )
     timesteps = torch.randint(0, num_train_timesteps, (b,), generator=generator, device=latents.device).long()
     return noise, timesteps
 
@@ -99,8 +101,10 @@ def sampler_step_coefficients(scheduler, t, eta=1.0):
     in eps and raise too."""
     cfg = scheduler.config
     if cfg.get("clip_sample") or cfg.get("thresholding"):
-        raise ValueError("the trajectory objective needs a sampler whose step is affine in eps: turn off "
-                         "clip_sample / thresholding in the scheduler config")
+        raise ValueError(
+            "the trajectory objective needs a sampler whose step is affine in eps: turn off "
+            "clip_sample / thresholding in the scheduler config"
+        )
     alphas = scheduler.alphas_cumprod.double()
     t, s = int(t), sampler_prev_timestep(scheduler, t)
     abar_t = float(alphas[t])
@@ -120,7 +124,9 @@ def sampler_step_coefficients(scheduler, t, eta=1.0):
         elif variance_type == "fixed_large":
             var = beta if t > 0 else 0.0
         else:
-            raise ValueError(f"variance_type {variance_type!r}: the trajectory objective supports fixed_small and fixed_large")
+            raise ValueError(
+                f"variance_type {variance_type!r}: the trajectory objective supports fixed_small and fixed_large"
+            )
     else:
         var = eta**2 * (1 - abar_s) / (1 - abar_t) * (1 - abar_t / abar_s)
         a = (abar_s / abar_t) ** 0.5
@@ -130,7 +136,7 @@ def sampler_step_coefficients(scheduler, t, eta=1.0):
     return a, b, var**0.5
 
 
-def spin_trajectory_log_ratio(eps_model, eps_ref, x_t, x_prev, a, b, sigma):
+def spin_trajectory_log_ratio(eps_model, eps_ref, x_t, x_prev, *, a, b, sigma):
     """log p_model(x_prev | x_t) - log p_ref(x_prev | x_t) per sample, shape (B,), for the Gaussian step
     N(a * x_t - b * eps, sigma^2 I) (`sampler_step_coefficients`), summed over the other dimensions:
 

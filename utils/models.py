@@ -1,6 +1,7 @@
 """Stable Diffusion components: loading, freezing, precision, LoRA adapters, optimizer.
 
 Only the UNet is trained; the VAE and text encoder are frozen in the compute dtype.
+Needs no sibling module: it can be copied on its own.
 """
 
 from pathlib import Path
@@ -51,8 +52,9 @@ def check_model_source(name, revision=None, token=None, flag="--pretrained_model
     try:
         model_info(name, revision=revision, token=token)
     except RepositoryNotFoundError:
-        raise ModelError(f"{flag} {name}: no such model repo on the Hub (or it is private or gated and the token "
-                         f"cannot read it)") from None
+        raise ModelError(
+            f"{flag} {name}: no such model repo on the Hub (or it is private or gated and the token cannot read it)"
+        ) from None
     except RevisionNotFoundError:
         raise ModelError(f"{flag} {name}: the repo has no revision {revision!r} (--revision)") from None
     except Exception:  # offline or unreachable: the cache may still hold it
@@ -80,8 +82,10 @@ def load_sd_components(name, *, revision=None, variant=None, prediction_type=Non
 
 
 def load_error(name, e):
-    return ModelError(f"--pretrained_model_name_or_path {name}: could not load its Stable Diffusion components "
-                      f"({type(e).__name__}: {str(e).strip().splitlines()[0][:300]})")
+    return ModelError(
+        f"--pretrained_model_name_or_path {name}: could not load its Stable Diffusion components "
+        f"({type(e).__name__}: {str(e).strip().splitlines()[0][:300]})"
+    )
 
 
 def freeze(*modules):
@@ -97,9 +101,13 @@ def add_lora(unet, rank, alpha, target_modules=("to_k", "to_q", "to_v", "to_out.
     names = [n for n, _ in unet.named_modules()]
     unmatched = [t for t in target_modules if not any(n == t or n.endswith("." + t) for n in names)]
     if unmatched:
-        examples = sorted({n.rsplit(".", 1)[-1] for n in names if n.endswith(("to_q", "to_k", "to_v", "proj_in", "conv1"))})
-        raise ModelError(f"--lora_target_modules: {unmatched} match no module of the UNet (module names end in e.g. "
-                         f"{examples}; the default is to_k,to_q,to_v,to_out.0)")
+        examples = sorted(
+            {n.rsplit(".", 1)[-1] for n in names if n.endswith(("to_q", "to_k", "to_v", "proj_in", "conv1"))}
+        )
+        raise ModelError(
+            f"--lora_target_modules: {unmatched} match no module of the UNet (module names end in e.g. "
+            f"{examples}; the default is to_k,to_q,to_v,to_out.0)"
+        )
     unet.requires_grad_(False)
     config = LoraConfig(r=rank, lora_alpha=alpha, init_lora_weights="gaussian", target_modules=list(target_modules))
     unet.add_adapter(config, adapter_name=adapter_name)
@@ -112,15 +120,18 @@ def lora_state_dict(unet, adapter_name="default"):
     from peft.utils import get_peft_model_state_dict
 
     state_dict = convert_state_dict_to_diffusers(get_peft_model_state_dict(unet, adapter_name=adapter_name))
-    return {k: v.contiguous() for k, v in state_dict.items()}  # conv adapters under --channels_last: safetensors packs nothing
+    return {
+        k: v.contiguous() for k, v in state_dict.items()
+    }  # conv adapters under --channels_last: safetensors packs nothing
 
 
 def save_lora(unet, output_dir, adapter_name="default"):
     """Write `pytorch_lora_weights.safetensors`, loadable with `pipe.load_lora_weights(output_dir)`."""
     from diffusers import StableDiffusionPipeline
 
-    StableDiffusionPipeline.save_lora_weights(output_dir, unet_lora_layers=lora_state_dict(unet, adapter_name),
-                                              safe_serialization=True)
+    StableDiffusionPipeline.save_lora_weights(
+        output_dir, unet_lora_layers=lora_state_dict(unet, adapter_name), safe_serialization=True
+    )
 
 
 def load_lora(unet, path, adapter_name="default"):
@@ -141,7 +152,7 @@ def trainable_parameters(model):
     return [p for p in model.parameters() if p.requires_grad]
 
 
-def make_optimizer(params, lr, betas, weight_decay, eps, use_8bit_adam=False):
+def make_optimizer(params, *, lr, betas, weight_decay, eps, use_8bit_adam=False):
     """AdamW (fused on CUDA), or bitsandbytes' 8-bit AdamW (works on CPU and GPU)."""
     if use_8bit_adam:
         try:
@@ -190,8 +201,9 @@ def load_unet(name, subfolder="unet", revision=None, variant=None, cache_dir=Non
     from diffusers import UNet2DConditionModel
 
     try:
-        return UNet2DConditionModel.from_pretrained(name, subfolder=subfolder, revision=revision, variant=variant,
-                                                    cache_dir=cache_dir)
+        return UNet2DConditionModel.from_pretrained(
+            name, subfolder=subfolder, revision=revision, variant=variant, cache_dir=cache_dir
+        )
     except (OSError, ValueError) as e:
         raise load_error(name, e) from e
 
@@ -221,7 +233,7 @@ class Reference:
     Call it before the policy forward of the same step: switching adapters changes requires_grad flags.
     """
 
-    def __init__(self, unet, copy=None, adapter=None, trainable_adapter="default", offload=False, device=None):
+    def __init__(self, unet, copy=None, *, adapter=None, trainable_adapter="default", offload=False, device=None):
         self.unet, self.copy, self.adapter, self.trainable_adapter = unet, copy, adapter, trainable_adapter
         self.offload, self.device = offload, torch.device(device) if device is not None else None
         self._pinned = False
@@ -256,8 +268,9 @@ class Reference:
         if self.copy is not None and self.offload:
             # The module keeps its host tensors; the call runs on device copies that die with it.
             on_device = {name: t.to(self.device, non_blocking=True) for name, t in self._host_state().items()}
-            return torch.func.functional_call(self.copy, on_device, (sample, timesteps, encoder_hidden_states),
-                                              {"return_dict": False})[0]
+            return torch.func.functional_call(
+                self.copy, on_device, (sample, timesteps, encoder_hidden_states), {"return_dict": False}
+            )[0]
         if self.copy is not None:
             return self.copy(sample, timesteps, encoder_hidden_states, return_dict=False)[0]
         if self.adapter is None:
@@ -278,7 +291,9 @@ def sd_pipeline(name, prediction_type=None, **kwargs):
     type the UNet was trained for (so samples, and a saved pipeline's scheduler config, match the weights)."""
     from diffusers import StableDiffusionPipeline
 
-    pipeline = StableDiffusionPipeline.from_pretrained(name, safety_checker=None, requires_safety_checker=False, **kwargs)
+    pipeline = StableDiffusionPipeline.from_pretrained(
+        name, safety_checker=None, requires_safety_checker=False, **kwargs
+    )
     if prediction_type is not None:
         pipeline.scheduler.register_to_config(prediction_type=prediction_type)
     return pipeline

@@ -64,7 +64,9 @@ def pair_inputs(batch, real, *, vae, generator, num_train_timesteps, share_noise
         noise, noise_neg = seeded_noise(batch["noise_seed"], real.shape[1:], device, real.dtype, share_noise)
         return PairInputs(real, negative, batch["timesteps"].to(device), noise, noise_neg)
     noise, t = sample_noise_and_timesteps(real, num_train_timesteps, generator, noise_offset)
-    noise_neg = noise if share_noise else torch.randn(noise.shape, generator=generator, device=device, dtype=noise.dtype)
+    noise_neg = (
+        noise if share_noise else torch.randn(noise.shape, generator=generator, device=device, dtype=noise.dtype)
+    )
     return PairInputs(real, negative, t, noise, noise_neg)
 
 
@@ -86,35 +88,66 @@ def stored_real_latents(vae, real_pixels, sample_seeds, dtype):
 
     device = vae.device
     dist = DiagonalGaussianDistribution(vae.encode(real_pixels.to(device, dtype)).latent_dist.parameters)
-    eps = torch.stack([torch.randn(dist.mean.shape[1:], generator=torch.Generator(device=device).manual_seed(int(s)),
-                                   device=device, dtype=dist.mean.dtype) for s in sample_seeds])
+    eps = torch.stack(
+        [
+            torch.randn(
+                dist.mean.shape[1:],
+                generator=torch.Generator(device=device).manual_seed(int(s)),
+                device=device,
+                dtype=dist.mean.dtype,
+            )
+            for s in sample_seeds
+        ]
+    )
     return ((dist.mean + dist.std * eps) * vae.config.scaling_factor).half().float()
 
 
 @torch.no_grad()
-def precompute_reference(reference, real_pixels, gen_latents, input_ids, sample_seeds, *, vae, text_encoder,
-                         noise_scheduler, dtype, share_noise=True, autocast=contextlib.nullcontext):
+def precompute_reference(
+    reference,
+    real_pixels,
+    gen_latents,
+    input_ids,
+    sample_seeds,
+    *,
+    vae,
+    text_encoder,
+    noise_scheduler,
+    dtype,
+    share_noise=True,
+    autocast=contextlib.nullcontext,
+):
     """For a chunk of prompts, while theta_k is loaded: the real latents (VAE sample with a per-sample seed),
     one t and noise seed per pair, theta_k's errors on both latents and the text embeddings. Training on
-    these runs no reference forward, VAE or text encoder; `pair_inputs` rebuilds exactly the same t and noise from them."""
+    these runs no reference forward, VAE or text encoder; `pair_inputs` rebuilds exactly the same t and noise from
+    them."""
     device = gen_latents.device
     real = stored_real_latents(vae, real_pixels, sample_seeds, dtype)
     gen = gen_latents.half().float()  # stored in fp16 like the generated latents: errors on what training reads
     T = noise_scheduler.config.num_train_timesteps
-    timesteps = torch.tensor([torch.randint(0, T, (1,), generator=torch.Generator().manual_seed(int(s) + 1)).item()
-                              for s in sample_seeds], device=device)
+    timesteps = torch.tensor(
+        [torch.randint(0, T, (1,), generator=torch.Generator().manual_seed(int(s) + 1)).item() for s in sample_seeds],
+        device=device,
+    )
     noise_seeds = torch.tensor([int(s) + 2 for s in sample_seeds], dtype=torch.int64)
     batch = {"gen_latents": gen, "timesteps": timesteps, "noise_seed": noise_seeds}
-    pair = pair_inputs(batch, real, vae=vae, generator=torch.Generator(device=device), num_train_timesteps=T,
-                       share_noise=share_noise)
+    pair = pair_inputs(
+        batch, real, vae=vae, generator=torch.Generator(device=device), num_train_timesteps=T, share_noise=share_noise
+    )
     # The text embeddings are stored too (in the compute dtype, exactly what the step would compute): training
     # then needs no text encoder.
     prompt_embeds = encode_prompt(text_encoder, input_ids.to(device))
     with autocast():
         err, _ = pair_errors(reference, noise_scheduler, pair, prompt_embeds)
     r_real, r_gen = err.float().chunk(2)
-    return {"real_latents": real.half().cpu(), "timesteps": timesteps.cpu(), "noise_seed": noise_seeds,
-            "ref_err_real": r_real.cpu(), "ref_err_gen": r_gen.cpu(), "prompt_embeds": prompt_embeds.cpu()}
+    return {
+        "real_latents": real.half().cpu(),
+        "timesteps": timesteps.cpu(),
+        "noise_seed": noise_seeds,
+        "ref_err_real": r_real.cpu(),
+        "ref_err_gen": r_gen.cpu(),
+        "prompt_embeds": prompt_embeds.cpu(),
+    }
 
 
 # ----------------------------------------------------------------------------- the exact (trajectory) objective
@@ -133,8 +166,10 @@ class TrajectoryTable:
             if sampler_prev_has_noise(sampler, t, eta):
                 rows[t] = sampler_step_coefficients(sampler, t, eta)
         if not rows:
-            raise ValueError("the opponent's sampler adds no noise at any step: the trajectory objective needs a "
-                             "stochastic one (DDPM, or DDIM with --gen_eta > 0)")
+            raise ValueError(
+                "the opponent's sampler adds no noise at any step: the trajectory objective needs a "
+                "stochastic one (DDPM, or DDIM with --gen_eta > 0)"
+            )
         self.sampler, self.eta = sampler, eta
         weights = {t: b * b / (s * s) for t, (a, b, s) in rows.items()}
         self.mean_weight = sum(weights.values()) / len(weights)
@@ -186,8 +221,12 @@ class TrajectoryRecorder:
     def tensors(self):
         """{"traj_t": (B, K), "traj_x_t": (B, K, C, h, w), "traj_x_prev": ...} in the order of `chosen`."""
         t = torch.tensor([list(times) for times in self.chosen], dtype=torch.int64)
-        x_t = torch.stack([torch.stack([self.kept[b][int(s)][0] for s in times]) for b, times in enumerate(self.chosen)])
-        x_prev = torch.stack([torch.stack([self.kept[b][int(s)][1] for s in times]) for b, times in enumerate(self.chosen)])
+        x_t = torch.stack(
+            [torch.stack([self.kept[b][int(s)][0] for s in times]) for b, times in enumerate(self.chosen)]
+        )
+        x_prev = torch.stack(
+            [torch.stack([self.kept[b][int(s)][1] for s in times]) for b, times in enumerate(self.chosen)]
+        )
         return {"traj_t": t, "traj_x_t": x_t, "traj_x_prev": x_prev}
 
 
@@ -207,7 +246,11 @@ def predicted_eps(noise_scheduler, pred, x_t, timesteps):
     if kind == "epsilon":
         return pred
     if kind == "v_prediction":
-        abar = noise_scheduler.alphas_cumprod.to(x_t.device)[timesteps].reshape(-1, *([1] * (x_t.ndim - 1))).to(pred.dtype)
+        abar = (
+            noise_scheduler.alphas_cumprod.to(x_t.device)[timesteps]
+            .reshape(-1, *([1] * (x_t.ndim - 1)))
+            .to(pred.dtype)
+        )
         return abar.sqrt() * pred + (1 - abar).sqrt() * x_t
     raise ValueError(f"unsupported prediction_type {kind!r} (epsilon or v_prediction)")
 
@@ -232,8 +275,14 @@ def trajectory_inputs(batch, real, *, table, noise_scheduler, generator):
     prev = torch.tensor([sampler_prev(table, int(s)) for s in t.flatten().tolist()], device=device)
     x0 = real.float().repeat_interleave(k, dim=0)
     if "noise_seed" in batch:  # drawn ahead with precomputed reference errors: the same draws again
-        draws = [torch.randn((2, k) + tuple(real.shape[1:]), generator=torch.Generator(device=device).manual_seed(int(s)),
-                             device=device) for s in batch["noise_seed"].tolist()]
+        draws = [
+            torch.randn(
+                (2, k) + tuple(real.shape[1:]),
+                generator=torch.Generator(device=device).manual_seed(int(s)),
+                device=device,
+            )
+            for s in batch["noise_seed"].tolist()
+        ]
         noise = torch.cat([d[0] for d in draws])
         posterior_noise = torch.cat([d[1] for d in draws])
     else:
@@ -242,7 +291,11 @@ def trajectory_inputs(batch, real, *, table, noise_scheduler, generator):
     real_x_t, real_x_prev = forward_posterior_pair(noise_scheduler, x0, noise, posterior_noise, t.flatten(), prev)
     gen_x_t = batch["traj_x_t"].to(device).float().flatten(0, 1)
     gen_x_prev = batch["traj_x_prev"].to(device).float().flatten(0, 1)
-    x_t, x_prev, ts = torch.cat([real_x_t, gen_x_t]), torch.cat([real_x_prev, gen_x_prev]), torch.cat([t.flatten()] * 2)
+    x_t, x_prev, ts = (
+        torch.cat([real_x_t, gen_x_t]),
+        torch.cat([real_x_prev, gen_x_prev]),
+        torch.cat([t.flatten()] * 2),
+    )
     a, bb, _, weight = table.columns(ts, device)
     shape = (-1,) + (1,) * (x_t.ndim - 1)
     eps_hat = (a.reshape(shape) * x_t - x_prev) / bb.reshape(shape)
@@ -267,8 +320,20 @@ def trajectory_errors(model, noise_scheduler, inputs, prompt_embeds, k):
 
 
 @torch.no_grad()
-def precompute_trajectory_reference(reference, real_pixels, trajectory, input_ids, sample_seeds, *, vae, text_encoder,
-                                    noise_scheduler, table, dtype, autocast=contextlib.nullcontext):
+def precompute_trajectory_reference(
+    reference,
+    real_pixels,
+    trajectory,
+    input_ids,
+    sample_seeds,
+    *,
+    vae,
+    text_encoder,
+    noise_scheduler,
+    table,
+    dtype,
+    autocast=contextlib.nullcontext,
+):
     """--precompute_reference for the trajectory objective: the real latents, a noise seed per sample (the real
     side's forward and posterior draws), theta_k's errors on both sides and the text embeddings. Training
     rebuilds the same real pairs from the seed (`trajectory_inputs`)."""
@@ -277,11 +342,17 @@ def precompute_trajectory_reference(reference, real_pixels, trajectory, input_id
     noise_seeds = torch.tensor([int(s) + 2 for s in sample_seeds], dtype=torch.int64)
     batch = {"noise_seed": noise_seeds, **{name: trajectory[name] for name in ("traj_t", "traj_x_t", "traj_x_prev")}}
     k = batch["traj_t"].shape[1]
-    inputs = trajectory_inputs(batch, real, table=table, noise_scheduler=noise_scheduler,
-                               generator=torch.Generator(device=device))
+    inputs = trajectory_inputs(
+        batch, real, table=table, noise_scheduler=noise_scheduler, generator=torch.Generator(device=device)
+    )
     prompt_embeds = encode_prompt(text_encoder, input_ids.to(device))
     with autocast():
         err = trajectory_errors(reference, noise_scheduler, inputs, prompt_embeds.to(dtype), k)
     r_real, r_gen = err.float().chunk(2)
-    return {"real_latents": real.half().cpu(), "noise_seed": noise_seeds, "ref_err_real": r_real.cpu(),
-            "ref_err_gen": r_gen.cpu(), "prompt_embeds": prompt_embeds.cpu()}
+    return {
+        "real_latents": real.half().cpu(),
+        "noise_seed": noise_seeds,
+        "ref_err_real": r_real.cpu(),
+        "ref_err_gen": r_gen.cpu(),
+        "prompt_embeds": prompt_embeds.cpu(),
+    }

@@ -1,5 +1,6 @@
 """The start shared by the training scripts: the Accelerator (precision, accumulation, trackers, logging)
-and the frozen Stable Diffusion components. The training loops themselves stay in the scripts."""
+and the frozen Stable Diffusion components. The training loops themselves stay in the scripts.
+Needs its siblings `args.py` and `models.py`."""
 
 import logging
 import math
@@ -8,11 +9,12 @@ from pathlib import Path
 import torch
 
 from .args import save_args
-from .models import FrozenComponents, ModelError, freeze, load_sd_components, weight_dtype
+from .models import FrozenComponents, ModelError, freeze, load_sd_components, trainable_parameters, weight_dtype
 
 
 def init_run(args):
-    """Accelerator + logging + TF32 + the compile settings; applies --scale_lr (so training_args.json records the lr really used)
+    """Accelerator + logging + TF32 + the compile settings; applies --scale_lr (so training_args.json records the lr
+    really used)
     and writes training_args.json (never the token) on the main process."""
     from datetime import timedelta
 
@@ -24,22 +26,30 @@ def init_run(args):
         gradient_accumulation_steps=args.gradient_accumulation_steps,
         mixed_precision=args.mixed_precision,
         log_with=None if args.report_to == "none" else args.report_to,
-        project_config=ProjectConfiguration(project_dir=str(output_dir), logging_dir=str(output_dir / args.logging_dir)),
+        project_config=ProjectConfiguration(
+            project_dir=str(output_dir), logging_dir=str(output_dir / args.logging_dir)
+        ),
         # the other processes wait while the main one saves and pushes (GBs): longer than torch's 30 min default
         kwargs_handlers=[InitProcessGroupKwargs(timeout=timedelta(seconds=args.ddp_timeout))],
     )
     if getattr(args, "use_ema", False) and accelerator.distributed_type == DistributedType.FSDP:
-        raise ModelError("--use_ema does not work under FSDP (diffusers' EMAModel keeps whole tensors, FSDP shards the "
-                         "weights): drop --use_ema, or launch with DDP or DeepSpeed ZeRO-2")
+        raise ModelError(
+            "--use_ema does not work under FSDP (diffusers' EMAModel keeps whole tensors, FSDP shards the "
+            "weights): drop --use_ema, or launch with DDP or DeepSpeed ZeRO-2"
+        )
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
     if args.allow_tf32:
         torch.backends.cuda.matmul.allow_tf32 = True
-    if args.torch_compile:  # each iteration's UNet, LoRA adapter switch and batch shape adds graphs: keep compiling them
+    if (
+        args.torch_compile
+    ):  # each iteration's UNet, LoRA adapter switch and batch shape adds graphs: keep compiling them
         import torch._dynamo as dynamo
 
         dynamo.config.recompile_limit = max(dynamo.config.recompile_limit, 64)
         if accelerator.is_local_main_process:
-            logging.getLogger(__name__).info("--torch_compile: the first UNet calls compile it (minutes) before they run")
+            logging.getLogger(__name__).info(
+                "--torch_compile: the first UNet calls compile it (minutes) before they run"
+            )
     if args.scale_lr:
         args.learning_rate *= args.gradient_accumulation_steps * args.train_batch_size * accelerator.num_processes
     if accelerator.is_main_process:
@@ -52,8 +62,13 @@ def load_frozen_components(args, accelerator):
     """`FrozenComponents`: the tokenizer, the text encoder and VAE (frozen, on the device in the compute dtype), the
     training noise scheduler and that dtype. No UNet: each script loads the one it trains (`load_unet`)."""
     tokenizer, text_encoder, vae, _, noise_scheduler = load_sd_components(
-        args.pretrained_model_name_or_path, revision=args.revision, variant=args.variant,
-        prediction_type=args.prediction_type, cache_dir=args.cache_dir, with_unet=False)
+        args.pretrained_model_name_or_path,
+        revision=args.revision,
+        variant=args.variant,
+        prediction_type=args.prediction_type,
+        cache_dir=args.cache_dir,
+        with_unet=False,
+    )
     dtype = weight_dtype(accelerator.mixed_precision)
     freeze(text_encoder, vae)
     text_encoder.to(accelerator.device, dtype)
@@ -64,7 +79,6 @@ def load_frozen_components(args, accelerator):
 def optimizer_step(accelerator, model, optimizer, lr_scheduler, max_grad_norm=None):
     """The tail of every micro-step inside `accelerator.accumulate`: clip the gradients on the steps that sync
     them, step the optimizer and the schedule, zero the gradients. Returns the gradient norm (or None)."""
-    from .models import trainable_parameters
 
     grad_norm = None
     if accelerator.sync_gradients and max_grad_norm:
@@ -91,7 +105,8 @@ def check_finite_step(logs, *, where, last_checkpoint, skipped=False, skipped_in
         raise DivergedError(
             f"training diverged at {where}: the fp16 grad scaler skipped {skipped_in_a_row} steps in a row on "
             f"overflow (loss={logs.get('loss')}); the last finite checkpoint is {last_checkpoint}. Use bf16 "
-            f"(--mixed_precision bf16) or a lower --learning_rate")
+            f"(--mixed_precision bf16) or a lower --learning_rate"
+        )
     if skipped:
         return
     bad = [f"{name}={logs[name]}" for name in ("loss", "grad_norm") if name in logs and not math.isfinite(logs[name])]
@@ -100,7 +115,8 @@ def check_finite_step(logs, *, where, last_checkpoint, skipped=False, skipped_in
             f"training diverged at {where}: non-finite {', '.join(bad)}. Nothing from this step was saved or pushed; "
             f"the last finite checkpoint is {last_checkpoint}. Lower --learning_rate or clip harder (a smaller "
             f"--max_grad_norm) and resume from it (a resumed run takes the new rate); if it diverges again, its "
-            f"weights are already damaged: remove the newest checkpoint-N folders and rerun")
+            f"weights are already damaged: remove the newest checkpoint-N folders and rerun"
+        )
 
 
 def model_for_saving(accelerator, model):
@@ -134,7 +150,11 @@ def assert_finite_weights(model, what, accelerator=None):
     `accelerator` (a call every process makes), the verdict is agreed across processes, so a NaN in one rank's
     FSDP/ZeRO shard stops every rank instead of leaving the others waiting in the save."""
     params = list(model.named_parameters())
-    finite = torch.stack([torch.isfinite(_local(p.detach())).all() for _, p in params]).all() if params else torch.tensor(True)
+    finite = (
+        torch.stack([torch.isfinite(_local(p.detach())).all() for _, p in params]).all()
+        if params
+        else torch.tensor(True)
+    )
     if accelerator is not None and accelerator.num_processes > 1:  # any process with a non-finite shard
         finite = accelerator.reduce((~finite).float().to(accelerator.device), "max") == 0
     if finite:

@@ -45,22 +45,55 @@ import numpy as np  # noqa: E402
 
 # The protocol's sizes. "full" is the README's experiment; "demo" is `make demo`; "quick" checks the pipeline (CI).
 PRESETS = {
-    "full": dict(base=dict(pretrain_images=6000, vae_steps=400, pretrain_steps=800),
-                 prompts=None, eval_prompts=None, eval_images=2, eval_steps=10, guidance=3.0,
-                 spin_steps=40, spin_batch=32, gen_steps=10, sft_batch=64, long_factor=2),
-    "demo": dict(base=dict(pretrain_images=3000, vae_steps=200, pretrain_steps=250),
-                 prompts=256, eval_prompts=32, eval_images=1, eval_steps=10, guidance=3.0,
-                 spin_steps=12, spin_batch=32, gen_steps=10, sft_batch=64, long_factor=2),
-    "quick": dict(base=dict(pretrain_images=300, vae_steps=8, pretrain_steps=4),
-                  prompts=16, eval_prompts=6, eval_images=1, eval_steps=2, guidance=3.0,
-                  spin_steps=2, spin_batch=4, gen_steps=2, sft_batch=8, long_factor=2),
+    "full": dict(
+        base=dict(pretrain_images=6000, vae_steps=400, pretrain_steps=800),
+        prompts=None,
+        eval_prompts=None,
+        eval_images=2,
+        eval_steps=10,
+        guidance=3.0,
+        spin_steps=40,
+        spin_batch=32,
+        gen_steps=10,
+        sft_batch=64,
+        long_factor=2,
+    ),
+    "demo": dict(
+        base=dict(pretrain_images=3000, vae_steps=200, pretrain_steps=250),
+        prompts=256,
+        eval_prompts=32,
+        eval_images=1,
+        eval_steps=10,
+        guidance=3.0,
+        spin_steps=12,
+        spin_batch=32,
+        gen_steps=10,
+        sft_batch=64,
+        long_factor=2,
+    ),
+    "quick": dict(
+        base=dict(pretrain_images=300, vae_steps=8, pretrain_steps=4),
+        prompts=16,
+        eval_prompts=6,
+        eval_images=1,
+        eval_steps=2,
+        guidance=3.0,
+        spin_steps=2,
+        spin_batch=4,
+        gen_steps=2,
+        sft_batch=8,
+        long_factor=2,
+    ),
 }
 # Tuned on seed 100 only (see the README's "Does it work?"); the reported seeds are others.
 # SFT tried lr 1e-4, 3e-4, 1e-3, 3e-3; SPIN tried (lr, opponent guidance) 1e-4/3, 3e-4/3, 1e-4/1, 3e-5/3 at beta 5000;
 # each picked by mean toy_attributes over its three checkpoints at SPIN-iteration compute. DPO shares SPIN's loss
 # code and takes SPIN's values (no tuning of its own).
-HPARAMS = {"sft": {"learning_rate": 1e-3}, "spin": {"learning_rate": 3e-5, "beta": 5000.0},
-           "dpo": {"learning_rate": 3e-5, "beta": 5000.0}}
+HPARAMS = {
+    "sft": {"learning_rate": 1e-3},
+    "spin": {"learning_rate": 3e-5, "beta": 5000.0},
+    "dpo": {"learning_rate": 3e-5, "beta": 5000.0},
+}
 METRICS = ("toy_adherence", "toy_attributes", "toy_fd")
 
 
@@ -99,9 +132,25 @@ class Timer:
 
 
 def common_flags(base, cfg, seed, out):
-    return ["--pretrained_model_name_or_path", str(base / "theta0"), "--resolution", str(cfg["resolution"]),
-            "--center_crop", "--seed", str(seed), "--report_to", "none", "--adam_weight_decay", "0",
-            "--lr_scheduler", "constant_with_warmup", "--lr_warmup_steps", "5", "--output_dir", str(out)]
+    return [
+        "--pretrained_model_name_or_path",
+        str(base / "theta0"),
+        "--resolution",
+        str(cfg["resolution"]),
+        "--center_crop",
+        "--seed",
+        str(seed),
+        "--report_to",
+        "none",
+        "--adam_weight_decay",
+        "0",
+        "--lr_scheduler",
+        "constant_with_warmup",
+        "--lr_warmup_steps",
+        "5",
+        "--output_dir",
+        str(out),
+    ]
 
 
 def run_sft(base, cfg, seed, out, steps, every, hp):
@@ -109,28 +158,90 @@ def run_sft(base, cfg, seed, out, steps, every, hp):
 
     if (out / "model_index.json").exists():
         return
-    train_sft.main(train_sft.parse_args(common_flags(base, cfg, seed, out) + [
-        "--dataset_name", str(cfg["finetune"]), "--image_column", "image", "--cache_latents",
-        "--train_batch_size", str(cfg["sft_batch"]), "--max_train_steps", str(steps), "--checkpointing_steps", str(every),
-        "--learning_rate", str(hp["learning_rate"]), "--resume_from_checkpoint", "latest",
-        "--num_validation_images", "4", "--validation_num_inference_steps", str(cfg["eval_steps"])]))
+    train_sft.main(
+        train_sft.parse_args(
+            common_flags(base, cfg, seed, out)
+            + [
+                "--dataset_name",
+                str(cfg["finetune"]),
+                "--image_column",
+                "image",
+                "--cache_latents",
+                "--train_batch_size",
+                str(cfg["sft_batch"]),
+                "--max_train_steps",
+                str(steps),
+                "--checkpointing_steps",
+                str(every),
+                "--learning_rate",
+                str(hp["learning_rate"]),
+                "--resume_from_checkpoint",
+                "latest",
+                "--num_validation_images",
+                "4",
+                "--validation_num_inference_steps",
+                str(cfg["eval_steps"]),
+            ]
+        )
+    )
 
 
-def spin_flags(base, cfg, seed, out, steps, every, hp, iterations, negative="self"):
-    return common_flags(base, cfg, seed, out) + [
-        "--dataset_name", str(cfg["finetune_pickapic"]), "--num_iterations", str(iterations),
-        "--negative_source", negative, "--beta", str(hp["beta"]), "--learning_rate", str(hp["learning_rate"]),
-        "--train_batch_size", str(cfg["spin_batch"]), "--max_train_steps", str(steps), "--checkpointing_steps", str(every),
-        "--gen_num_inference_steps", str(cfg["gen_steps"]), "--gen_guidance_scale", str(hp.get("gen_guidance_scale", cfg["guidance"])),
-        "--gen_batch_size", "64", "--gen_shard_size", "512"]
+# the spin-traj arm: SPIN with the exact (trajectory) objective, one stored step of a stochastic DDIM chain per sample
+TRAJECTORY_FLAGS = [
+    "--spin_objective",
+    "trajectory",
+    "--gen_scheduler",
+    "ddim",
+    "--gen_eta",
+    "1.0",
+    "--trajectory_steps",
+    "1",
+]
 
 
-def run_spin(base, cfg, seed, out, steps, every, hp, iterations, negative="self"):
+def spin_flags(base, cfg, seed, out, steps, every, hp, iterations, negative="self", extra=()):
+    return (
+        common_flags(base, cfg, seed, out)
+        + list(extra)
+        + [
+            "--dataset_name",
+            str(cfg["finetune_pickapic"]),
+            "--num_iterations",
+            str(iterations),
+            "--negative_source",
+            negative,
+            "--beta",
+            str(hp["beta"]),
+            "--learning_rate",
+            str(hp["learning_rate"]),
+            "--train_batch_size",
+            str(cfg["spin_batch"]),
+            "--max_train_steps",
+            str(steps),
+            "--checkpointing_steps",
+            str(every),
+            "--gen_num_inference_steps",
+            str(cfg["gen_steps"]),
+            "--gen_guidance_scale",
+            str(hp.get("gen_guidance_scale", cfg["guidance"])),
+            "--gen_batch_size",
+            "64",
+            "--gen_shard_size",
+            "512",
+        ]
+    )
+
+
+def run_spin(base, cfg, seed, out, steps, every, hp, iterations, negative="self", extra=()):
     import train_spin_diffusion
 
     if (out / f"iter_{iterations}" / "model_index.json").exists():
         return
-    train_spin_diffusion.main(train_spin_diffusion.parse_args(spin_flags(base, cfg, seed, out, steps, every, hp, iterations, negative)))
+    train_spin_diffusion.main(
+        train_spin_diffusion.parse_args(
+            spin_flags(base, cfg, seed, out, steps, every, hp, iterations, negative, extra)
+        )
+    )
 
 
 def run_spin_long(base, cfg, seed, spin_out, out, steps, every, hp):
@@ -151,11 +262,34 @@ def evaluate(base, cfg, models, out, seed=0):
     """evaluate.py on the held-out prompts with the toy judges; returns its results."""
     import evaluate as ev
 
-    flags = ["--prompts", str(cfg["eval_prompts_file"]), "--metrics", ",".join(METRICS), "--toy_judge", str(base / "judge"),
-             "--base_model", str(base / "theta0"), "--resolution", str(cfg["resolution"]),
-             "--num_inference_steps", str(cfg["eval_steps"]), "--guidance_scale", str(cfg["guidance"]),
-             "--num_images_per_prompt", str(cfg["eval_images"]), "--batch_size", "96", "--seed", str(seed),
-             "--output_dir", str(out), "--grid_prompts", "8", "--bootstrap_resamples", "200"]
+    flags = [
+        "--prompts",
+        str(cfg["eval_prompts_file"]),
+        "--metrics",
+        ",".join(METRICS),
+        "--toy_judge",
+        str(base / "judge"),
+        "--base_model",
+        str(base / "theta0"),
+        "--resolution",
+        str(cfg["resolution"]),
+        "--num_inference_steps",
+        str(cfg["eval_steps"]),
+        "--guidance_scale",
+        str(cfg["guidance"]),
+        "--num_images_per_prompt",
+        str(cfg["eval_images"]),
+        "--batch_size",
+        "96",
+        "--seed",
+        str(seed),
+        "--output_dir",
+        str(out),
+        "--grid_prompts",
+        "8",
+        "--bootstrap_resamples",
+        "200",
+    ]
     if cfg["eval_prompts"]:
         flags += ["--max_prompts", str(cfg["eval_prompts"])]
     for name, path in models.items():
@@ -173,9 +307,27 @@ def run_seeds_in_parallel(args, base, out):
     from concurrent.futures import ThreadPoolExecutor
 
     def work(seed):
-        cmd = [sys.executable, __file__, "--seeds", str(seed), "--output_dir", str(out), "--base_dir", str(base),
-               "--preset", args.preset, "--arms", ",".join(args.arms), "--eval_seed", str(args.eval_seed),
-               "--threads", "1", "--resolution", str(args.resolution), "--seed_only"] + (["--hparams", args.hparams] if args.hparams else [])
+        cmd = [
+            sys.executable,
+            __file__,
+            "--seeds",
+            str(seed),
+            "--output_dir",
+            str(out),
+            "--base_dir",
+            str(base),
+            "--preset",
+            args.preset,
+            "--arms",
+            ",".join(args.arms),
+            "--eval_seed",
+            str(args.eval_seed),
+            "--threads",
+            "1",
+            "--resolution",
+            str(args.resolution),
+            "--seed_only",
+        ] + (["--hparams", args.hparams] if args.hparams else [])
         logfile = out / f"seed_{seed}.log"
         with open(logfile, "w") as f:
             code = subprocess.call(cmd, stdout=f, stderr=subprocess.STDOUT)
@@ -208,10 +360,20 @@ def run_seed(base, cfg, seed, out, timer, hparams, arms=("sft", "spin", "spin-lo
     timer.run(f"seed{seed}/sft", lambda: run_sft(base, cfg, seed, d / "sft", sft_steps, sft_every, hparams["sft"]))
     timer.run(f"seed{seed}/spin", lambda: run_spin(base, cfg, seed, d / "spin", S, half, hparams["spin"], 3))
     if "spin-long" in arms:
-        timer.run(f"seed{seed}/spin-long", lambda: run_spin_long(base, cfg, seed, d / "spin", d / "spin-long", long_steps, half,
-                                                                 hparams["spin"]))
+        timer.run(
+            f"seed{seed}/spin-long",
+            lambda: run_spin_long(base, cfg, seed, d / "spin", d / "spin-long", long_steps, half, hparams["spin"]),
+        )
+    if "spin-traj" in arms:  # the same budget as spin: steps, pairs, sampler steps; spin's hyperparameters
+        timer.run(
+            f"seed{seed}/spin-traj",
+            lambda: run_spin(base, cfg, seed, d / "spin-traj", S, half, hparams["spin"], 3, extra=TRAJECTORY_FLAGS),
+        )
     if "dpo" in arms:
-        timer.run(f"seed{seed}/dpo", lambda: run_spin(base, cfg, seed, d / "dpo", dpo_steps, dpo_every, hparams["dpo"], 1, "dataset"))
+        timer.run(
+            f"seed{seed}/dpo",
+            lambda: run_spin(base, cfg, seed, d / "dpo", dpo_steps, dpo_every, hparams["dpo"], 1, "dataset"),
+        )
 
     # The checkpoints to evaluate: name -> (path, row fields)
     models = {"base": (base / "theta0", dict(arm="base", iteration=0, epoch=0.0, compute=0))}
@@ -219,28 +381,67 @@ def run_seed(base, cfg, seed, out, timer, hparams, arms=("sft", "spin", "spin-lo
         path = d / "sft" / f"checkpoint-{step}" if step < sft_steps else d / "sft"
         if step < sft_steps and not path.exists():
             continue
-        models[f"sft-{step}"] = (path, dict(arm="sft", iteration=None, epoch=step * cfg["sft_batch"] / n_prompts,
-                                            compute=compute_sft(step, cfg["sft_batch"])))
+        models[f"sft-{step}"] = (
+            path,
+            dict(
+                arm="sft",
+                iteration=None,
+                epoch=step * cfg["sft_batch"] / n_prompts,
+                compute=compute_sft(step, cfg["sft_batch"]),
+            ),
+        )
     for k in (1, 2, 3):
         for step, path in ((half, d / "spin" / f"iter_{k}" / f"checkpoint-{half}"), (S, d / "spin" / f"iter_{k}")):
-            models[f"spin{k}-{step}"] = (path, dict(arm="spin", iteration=k, epoch=((k - 1) * S + step) * epochs_per_step,
-                                                    compute=(k - 1) * per_iter + gen + compute_pairs(step, cfg["spin_batch"])))
+            models[f"spin{k}-{step}"] = (
+                path,
+                dict(
+                    arm="spin",
+                    iteration=k,
+                    epoch=((k - 1) * S + step) * epochs_per_step,
+                    compute=(k - 1) * per_iter + gen + compute_pairs(step, cfg["spin_batch"]),
+                ),
+            )
+    for k in (1, 2, 3) if "spin-traj" in arms else ():  # K = 1 stored step: a pair costs what spin's does
+        models[f"spintraj{k}-{S}"] = (
+            d / "spin-traj" / f"iter_{k}",
+            dict(arm="spin-trajectory", iteration=k, epoch=k * S * epochs_per_step, compute=k * per_iter),
+        )
     for step in range(S + half, long_steps + 1, half) if "spin-long" in arms else ():
         path = d / "spin-long" / "iter_1" / f"checkpoint-{step}" if step < long_steps else d / "spin-long" / "iter_1"
-        models[f"long-{step}"] = (path, dict(arm="spin-iter1-continued", iteration=1, epoch=step * epochs_per_step,
-                                             compute=gen + compute_pairs(step, cfg["spin_batch"])))
+        models[f"long-{step}"] = (
+            path,
+            dict(
+                arm="spin-iter1-continued",
+                iteration=1,
+                epoch=step * epochs_per_step,
+                compute=gen + compute_pairs(step, cfg["spin_batch"]),
+            ),
+        )
     for step in range(dpo_every, dpo_steps + 1, dpo_every) if "dpo" in arms else ():
         path = d / "dpo" / "iter_1" / f"checkpoint-{step}" if step < dpo_steps else d / "dpo" / "iter_1"
-        models[f"dpo-{step}"] = (path, dict(arm="dpo", iteration=None, epoch=step * epochs_per_step,
-                                            compute=compute_pairs(step, cfg["spin_batch"])))
-    results = timer.run(f"seed{seed}/evaluate", lambda: evaluate(base, cfg, {n: p for n, (p, _) in models.items()}, d / "eval",
-                                                                     eval_seed))
+        models[f"dpo-{step}"] = (
+            path,
+            dict(
+                arm="dpo", iteration=None, epoch=step * epochs_per_step, compute=compute_pairs(step, cfg["spin_batch"])
+            ),
+        )
+    results = timer.run(
+        f"seed{seed}/evaluate",
+        lambda: evaluate(base, cfg, {n: p for n, (p, _) in models.items()}, d / "eval", eval_seed),
+    )
     rows = []
     per_prompt = results["per_prompt"]
     for name, (_, fields) in models.items():
         metrics = {k: v.get("mean", v.get("value")) for k, v in results["summary"][name].items() if k in METRICS}
-        rows.append(fields | {"seed": seed, "model": name, "metrics": metrics,
-                              "per_prompt": {k: [p["scores"][name][k] for p in per_prompt] for k in METRICS if k != "toy_fd"}})
+        rows.append(
+            fields
+            | {
+                "seed": seed,
+                "model": name,
+                "metrics": metrics,
+                "per_prompt": {k: [p["scores"][name][k] for p in per_prompt] for k in METRICS if k != "toy_fd"},
+            }
+        )
     return rows
 
 
@@ -306,20 +507,30 @@ def matched_sft(rows, compute):
 
 def report(rows, out, cfg, seeds):
     g = group(rows)
-    order = sorted(g, key=lambda m: (["base", "sft", "spin", "spin-iter1-continued", "dpo"].index(g[m][0]["arm"]), g[m][0]["compute"]))
+    order = sorted(
+        g,
+        key=lambda m: (
+            ["base", "sft", "spin", "spin-trajectory", "spin-iter1-continued", "dpo"].index(g[m][0]["arm"]),
+            g[m][0]["compute"],
+        ),
+    )
     fmt = lambda v, ci, d=3: f"{v:.{d}f} [{ci[0]:.{d}f}, {ci[1]:.{d}f}]"  # noqa: E731
-    md = [f"# SPIN-Diffusion in the toy world: seeds {', '.join(map(str, seeds))}\n",
-          f"{cfg['n_finetune']} fine-tuning prompts (one image each), {cfg['n_eval']} held-out prompts x "
-          f"{cfg['eval_images']} images. Means with 95% CIs: two-level bootstrap over seeds and prompts "
-          "(adherence, attributes), t-interval over seeds (FD, lower is better). Compute: UNet forward-equivalents "
-          "per sample, generation included (see run.py).\n",
-          "| checkpoint | arm | iteration | epochs | compute (k) | adherence | attributes | FD |",
-          "|---|---|---|---|---|---|---|---|"]
+    md = [
+        f"# SPIN-Diffusion in the toy world: seeds {', '.join(map(str, seeds))}\n",
+        f"{cfg['n_finetune']} fine-tuning prompts (one image each), {cfg['n_eval']} held-out prompts x "
+        f"{cfg['eval_images']} images. Means with 95% CIs: two-level bootstrap over seeds and prompts "
+        "(adherence, attributes), t-interval over seeds (FD, lower is better). Compute: UNet forward-equivalents "
+        "per sample, generation included (see run.py).\n",
+        "| checkpoint | arm | iteration | epochs | compute (k) | adherence | attributes | FD |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
     for m in order:
         r0, d = g[m][0], describe(g[m])
-        md.append(f"| {m} | {r0['arm']} | {r0['iteration'] if r0['iteration'] is not None else '-'} | {r0['epoch']:.1f} | "
-                  f"{r0['compute'] / 1e3:.0f} | {fmt(*d['toy_adherence'])} | {fmt(*d['toy_attributes'])} | "
-                  f"{fmt(*d['toy_fd'], d=2)} |")
+        md.append(
+            f"| {m} | {r0['arm']} | {r0['iteration'] if r0['iteration'] is not None else '-'} | {r0['epoch']:.1f} | "
+            f"{r0['compute'] / 1e3:.0f} | {fmt(*d['toy_adherence'])} | {fmt(*d['toy_attributes'])} | "
+            f"{fmt(*d['toy_fd'], d=2)} |"
+        )
     S = cfg["spin_steps"]
     last = lambda k: f"spin{k}-{S}"  # noqa: E731
     claims = []
@@ -329,26 +540,56 @@ def report(rows, out, cfg, seeds):
     dpo = {r["model"]: r["compute"] for r in rows if r["arm"] == "dpo"}
     if dpo:
         near = min(dpo, key=lambda m: abs(dpo[m] - g[last(3)][0]["compute"]))
-        claims.append((f"SPIN iteration 3 beats Diffusion-DPO at matched compute ({last(3)} vs {near})", last(3), near))
-    claims += [("iteration 2 beats iteration 1", last(2), last(1)),
-               ("iteration 3 beats iteration 2", last(3), last(2))]
+        claims.append(
+            (f"SPIN iteration 3 beats Diffusion-DPO at matched compute ({last(3)} vs {near})", last(3), near)
+        )
+    claims += [
+        ("iteration 2 beats iteration 1", last(2), last(1)),
+        ("iteration 3 beats iteration 2", last(3), last(2)),
+    ]
+    for k in (1, 2, 3):
+        if f"spintraj{k}-{S}" in g:
+            claims.append(
+                (
+                    f"the trajectory objective beats the approximate one, iteration {k}, matched compute",
+                    f"spintraj{k}-{S}",
+                    last(k),
+                )
+            )
     long_end = f"long-{cfg['long_factor'] * S}"
     if long_end in g:
-        claims += [("Fig. 5: iteration 1 continued improves on iteration 1 (no plateau if > 0)", long_end, last(1)),
-                   ("Fig. 5: iteration 2 beats iteration 1 continued, same epochs", last(2), long_end)]
-    md += ["", "## The paper's claims, as paired differences (a - b) on the same seeds and prompts", "",
-           "A claim holds when the 95% CI of its attributes difference is above 0 (the primary metric: strict adherence is "
-           "near its floor for every model at this size); the other columns are reported beside it.", "",
-           "| claim | attributes a - b | adherence a - b | FD a - b (negative: a better) | holds |",
-           "|---|---|---|---|---|"]
+        claims += [
+            ("Fig. 5: iteration 1 continued improves on iteration 1 (no plateau if > 0)", long_end, last(1)),
+            ("Fig. 5: iteration 2 beats iteration 1 continued, same epochs", last(2), long_end),
+        ]
+    md += [
+        "",
+        "## The paper's claims, as paired differences (a - b) on the same seeds and prompts",
+        "",
+        "A claim holds when the 95% CI of its attributes difference is above 0 "
+        "(the primary metric: strict adherence is "
+        "near its floor for every model at this size); the other columns are reported beside it.",
+        "",
+        "| claim | attributes a - b | adherence a - b | FD a - b (negative: a better) | holds |",
+        "|---|---|---|---|---|",
+    ]
     claim_rows = []
     for text, a, b in claims:
         diffs = {k: claim(rows, a, b, k) for k in METRICS}
         holds = diffs["toy_attributes"][1][0] > 0
-        claim_rows.append({"claim": text, "a": a, "b": b, "diff": {k: {"mean": v[0], "ci95": v[1]} for k, v in diffs.items()},
-                           "holds": holds})
-        md.append(f"| {text} | {fmt(*diffs['toy_attributes'])} | {fmt(*diffs['toy_adherence'])} | "
-                  f"{fmt(*diffs['toy_fd'], d=2)} | {'yes' if holds else 'no'} |")
+        claim_rows.append(
+            {
+                "claim": text,
+                "a": a,
+                "b": b,
+                "diff": {k: {"mean": v[0], "ci95": v[1]} for k, v in diffs.items()},
+                "holds": holds,
+            }
+        )
+        md.append(
+            f"| {text} | {fmt(*diffs['toy_attributes'])} | {fmt(*diffs['toy_adherence'])} | "
+            f"{fmt(*diffs['toy_fd'], d=2)} | {'yes' if holds else 'no'} |"
+        )
     (out / "results.md").write_text("\n".join(md) + "\n")
     return claim_rows
 
@@ -369,7 +610,10 @@ def plots(rows, out, cfg):
 
     # Fig. 5: adherence against epochs; iteration 1 continued against iterations 2 and 3.
     fig, axes = plt.subplots(1, 2, figsize=(12, 4.2))
-    for ax, metric, label in ((axes[0], "toy_attributes", "prompt attributes right (held-out)"), (axes[1], "toy_fd", "FD (lower is better)")):
+    for ax, metric, label in (
+        (axes[0], "toy_attributes", "prompt attributes right (held-out)"),
+        (axes[1], "toy_fd", "FD (lower is better)"),
+    ):
         base = describe(g["base"])[metric][0]
         for arm, colour in (("spin", "C0"), ("spin-iter1-continued", "C1")):
             names, xs, stats = series(arm, "epoch")
@@ -378,16 +622,24 @@ def plots(rows, out, cfg):
                 names, xs, stats = first + names, [g[first[0]][0]["epoch"]] + xs, [describe(g[first[0]])] + stats
             ys = [s[metric][0] for s in stats]
             err = [[y - s[metric][1][0] for y, s in zip(ys, stats)], [s[metric][1][1] - y for y, s in zip(ys, stats)]]
-            ax.errorbar([0] + xs if arm == "spin" else xs, [base] + ys if arm == "spin" else ys,
-                        yerr=[[0] + err[0], [0] + err[1]] if arm == "spin" else err, marker="o", capsize=3, color=colour,
-                        label="SPIN (iterations 1, 2, 3)" if arm == "spin" else "SPIN iteration 1 continued")
+            ax.errorbar(
+                [0] + xs if arm == "spin" else xs,
+                [base] + ys if arm == "spin" else ys,
+                yerr=[[0] + err[0], [0] + err[1]] if arm == "spin" else err,
+                marker="o",
+                capsize=3,
+                color=colour,
+                label="SPIN (iterations 1, 2, 3)" if arm == "spin" else "SPIN iteration 1 continued",
+            )
         per_iter = cfg["spin_steps"] * cfg["spin_batch"] / cfg["n_finetune"]
         for k in (1, 2):
             ax.axvline(k * per_iter, color="gray", linestyle=":", linewidth=1)
         ax.set_xlabel("epochs over the fine-tuning prompts")
         ax.set_ylabel(label)
         ax.legend()
-    fig.suptitle("More epochs in iteration 1 against starting iteration 2 (cf. the paper's Fig. 5); dotted: iteration ends")
+    fig.suptitle(
+        "More epochs in iteration 1 against starting iteration 2 (cf. the paper's Fig. 5); dotted: iteration ends"
+    )
     fig.savefig(out / "fig5_epochs.png", dpi=100, bbox_inches="tight")
     plt.close(fig)
 
@@ -395,14 +647,20 @@ def plots(rows, out, cfg):
     fig, axes = plt.subplots(1, 2, figsize=(12, 4.2))
     S = cfg["spin_steps"]
     dpo = {m: g[m][0]["compute"] for m in g if g[m][0]["arm"] == "dpo"}
-    for ax, metric, label in ((axes[0], "toy_attributes", "prompt attributes right (held-out)"), (axes[1], "toy_fd", "FD (lower is better)")):
+    for ax, metric, label in (
+        (axes[0], "toy_attributes", "prompt attributes right (held-out)"),
+        (axes[1], "toy_fd", "FD (lower is better)"),
+    ):
         width = 0.27
         for j, (arm, colour) in enumerate((("sft", "C2"), ("dpo", "C3"), ("spin", "C0"))):
             xs, ys, lo, hi = [], [], [], []
             for k in (1, 2, 3):
                 compute = g[f"spin{k}-{S}"][0]["compute"]
-                m = {"spin": f"spin{k}-{S}", "sft": matched_sft(rows, compute),
-                     "dpo": min(dpo, key=lambda n: abs(dpo[n] - compute)) if dpo else None}[arm]
+                m = {
+                    "spin": f"spin{k}-{S}",
+                    "sft": matched_sft(rows, compute),
+                    "dpo": min(dpo, key=lambda n: abs(dpo[n] - compute)) if dpo else None,
+                }[arm]
                 if m is None:
                     continue
                 v, ci = describe(g[m])[metric]
@@ -410,8 +668,15 @@ def plots(rows, out, cfg):
                 ys.append(v)
                 lo.append(v - ci[0])
                 hi.append(ci[1] - v)
-            ax.bar(xs, ys, width, yerr=[lo, hi], capsize=3, color=colour,
-                   label={"sft": "continued SFT", "dpo": "Diffusion-DPO", "spin": "SPIN"}[arm])
+            ax.bar(
+                xs,
+                ys,
+                width,
+                yerr=[lo, hi],
+                capsize=3,
+                color=colour,
+                label={"sft": "continued SFT", "dpo": "Diffusion-DPO", "spin": "SPIN"}[arm],
+            )
         ax.axhline(describe(g["base"])[metric][0], color="gray", linestyle="--", linewidth=1, label="theta_0")
         ax.set_xticks([1, 2, 3], ["iteration 1", "iteration 2", "iteration 3"])
         ax.set_ylabel(label)
@@ -428,20 +693,39 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     p.add_argument("--output_dir", required=True)
-    p.add_argument("--base_dir", default=None, help="Where theta_0 and the judge are (built there if missing). Default: OUTPUT_DIR/base.")
+    p.add_argument(
+        "--base_dir",
+        default=None,
+        help="Where theta_0 and the judge are (built there if missing). Default: OUTPUT_DIR/base.",
+    )
     p.add_argument("--preset", choices=sorted(PRESETS), default="full")
-    p.add_argument("--hparams", default=None, help="JSON file overriding HPARAMS ({arm: {learning_rate, beta}}), for tuning runs.")
-    p.add_argument("--resolution", type=int, default=32, help="Image size of the world (a multiple of 8; latents are 1/4 of it).")
+    p.add_argument(
+        "--hparams", default=None, help="JSON file overriding HPARAMS ({arm: {learning_rate, beta}}), for tuning runs."
+    )
+    p.add_argument(
+        "--resolution", type=int, default=32, help="Image size of the world (a multiple of 8; latents are 1/4 of it)."
+    )
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice).")
-    p.add_argument("--arms", default="sft,spin,spin-long,dpo", help="Comma-separated arms to run (tuning runs use sft,spin).")
-    p.add_argument("--eval_seed", type=int, default=0, help="Seed of the evaluation images (the same for every model).")
-    p.add_argument("--jobs", type=int, default=3, help="Seeds run in parallel worker processes of one thread each (1: in this process).")
-    p.add_argument("--seed_only", action="store_true", help=argparse.SUPPRESS)  # a worker of --jobs: its seeds, no report
+    p.add_argument(
+        "--arms", default="sft,spin,spin-long,dpo", help="Comma-separated arms to run (tuning runs use sft,spin)."
+    )
+    p.add_argument(
+        "--eval_seed", type=int, default=0, help="Seed of the evaluation images (the same for every model)."
+    )
+    p.add_argument(
+        "--jobs",
+        type=int,
+        default=3,
+        help="Seeds run in parallel worker processes of one thread each (1: in this process).",
+    )
+    p.add_argument(
+        "--seed_only", action="store_true", help=argparse.SUPPRESS
+    )  # a worker of --jobs: its seeds, no report
     args = p.parse_args(argv)
     args.arms = [a.strip() for a in args.arms.split(",") if a.strip()]
-    unknown = set(args.arms) - {"sft", "spin", "spin-long", "dpo"}
+    unknown = set(args.arms) - {"sft", "spin", "spin-long", "dpo", "spin-traj"}
     if unknown or "sft" not in args.arms or "spin" not in args.arms:
-        p.error(f"--arms: sft and spin are required; the others are spin-long, dpo (got {args.arms})")
+        p.error(f"--arms: sft and spin are required; the others are spin-long, dpo, spin-traj (got {args.arms})")
     if args.resolution < 16 or args.resolution % 8:
         p.error(f"--resolution must be a multiple of 8 and at least 16, got {args.resolution}")
     if len(set(args.seeds)) != len(args.seeds):
@@ -450,9 +734,8 @@ def parse_args(argv=None):
 
 
 def main(args):
-    import torch
-
     import build_base
+    import torch
 
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -468,7 +751,12 @@ def main(args):
     t0 = time.time()
     built = timer.run("base", lambda: build_base.build(base, args.resolution, seed=0, **preset["base"]))
     data = base / "data"
-    cfg = dict(preset, resolution=args.resolution, finetune=data / "finetune.parquet", finetune_pickapic=data / "finetune_pickapic.parquet")
+    cfg = dict(
+        preset,
+        resolution=args.resolution,
+        finetune=data / "finetune.parquet",
+        finetune_pickapic=data / "finetune_pickapic.parquet",
+    )
     eval_prompts = (data / "eval_prompts.txt").read_text().split("\n")
     eval_prompts = [p for p in eval_prompts if p][: preset["eval_prompts"] or None]
     cfg["eval_prompts_file"] = data / "eval_prompts.txt"
@@ -478,7 +766,9 @@ def main(args):
 
         for key in ("finetune", "finetune_pickapic"):
             small = out / f"{key}_{preset['prompts']}.parquet"
-            datasets.load_dataset("parquet", data_files=str(cfg[key]), split="train").select(range(preset["prompts"])).to_parquet(small)
+            datasets.load_dataset("parquet", data_files=str(cfg[key]), split="train").select(
+                range(preset["prompts"])
+            ).to_parquet(small)
             cfg[key] = small
         n_finetune = preset["prompts"]
     cfg |= {"n_finetune": n_finetune, "n_eval": len(eval_prompts)}
@@ -487,17 +777,26 @@ def main(args):
     if args.jobs > 1 and len(args.seeds) > 1:
         run_seeds_in_parallel(args, base, out)
     rows = []
-    made_with = {"preset": args.preset, "resolution": args.resolution, "hparams": hparams, "arms": args.arms,
-                 "eval_seed": args.eval_seed, "base": str(base.resolve())}
+    made_with = {
+        "preset": args.preset,
+        "resolution": args.resolution,
+        "hparams": hparams,
+        "arms": args.arms,
+        "eval_seed": args.eval_seed,
+        "base": str(base.resolve()),
+    }
     for seed in args.seeds:
         done = out / f"seed_{seed}" / "rows.json"  # a seed's rows: written when it is complete (a rerun skips it)
         if not done.exists():
-            seed_rows = run_seed(base, cfg, seed, out, Timer(out / f"seed_{seed}" / "timings.json"), hparams, args.arms,
-                                 args.eval_seed)
+            seed_rows = run_seed(
+                base, cfg, seed, out, Timer(out / f"seed_{seed}" / "timings.json"), hparams, args.arms, args.eval_seed
+            )
             done.write_text(json.dumps({"made_with": made_with, "rows": seed_rows}) + "\n")
         saved = json.loads(done.read_text())
         if saved["made_with"] != json.loads(json.dumps(made_with)):
-            raise SystemExit(f"error: {done} was made with other settings ({saved['made_with']}); use another --output_dir")
+            raise SystemExit(
+                f"error: {done} was made with other settings ({saved['made_with']}); use another --output_dir"
+            )
         rows += saved["rows"]
         timer.data |= json.loads((out / f"seed_{seed}" / "timings.json").read_text())  # keys: seedN/phase
         log(f"seed {seed} done ({time.time() - t0:.0f} s so far)")
@@ -506,16 +805,28 @@ def main(args):
     claims = report(rows, out, cfg, args.seeds)
     plots(rows, out, cfg)
     shutil.copy(out / f"seed_{args.seeds[0]}" / "eval" / "grid.png", out / "grid.png")
-    results = {"seeds": args.seeds, "preset": args.preset, "hparams": hparams, "base": built,
-               "config": {k: str(v) if isinstance(v, Path) else v for k, v in cfg.items()},
-               "compute_unit": "UNet forward-equivalents per sample (backward = 2 forwards); SFT step 3 x batch; "
-                               "SPIN/DPO step 8 x pairs; generation prompts x steps x 2 (CFG)",
-               "runs": [{k: r[k] for k in ("arm", "seed", "iteration", "epoch", "compute", "metrics", "model")} for r in rows],
-               "per_prompt": [{k: r[k] for k in ("model", "seed", "per_prompt")} for r in rows],
-               "claims": claims, "timings_s": timer.data, "wall_s": round(time.time() - t0, 1)}
+    results = {
+        "seeds": args.seeds,
+        "preset": args.preset,
+        "hparams": hparams,
+        "base": built,
+        "config": {k: str(v) if isinstance(v, Path) else v for k, v in cfg.items()},
+        "compute_unit": "UNet forward-equivalents per sample (backward = 2 forwards); SFT step 3 x batch; "
+        "SPIN/DPO step 8 x pairs; generation prompts x steps x 2 (CFG)",
+        "runs": [
+            {k: r[k] for k in ("arm", "seed", "iteration", "epoch", "compute", "metrics", "model")} for r in rows
+        ],
+        "per_prompt": [{k: r[k] for k in ("model", "seed", "per_prompt")} for r in rows],
+        "claims": claims,
+        "timings_s": timer.data,
+        "wall_s": round(time.time() - t0, 1),
+    }
     (out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
     print((out / "results.md").read_text())
-    print(f"wrote {out}/results.json, results.md, fig5_epochs.png, fig3_iterations.png, grid.png in {time.time() - t0:.0f} s")
+    print(
+        f"wrote {out}/results.json, results.md, fig5_epochs.png, fig3_iterations.png, grid.png "
+        f"in {time.time() - t0:.0f} s"
+    )
     return results
 
 

@@ -18,7 +18,12 @@ from pathlib import Path
 
 import numpy as np
 
-COLOURS = {"red": (0.86, 0.16, 0.16), "green": (0.16, 0.72, 0.22), "blue": (0.22, 0.36, 0.95), "yellow": (0.95, 0.86, 0.18)}
+COLOURS = {
+    "red": (0.86, 0.16, 0.16),
+    "green": (0.16, 0.72, 0.22),
+    "blue": (0.22, 0.36, 0.95),
+    "yellow": (0.95, 0.86, 0.18),
+}
 SHAPES = ("circle", "square", "triangle")
 POSITIONS = ("left", "right", "top", "bottom")
 RELATIONS = ("above", "below", "left of", "right of")
@@ -28,14 +33,26 @@ SUPERSAMPLE = 4  # shapes are drawn at 4x and averaged down: smooth edges
 
 def world_spec():
     """What the judge needs to parse captions and drawings (written to world.json)."""
-    return {"colours": COLOURS, "shapes": list(SHAPES), "positions": list(POSITIONS), "relations": list(RELATIONS),
-            "background": BACKGROUND}
+    return {
+        "colours": COLOURS,
+        "shapes": list(SHAPES),
+        "positions": list(POSITIONS),
+        "relations": list(RELATIONS),
+        "background": BACKGROUND,
+    }
 
 
 def all_captions():
     single = [f"a {c} {s} on the {p}" for c in COLOURS for s in SHAPES for p in POSITIONS]
-    pairs = [f"a {c1} {s1} {r} a {c2} {s2}" for c1 in COLOURS for s1 in SHAPES for r in RELATIONS
-             for c2 in COLOURS for s2 in SHAPES if c1 != c2]
+    pairs = [
+        f"a {c1} {s1} {r} a {c2} {s2}"
+        for c1 in COLOURS
+        for s1 in SHAPES
+        for r in RELATIONS
+        for c2 in COLOURS
+        for s2 in SHAPES
+        if c1 != c2
+    ]
     return single + pairs
 
 
@@ -80,7 +97,9 @@ def _placements(scene, rng, size):
                 continue  # the two shapes would touch
             dx, dy = x1 - x2, y1 - y2  # object 1 relative to object 2
             want = {"left of": "left", "right of": "right", "above": "top", "below": "bottom"}[scene["relation"]]
-        axis, sign = (dx, -1 if want == "left" else 1) if want in ("left", "right") else (dy, -1 if want == "top" else 1)
+        axis, sign = (
+            (dx, -1 if want == "left" else 1) if want in ("left", "right") else (dy, -1 if want == "top" else 1)
+        )
         other = dy if want in ("left", "right") else dx
         if axis * sign >= 0.18 * size and abs(axis) >= 1.6 * abs(other):
             return cs, rs
@@ -129,8 +148,14 @@ def vague_caption(caption, rng):
         (c, s), p = objects[0], scene["position"]
         return rng.choice([f"a {c} {s}", f"a {s} on the {p}", f"a {c} shape on the {p}", f"a {s}"])
     (c1, s1), (c2, s2) = objects
-    return rng.choice([f"a {c1} {s1} and a {c2} {s2}", f"a {c1} shape {scene['relation']} a {c2} shape",
-                       f"a {s1} {scene['relation']} a {s2}", "two shapes"])
+    return rng.choice(
+        [
+            f"a {c1} {s1} and a {c2} {s2}",
+            f"a {c1} shape {scene['relation']} a {c2} shape",
+            f"a {s1} {scene['relation']} a {s2}",
+            "two shapes",
+        ]
+    )
 
 
 # ----------------------------------------------------------------------------- datasets
@@ -154,16 +179,16 @@ def split_captions(seed=0, eval_fraction=0.2):
 
 def build_datasets(output_dir, size=32, pretrain_images=6000, finetune_per_caption=1, seed=0):
     """Write into output_dir:
-      - world.json: the vocabulary (for the judge);
-      - pretrain.parquet (image, caption): a broad, noisy set over *all* captions (the 'web data' theta_0 is
-        pretrained on): 45% exact captions, 30% vague ones, 25% with one attribute wrong;
-      - finetune_pickapic.parquet (caption, jpg_0, jpg_1, label_0, label_1): the fine-tuning set, about one
-        image per fine-tuning caption; the winner is a correct image, the loser the same caption drawn with one
-        attribute wrong (honest Diffusion-DPO pairs); winners are jpg_0 or jpg_1 at random;
-      - finetune.parquet (image, caption): the winners alone;
-      - eval_prompts.txt: the held-out captions (never in the fine-tuning set);
-      - shuffled_pretrain.parquet (image, caption): the pretraining images with their captions shuffled (a model
-        trained on it learns images but no prompt-following: the judges' null model)."""
+    - world.json: the vocabulary (for the judge);
+    - pretrain.parquet (image, caption): a broad, noisy set over *all* captions (the 'web data' theta_0 is
+      pretrained on): 45% exact captions, 30% vague ones, 25% with one attribute wrong;
+    - finetune_pickapic.parquet (caption, jpg_0, jpg_1, label_0, label_1): the fine-tuning set, about one
+      image per fine-tuning caption; the winner is a correct image, the loser the same caption drawn with one
+      attribute wrong (honest Diffusion-DPO pairs); winners are jpg_0 or jpg_1 at random;
+    - finetune.parquet (image, caption): the winners alone;
+    - eval_prompts.txt: the held-out captions (never in the fine-tuning set);
+    - shuffled_pretrain.parquet (image, caption): the pretraining images with their captions shuffled (a model
+      trained on it learns images but no prompt-following: the judges' null model)."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 

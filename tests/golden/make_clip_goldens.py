@@ -67,7 +67,9 @@ IMAGES = [(320, 240, "landscape"), (180, 245, "portrait"), (SIZE, SIZE, "square"
 # tokenizer
 # ----------------------------------------------------------------------------------------------------------------
 def bytes_to_unicode():
-    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    bs = (
+        list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    )
     cs = bs[:]
     n = 0
     for b in range(256):
@@ -119,9 +121,20 @@ def write_tokenizer(folder, merges):
     (folder / "merges.txt").write_text("#version: 0.2\n" + "".join(f"{a} {b}\n" for a, b in merges))
     special = {"bos_token": BOS, "eos_token": EOS, "unk_token": EOS, "pad_token": EOS}
     (folder / "special_tokens_map.json").write_text(json.dumps(special, indent=1))
-    (folder / "tokenizer_config.json").write_text(json.dumps(
-        {"tokenizer_class": "CLIPTokenizer", "model_max_length": 77, "do_lower_case": True, "errors": "replace",
-         "add_prefix_space": False, "clean_up_tokenization_spaces": False, **special}, indent=1))
+    (folder / "tokenizer_config.json").write_text(
+        json.dumps(
+            {
+                "tokenizer_class": "CLIPTokenizer",
+                "model_max_length": 77,
+                "do_lower_case": True,
+                "errors": "replace",
+                "add_prefix_space": False,
+                "clean_up_tokenization_spaces": False,
+                **special,
+            },
+            indent=1,
+        )
+    )
     return len(tokens)
 
 
@@ -144,7 +157,7 @@ def make_image(width, height, seed):
         img[..., c] = 127 + 100 * np.sin(fx * x + fy * y + ph)
     for _ in range(3):  # a few sharp rectangles: edges make resampling differences visible
         x0, y0 = rng.integers(0, width - 8), rng.integers(0, height - 8)
-        img[y0:y0 + rng.integers(4, height // 2), x0:x0 + rng.integers(4, width // 2)] = rng.integers(0, 256, 3)
+        img[y0 : y0 + rng.integers(4, height // 2), x0 : x0 + rng.integers(4, width // 2)] = rng.integers(0, 256, 3)
     return Image.fromarray(np.clip(img, 0, 255).astype(np.uint8), "RGB")
 
 
@@ -167,9 +180,11 @@ def make_hps(images, vocab_size, tok_dir):
 
     d = OUT / "hps"
     d.mkdir(parents=True, exist_ok=True)
-    cfg = {"embed_dim": 32,
-           "vision_cfg": {"image_size": SIZE, "layers": 2, "width": 32, "head_width": 16, "patch_size": 16},
-           "text_cfg": {"context_length": 77, "vocab_size": vocab_size, "width": 32, "heads": 2, "layers": 2}}
+    cfg = {
+        "embed_dim": 32,
+        "vision_cfg": {"image_size": SIZE, "layers": 2, "width": 32, "head_width": 16, "patch_size": 16},
+        "text_cfg": {"context_length": 77, "vocab_size": vocab_size, "width": 32, "heads": 2, "layers": 2},
+    }
     (d / "open_clip_config.json").write_text(json.dumps(cfg, indent=1))
     (d / "tiny-hps.json").write_text(json.dumps(cfg))
     oc.add_model_config(d / "tiny-hps.json")
@@ -177,10 +192,24 @@ def make_hps(images, vocab_size, tok_dir):
     torch.manual_seed(0)
     # hpsv2.img_score.initialize_model's arguments, with the tiny config and no pretrained tag, on CPU in fp32.
     model, _, preprocess_val = oc.create_model_and_transforms(
-        "tiny-hps", None, precision="fp32", device="cpu", jit=False, force_quick_gelu=False, force_custom_text=False,
-        force_patch_dropout=False, force_image_size=None, pretrained_image=False, image_mean=None, image_std=None,
-        light_augmentation=True, aug_cfg={}, output_dict=True, with_score_predictor=False,
-        with_region_predictor=False)
+        "tiny-hps",
+        None,
+        precision="fp32",
+        device="cpu",
+        jit=False,
+        force_quick_gelu=False,
+        force_custom_text=False,
+        force_patch_dropout=False,
+        force_image_size=None,
+        pretrained_image=False,
+        image_mean=None,
+        image_std=None,
+        light_augmentation=True,
+        aug_cfg={},
+        output_dict=True,
+        with_score_predictor=False,
+        with_region_predictor=False,
+    )
     perturb(model, 1)
     torch.save({"state_dict": model.state_dict()}, d / "HPS_v2.1_compressed.pt")
     # hpsv2.score: checkpoint = torch.load(cp); model.load_state_dict(checkpoint['state_dict'])
@@ -200,13 +229,30 @@ def make_hps(images, vocab_size, tok_dir):
     v, t = cfg["vision_cfg"], cfg["text_cfg"]
     config = CLIPConfig(
         projection_dim=cfg["embed_dim"],
-        text_config=dict(vocab_size=vocab_size, hidden_size=t["width"], intermediate_size=4 * t["width"],
-                         num_hidden_layers=t["layers"], num_attention_heads=t["heads"], max_position_embeddings=77,
-                         hidden_act="gelu", layer_norm_eps=1e-5, bos_token_id=vocab_size - 2,
-                         eos_token_id=vocab_size - 1, pad_token_id=vocab_size - 1),
-        vision_config=dict(hidden_size=v["width"], intermediate_size=4 * v["width"], num_hidden_layers=v["layers"],
-                           num_attention_heads=v["width"] // v["head_width"], image_size=v["image_size"],
-                           patch_size=v["patch_size"], hidden_act="gelu", layer_norm_eps=1e-5))
+        text_config=dict(
+            vocab_size=vocab_size,
+            hidden_size=t["width"],
+            intermediate_size=4 * t["width"],
+            num_hidden_layers=t["layers"],
+            num_attention_heads=t["heads"],
+            max_position_embeddings=77,
+            hidden_act="gelu",
+            layer_norm_eps=1e-5,
+            bos_token_id=vocab_size - 2,
+            eos_token_id=vocab_size - 1,
+            pad_token_id=vocab_size - 1,
+        ),
+        vision_config=dict(
+            hidden_size=v["width"],
+            intermediate_size=4 * v["width"],
+            num_hidden_layers=v["layers"],
+            num_attention_heads=v["width"] // v["head_width"],
+            image_size=v["image_size"],
+            patch_size=v["patch_size"],
+            hidden_act="gelu",
+            layer_norm_eps=1e-5,
+        ),
+    )
     config.save_pretrained(d / "processor")
     write_tokenizer(d / "processor", MERGES)
     return scores
@@ -220,11 +266,28 @@ def tiny_clip_config(vocab_size, act):
 
     return CLIPConfig(
         projection_dim=32,
-        text_config=dict(vocab_size=vocab_size, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                         num_attention_heads=2, max_position_embeddings=77, hidden_act=act,
-                         bos_token_id=vocab_size - 2, eos_token_id=vocab_size - 1, pad_token_id=vocab_size - 1),
-        vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
-                           image_size=SIZE, patch_size=16, hidden_act=act))
+        text_config=dict(
+            vocab_size=vocab_size,
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            max_position_embeddings=77,
+            hidden_act=act,
+            bos_token_id=vocab_size - 2,
+            eos_token_id=vocab_size - 1,
+            pad_token_id=vocab_size - 1,
+        ),
+        vision_config=dict(
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            image_size=SIZE,
+            patch_size=16,
+            hidden_act=act,
+        ),
+    )
 
 
 def write_image_processor(folder):
@@ -239,7 +302,9 @@ def write_processor(folder):
 
     write_tokenizer(folder, MERGES)
     image_processor = CLIPImageProcessor(size={"shortest_edge": SIZE}, crop_size={"height": SIZE, "width": SIZE})
-    CLIPProcessor(image_processor=image_processor, tokenizer=CLIPTokenizer.from_pretrained(folder)).save_pretrained(folder)
+    CLIPProcessor(image_processor=image_processor, tokenizer=CLIPTokenizer.from_pretrained(folder)).save_pretrained(
+        folder
+    )
 
 
 def make_pickscore(images, vocab_size):
@@ -285,9 +350,15 @@ class MLP(torch.nn.Module):
     def __init__(self, input_size):
         super().__init__()
         self.layers = torch.nn.Sequential(
-            torch.nn.Linear(input_size, 1024), torch.nn.Dropout(0.2), torch.nn.Linear(1024, 128),
-            torch.nn.Dropout(0.2), torch.nn.Linear(128, 64), torch.nn.Dropout(0.1), torch.nn.Linear(64, 16),
-            torch.nn.Linear(16, 1))
+            torch.nn.Linear(input_size, 1024),
+            torch.nn.Dropout(0.2),
+            torch.nn.Linear(1024, 128),
+            torch.nn.Dropout(0.2),
+            torch.nn.Linear(128, 64),
+            torch.nn.Dropout(0.1),
+            torch.nn.Linear(64, 16),
+            torch.nn.Linear(16, 1),
+        )
 
     def forward(self, x):
         return self.layers(x)
@@ -323,8 +394,15 @@ def make_aesthetic(images, vocab_size):
     clip = CLIPModel.from_pretrained(d / "clip").eval()
     n_px = clip.config.vision_config.image_size
     # clip.clip._transform(n_px)
-    preprocess = T.Compose([T.Resize(n_px, interpolation=T.InterpolationMode.BICUBIC), T.CenterCrop(n_px),
-                            lambda im: im.convert("RGB"), T.ToTensor(), T.Normalize(OPENAI_MEAN, OPENAI_STD)])
+    preprocess = T.Compose(
+        [
+            T.Resize(n_px, interpolation=T.InterpolationMode.BICUBIC),
+            T.CenterCrop(n_px),
+            lambda im: im.convert("RGB"),
+            T.ToTensor(),
+            T.Normalize(OPENAI_MEAN, OPENAI_STD),
+        ]
+    )
     out = []
     for img in images:
         image = preprocess(img).unsqueeze(0)
@@ -367,9 +445,14 @@ def main():
         "pickscore": pick_pil,
         "pickscore_torchvision_backend": pick_tv,
         "aesthetic": aes,
-        "versions": {"python": sys.version.split()[0], "torch": torch.__version__,
-                     "torchvision": torchvision.__version__, "open_clip": open_clip.__version__,
-                     "hpsv2": "1.2.0", "transformers": transformers.__version__},
+        "versions": {
+            "python": sys.version.split()[0],
+            "torch": torch.__version__,
+            "torchvision": torchvision.__version__,
+            "open_clip": open_clip.__version__,
+            "hpsv2": "1.2.0",
+            "transformers": transformers.__version__,
+        },
     }
     (OUT / "golden.json").write_text(json.dumps(golden, indent=1))
     print(json.dumps(golden, indent=1))

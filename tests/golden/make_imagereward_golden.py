@@ -46,8 +46,9 @@ from PIL import Image
 OUT = Path(__file__).resolve().parent / "imagereward"
 
 VISION = dict(embed_dim=128, depth=2, num_heads=2, patch_size=16, mlp_ratio=1.0)
-TEXT = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
-            max_position_embeddings=40)
+TEXT = dict(
+    hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64, max_position_embeddings=40
+)
 
 PROMPTS = [
     "a red cat sitting on a blue chair",
@@ -55,8 +56,10 @@ PROMPTS = [
     "sunset",
     "two dogs and a tree in the snow. Oil painting!",
     # longer than 35 tokens: exercises truncation
-    ("a very long prompt about a small house near a big green forest with many tall trees and a river "
-     "and a bridge and a boat and a red sky and birds flying over the water at night with stars"),
+    (
+        "a very long prompt about a small house near a big green forest with many tall trees and a river "
+        "and a bridge and a boat and a red sky and birds flying over the water at night with stars"
+    ),
     "Ünïcödé café — naïve résumé",
     "[ENC] a dog [DEC] and a cat",
 ]
@@ -71,14 +74,28 @@ prompt about cafe naive resume art style portrait landscape city""".split()
 def write_tokenizer(folder):
     folder.mkdir(parents=True, exist_ok=True)
     chars = list("abcdefghijklmnopqrstuvwxyz0123456789") + list(".,!?;:'\"-()[]&/#@")
-    vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] + chars + ["##" + c for c in "abcdefghijklmnopqrstuvwxyz0123456789"]
+    vocab = (
+        ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+        + chars
+        + ["##" + c for c in "abcdefghijklmnopqrstuvwxyz0123456789"]
+    )
     vocab += [w for w in dict.fromkeys(WORDS) if w not in vocab]
     vocab += ["##s", "##ing", "##ed", "##ly", "##er"]
     vocab = list(dict.fromkeys(vocab))
     (folder / "vocab.txt").write_text("\n".join(vocab) + "\n")
-    (folder / "tokenizer_config.json").write_text(json.dumps({
-        "do_lower_case": True, "tokenize_chinese_chars": True, "strip_accents": None,
-        "model_max_length": 512, "tokenizer_class": "BertTokenizer"}, indent=2) + "\n")
+    (folder / "tokenizer_config.json").write_text(
+        json.dumps(
+            {
+                "do_lower_case": True,
+                "tokenize_chinese_chars": True,
+                "strip_accents": None,
+                "model_max_length": 512,
+                "tokenizer_class": "BertTokenizer",
+            },
+            indent=2,
+        )
+        + "\n"
+    )
     return vocab
 
 
@@ -93,8 +110,11 @@ def make_images(folder):
     board = ((np.indices((60, 60)).sum(0) // 6) % 2 * 255).astype(np.uint8)
     imgs["checker_60x60.png"] = Image.fromarray(np.stack([board, 255 - board, board // 2], -1))
     yy, xx = np.mgrid[0:30, 0:250]
-    imgs["wide_250x30.png"] = Image.fromarray(np.stack([(np.sin(xx / 7.0) * 127 + 128), yy * 8,
-                                                        (np.cos(yy / 3.0) * 127 + 128) + 0 * xx], -1).astype(np.uint8))
+    imgs["wide_250x30.png"] = Image.fromarray(
+        np.stack([(np.sin(xx / 7.0) * 127 + 128), yy * 8, (np.cos(yy / 3.0) * 127 + 128) + 0 * xx], -1).astype(
+            np.uint8
+        )
+    )
     rgba = rng.integers(0, 256, (36, 52, 4), dtype=np.uint8)
     rgba[..., 3] = np.linspace(0, 255, 52, dtype=np.uint8)[None, :]
     imgs["rgba_52x36.png"] = Image.fromarray(rgba, "RGBA")
@@ -121,6 +141,7 @@ def import_reference():
     import ImageReward.models.BLIP.blip as blip_mod
     import ImageReward.models.BLIP.blip_pretrain as pretrain_mod
     import ImageReward.models.BLIP.vit as vit_mod
+
     return ir_mod, blip_mod, pretrain_mod, vit_mod
 
 
@@ -138,7 +159,7 @@ def randomize_(model, seed=0):
                 p.copy_(0.5 * torch.randn(p.shape, generator=g))
             else:
                 fan_in = p[0].numel()
-                p.copy_(1.5 * torch.randn(p.shape, generator=g) / fan_in ** 0.5)
+                p.copy_(1.5 * torch.randn(p.shape, generator=g) / fan_in**0.5)
 
 
 def main():
@@ -166,11 +187,17 @@ def main():
 
     def tiny_create_vit(vit, image_size, use_grad_checkpointing=False, ckpt_layer=0, drop_path_rate=0):
         assert vit == "large" and image_size == 224, (vit, image_size)
-        enc = vit_mod.VisionTransformer(img_size=image_size, patch_size=VISION["patch_size"],
-                                        embed_dim=VISION["embed_dim"], depth=VISION["depth"],
-                                        num_heads=VISION["num_heads"], mlp_ratio=VISION["mlp_ratio"],
-                                        use_grad_checkpointing=use_grad_checkpointing, ckpt_layer=ckpt_layer,
-                                        drop_path_rate=0.1)
+        enc = vit_mod.VisionTransformer(
+            img_size=image_size,
+            patch_size=VISION["patch_size"],
+            embed_dim=VISION["embed_dim"],
+            depth=VISION["depth"],
+            num_heads=VISION["num_heads"],
+            mlp_ratio=VISION["mlp_ratio"],
+            use_grad_checkpointing=use_grad_checkpointing,
+            ckpt_layer=ckpt_layer,
+            drop_path_rate=0.1,
+        )
         return enc, VISION["embed_dim"]
 
     pretrain_mod.create_vit = tiny_create_vit
@@ -178,13 +205,23 @@ def main():
     ir_mod.MLP = lambda input_size: ref_mlp(TEXT["hidden_size"])
 
     med_config = {
-        "architectures": ["BertModel"], "attention_probs_dropout_prob": 0.1, "hidden_act": "gelu",
-        "hidden_dropout_prob": 0.1, "hidden_size": TEXT["hidden_size"], "initializer_range": 0.02,
-        "intermediate_size": TEXT["intermediate_size"], "layer_norm_eps": 1e-12,
-        "max_position_embeddings": TEXT["max_position_embeddings"], "model_type": "bert",
-        "num_attention_heads": TEXT["num_attention_heads"], "num_hidden_layers": TEXT["num_hidden_layers"],
-        "pad_token_id": 0, "type_vocab_size": 2, "vocab_size": len(vocab) + 2,  # + [DEC], [ENC]
-        "encoder_width": VISION["embed_dim"], "add_cross_attention": True,
+        "architectures": ["BertModel"],
+        "attention_probs_dropout_prob": 0.1,
+        "hidden_act": "gelu",
+        "hidden_dropout_prob": 0.1,
+        "hidden_size": TEXT["hidden_size"],
+        "initializer_range": 0.02,
+        "intermediate_size": TEXT["intermediate_size"],
+        "layer_norm_eps": 1e-12,
+        "max_position_embeddings": TEXT["max_position_embeddings"],
+        "model_type": "bert",
+        "num_attention_heads": TEXT["num_attention_heads"],
+        "num_hidden_layers": TEXT["num_hidden_layers"],
+        "pad_token_id": 0,
+        "type_vocab_size": 2,
+        "vocab_size": len(vocab) + 2,  # + [DEC], [ENC]
+        "encoder_width": VISION["embed_dim"],
+        "add_cross_attention": True,
     }
     (out / "med_config.json").write_text(json.dumps(med_config, indent=2) + "\n")
 
@@ -211,9 +248,12 @@ def main():
             input_ids.append(ids["input_ids"])
         for name in names:
             x = model.preprocess(images[name])
-            pixel_stats[name] = {"shape": list(x.shape), "sum": float(x.double().sum()),
-                                 "sum_sq": float(x.double().pow(2).sum()),
-                                 "samples": [float(v) for v in x.flatten()[::5003][:32]]}
+            pixel_stats[name] = {
+                "shape": list(x.shape),
+                "sum": float(x.double().sum()),
+                "sum_sq": float(x.double().pow(2).sum()),
+                "samples": [float(v) for v in x.flatten()[::5003][:32]],
+            }
 
     from importlib.metadata import version
 
@@ -224,13 +264,21 @@ def main():
     golden = {
         "description": "reference ImageReward.score(prompt, image) on the tiny checkpoint in this folder",
         "generator": "tests/golden/make_imagereward_golden.py",
-        "reference": {"image-reward": version("image-reward"), "torch": torch.__version__,
-                      "torchvision": torchvision.__version__, "transformers": transformers.__version__,
-                      "timm": timm.__version__, "fairscale": version("fairscale")},
-        "vision": VISION, "text": TEXT,
+        "reference": {
+            "image-reward": version("image-reward"),
+            "torch": torch.__version__,
+            "torchvision": torchvision.__version__,
+            "transformers": transformers.__version__,
+            "timm": timm.__version__,
+            "fairscale": version("fairscale"),
+        },
+        "vision": VISION,
+        "text": TEXT,
         "checkpoint_sha256": hashlib.sha256((out / "ImageReward.pt").read_bytes()).hexdigest(),
-        "pairs": [{"image": f"images/{n}", "prompt": p, "input_ids": ids, "score": s}
-                  for (n, p), ids, s in zip(pairs, input_ids, scores)],
+        "pairs": [
+            {"image": f"images/{n}", "prompt": p, "input_ids": ids, "score": s}
+            for (n, p), ids, s in zip(pairs, input_ids, scores)
+        ],
         "preprocess": {f"images/{n}": v for n, v in pixel_stats.items()},
     }
     (out / "golden.json").write_text(json.dumps(golden, indent=1, ensure_ascii=False) + "\n")

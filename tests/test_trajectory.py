@@ -287,3 +287,29 @@ def test_killed_trajectory_iteration_reruns_to_the_same_weights(assets, tmp_path
     a = tensors(tmp_path / "straight" / "iter_1" / "pytorch_lora_weights.safetensors")
     b = tensors(out / "iter_1" / "pytorch_lora_weights.safetensors")
     assert max_abs_diff(a, b) < 1e-6
+
+
+def test_trajectory_on_two_processes(assets, tmp_path):
+    """Two CPU processes (DDP): each generates its shards with their chain steps, training starts at log 2."""
+    import json
+    import math
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from helpers import spin_args
+
+    out = tmp_path / "ddp"
+    root = Path(__file__).resolve().parent.parent
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29571",
+           str(root / "train_spin_diffusion.py"),
+           *spin_args(assets, out, *TRAJ, "--use_lora", "--num_iterations", "1", "--train_batch_size", "2",
+                      "--gen_shard_size", "4", "--max_train_steps", "2")]  # fmt: skip
+    env = dict(os.environ, ACCELERATE_USE_CPU="1", OMP_NUM_THREADS="1")
+    proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = [json.loads(line) for line in (out / "iter_1" / "synthetic" / "manifest.jsonl").read_text().splitlines()]
+    assert {r["process"] for r in rows} == {0, 1} and sorted(r["index"] for r in rows) == list(range(20))
+    m = json.loads((out / "iter_1" / "metrics.json").read_text())
+    assert m["spin_objective"] == "trajectory" and m["first_step"]["loss"] == pytest.approx(math.log(2), abs=1e-3)

@@ -309,8 +309,16 @@ def sampler_prev(table, t):
 
 def trajectory_errors(model, noise_scheduler, inputs, prompt_embeds, k):
     """Per-sample errors (2B,) of `model` under the trajectory objective: the likelihood-weighted squared error
-    of its (conditional) epsilon against each pair's implied noise, averaged over the sample's K steps. One
-    forward over all 2 * B * K rows; `prompt_embeds` is (B, L, D)."""
+    of its epsilon against each pair's implied noise, averaged over the sample's K steps. One forward over all
+    2 * B * K rows; `prompt_embeds` is (B, L, D).
+
+    Classifier-free guidance: the opponent's chain was drawn with the guided prediction (that is what moved it
+    from x_t to x_prev), but the likelihood here uses the *conditional* prediction, for the policy and the
+    reference alike. The model being trained is the conditional model p_theta(x | c), which guidance only
+    reshapes at sampling time; the real side has no guided chain to match; and the approximate objective
+    scores the conditional prediction too, so the two objectives train the same thing. At theta = theta_k both
+    models' errors are equal, so the first step is still log 2 (the guided drift only makes eps_hat differ
+    from either prediction on the generated side). Scoring the guided prediction would double every forward."""
     x_t = inputs.x_t.to(prompt_embeds.dtype) if prompt_embeds.dtype != torch.float32 else inputs.x_t
     emb = prompt_embeds.repeat_interleave(k, dim=0).repeat(2, 1, 1)
     pred = model(x_t, inputs.timesteps, emb, return_dict=False)[0]

@@ -141,11 +141,11 @@ def test_spin_push_recovering_midway_is_retried_after_the_next_iteration(assets,
     down = hub_server.inject(None, WRITE_ENDPOINTS, status=500, times=None)
     real, on_hub_before = train_spin_diffusion.train_iteration, {}
 
-    def train_then_recover(args, accelerator, k, *rest):
+    def train_then_recover(args, accelerator, k, *rest, **kw):
         on_hub_before[k] = [hub_server.repo_exists(f"{name}-iter{i}") for i in (1, 2)]
         if k == 1:  # the Hub comes back during iteration 2
             hub_server.clear_faults()
-        return real(args, accelerator, k, *rest)
+        return real(args, accelerator, k, *rest, **kw)
 
     train_spin_diffusion.train_iteration = train_then_recover
     try:

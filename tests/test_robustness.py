@@ -22,10 +22,10 @@ def test_spin_iteration_2_diverges_iteration_1_stays_saved_and_pushed(assets, tm
     name, out = "test-user/spin-nan", tmp_path / "nan"
     real = train_spin_diffusion.train_iteration
 
-    def explode_in_iteration_2(args, accelerator, k, *rest):
+    def explode_in_iteration_2(args, accelerator, k, *rest, **kw):
         if k == 1:
             args.learning_rate = 1e4  # drives iteration 2 to NaN within a few steps
-        return real(args, accelerator, k, *rest)
+        return real(args, accelerator, k, *rest, **kw)
 
     monkeypatch.setattr(train_spin_diffusion, "train_iteration", explode_in_iteration_2)
     argv = spin_args(

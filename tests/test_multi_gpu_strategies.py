@@ -17,7 +17,6 @@ import pytest
 import torch
 from test_train_spin import assert_starts_at_reference, metrics
 
-import train_sft
 import train_spin_diffusion
 from helpers import max_abs_diff, mean_abs_diff, sft_args, spin_args, tensors
 
@@ -41,23 +40,6 @@ SPIN_EXTRA = (
     "--gradient_checkpointing",
 )
 LR = 1e-4
-
-# Saving a full UNet under FSDP needs the shards gathered on every process before the main one saves
-# (utils.training.model_for_saving); until the scripts call it, FSDP runs crash in save_pretrained.
-needs_spin_fix = pytest.mark.xfail(
-    not hasattr(train_spin_diffusion, "model_for_saving"),
-    run=False,
-    strict=True,
-    reason="train_spin_diffusion.py must save `model_for_saving(accelerator, unet)` (called on every process) instead "
-    "of `accelerator.unwrap_model(unet)`: under FSDP the main process alone holds only its shard",
-)
-needs_sft_fix = pytest.mark.xfail(
-    not hasattr(train_sft, "model_for_saving"),
-    run=False,
-    strict=True,
-    reason="train_sft.py must save `model_for_saving(accelerator, unet)` (called on every process) instead of "
-    "`accelerator.unwrap_model(unet)`: under FSDP the main process alone holds only its shard",
-)
 
 
 def ddp(script, argv, port, cwd):
@@ -118,7 +100,6 @@ def relative_mean_diff(a, b, start):
     return mean_abs_diff(a, b) / mean_abs_diff(a, start)
 
 
-@needs_spin_fix
 def test_fsdp2_full_spin_equals_ddp(assets, spin_runs):
     from diffusers import StableDiffusionPipeline
 
@@ -153,7 +134,6 @@ def test_fsdp2_full_spin_equals_ddp(assets, spin_runs):
     assert relative_mean_diff(it2_d, it2_f, start) < 1e-2
 
 
-@needs_spin_fix
 def test_fsdp2_spin_resumes_from_its_sharded_checkpoint(assets, spin_runs, tmp_path):
     """A run killed right after iteration 2's checkpoint-1, rerun: it loads the sharded weights, AdamW states, lr
     schedule and data position (accelerate.load_state) and ends where the uninterrupted run ended."""
@@ -174,7 +154,6 @@ def test_fsdp2_spin_resumes_from_its_sharded_checkpoint(assets, spin_runs, tmp_p
     assert metrics(out, 2)["first_step"] == metrics(done, 2)["first_step"]  # the tally travels with the checkpoint
 
 
-@needs_sft_fix
 def test_fsdp2_full_sft_saves_a_loadable_pipeline(assets, tmp_path):
     from diffusers import StableDiffusionPipeline
 

@@ -23,7 +23,6 @@ import math
 import sys
 import time
 from pathlib import Path
-from typing import NamedTuple
 
 import torch
 from accelerate.logging import get_logger
@@ -82,12 +81,14 @@ from utils.models import (
     trainable_parameters,
 )
 from utils.spin import (
-    TrajectoryTable,
+    SpinStep,  # noqa: F401  (the step's settings; callers build it from the flags with spin_step)
+    opponent_scheduler,
     pair_errors,
     pair_inputs,
     precompute_reference,
     precompute_trajectory_reference,
     real_latents,
+    spin_step,
     trajectory_errors,
     trajectory_inputs,
 )
@@ -477,22 +478,6 @@ def load_policy_and_reference(args, k, dtype, device):
     return unet, None if args.precompute_reference else Reference(unet, adapter=ref_adapter)
 
 
-def opponent_scheduler(args):
-    """The opponent's sampler for --gen_scheduler ddim / ddpm, from the start model's scheduler config (None: the
-    model's own). clip_sample stays off unless that config turns it on: SD's latents are not clipped."""
-    from diffusers import DDIMScheduler, DDPMScheduler
-
-    if args.gen_scheduler == "model":
-        return None
-    cls = DDIMScheduler if args.gen_scheduler == "ddim" else DDPMScheduler
-    config = cls.load_config(
-        args.pretrained_model_name_or_path, subfolder="scheduler", revision=args.revision, cache_dir=args.cache_dir
-    )
-    if args.prediction_type is not None:
-        config["prediction_type"] = args.prediction_type
-    return cls.from_config({"clip_sample": False, **config})
-
-
 def opponent_pipeline(args, unet, frozen, device):
     pipeline = sd_pipeline(
         args.pretrained_model_name_or_path,
@@ -509,45 +494,6 @@ def opponent_pipeline(args, unet, frozen, device):
         pipeline.scheduler = sampler
     pipeline.set_progress_bar_config(disable=True)
     return pipeline.to(device)
-
-
-class SpinStep(NamedTuple):
-    """The flags that choose and shape the SPIN step (`spin_forward`)."""
-
-    objective: str  # "approximate" or "trajectory" (--spin_objective)
-    precomputed: bool  # the reference errors were stored during generation (--precompute_reference)
-    beta: float
-    share_noise: bool
-    noise_offset: float
-    snr_gamma: float | None
-    table: TrajectoryTable | None  # trajectory: the opponent sampler's stochastic steps
-    trajectory_steps: int  # trajectory: K stored chain steps per sample
-
-
-def spin_step(args):
-    table = None
-    if args.spin_objective == "trajectory":
-        sampler = opponent_scheduler(args)
-        sampler.set_timesteps(args.gen_num_inference_steps)
-        try:
-            table = TrajectoryTable(sampler, args.gen_eta)
-        except ValueError as e:
-            raise ModelError(f"--spin_objective trajectory with --gen_scheduler {args.gen_scheduler}: {e}") from e
-        if args.trajectory_steps > len(table.timesteps):
-            raise ModelError(
-                f"--trajectory_steps {args.trajectory_steps}: the sampler has only {len(table.timesteps)} "
-                "stochastic steps"
-            )
-    return SpinStep(
-        args.spin_objective,
-        args.precompute_reference,
-        args.beta,
-        not args.no_share_noise,
-        args.noise_offset,
-        args.snr_gamma,
-        table,
-        args.trajectory_steps,
-    )
 
 
 def spin_forward(unet, reference, batch, generator, *, frozen, step, autocast):

@@ -18,7 +18,7 @@ from .losses import (
     sampler_prev_timestep,
     sampler_step_coefficients,
 )
-from .models import encode_images, encode_prompt
+from .models import ModelError, encode_images, encode_prompt
 
 
 class PairInputs(NamedTuple):
@@ -364,3 +364,63 @@ def precompute_trajectory_reference(
         "ref_err_gen": r_gen.cpu(),
         "prompt_embeds": prompt_embeds.cpu(),
     }
+
+
+# ----------------------------------------------------------------------------- the step's settings, from the flags
+
+
+def opponent_scheduler(args):
+    """The opponent's sampler for --gen_scheduler ddim / ddpm, from the start model's scheduler config (None: the
+    model's own). clip_sample stays off unless that config turns it on: SD's latents are not clipped."""
+    from diffusers import DDIMScheduler, DDPMScheduler
+
+    if args.gen_scheduler == "model":
+        return None
+    cls = DDIMScheduler if args.gen_scheduler == "ddim" else DDPMScheduler
+    config = cls.load_config(
+        args.pretrained_model_name_or_path, subfolder="scheduler", revision=args.revision, cache_dir=args.cache_dir
+    )
+    if args.prediction_type is not None:
+        config["prediction_type"] = args.prediction_type
+    return cls.from_config({"clip_sample": False, **config})
+
+
+class SpinStep(NamedTuple):
+    """The flags that choose and shape the SPIN step (`train_spin_diffusion.spin_forward`)."""
+
+    objective: str  # "approximate" or "trajectory" (--spin_objective)
+    precomputed: bool  # the reference errors were stored during generation (--precompute_reference)
+    beta: float
+    share_noise: bool
+    noise_offset: float
+    snr_gamma: float | None
+    table: TrajectoryTable | None  # trajectory: the opponent sampler's stochastic steps
+    trajectory_steps: int  # trajectory: K stored chain steps per sample
+
+
+def spin_step(args):
+    """`SpinStep` from train_spin_diffusion.py's flags; for the trajectory objective, the opponent sampler's table
+    (ModelError when the sampler cannot give one)."""
+    table = None
+    if args.spin_objective == "trajectory":
+        sampler = opponent_scheduler(args)
+        sampler.set_timesteps(args.gen_num_inference_steps)
+        try:
+            table = TrajectoryTable(sampler, args.gen_eta)
+        except ValueError as e:
+            raise ModelError(f"--spin_objective trajectory with --gen_scheduler {args.gen_scheduler}: {e}") from e
+        if args.trajectory_steps > len(table.timesteps):
+            raise ModelError(
+                f"--trajectory_steps {args.trajectory_steps}: the sampler has only {len(table.timesteps)} "
+                "stochastic steps"
+            )
+    return SpinStep(
+        args.spin_objective,
+        args.precompute_reference,
+        args.beta,
+        not args.no_share_noise,
+        args.noise_offset,
+        args.snr_gamma,
+        table,
+        args.trajectory_steps,
+    )

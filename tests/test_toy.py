@@ -87,30 +87,71 @@ def test_toy_metrics_need_a_judge(capsys):
 
 
 def test_quick_protocol_writes_results_plots_and_a_labelled_grid(tmp_path):
-    """run.py --preset quick: theta_0 built from scratch, every arm through the scripts, 2 seeds, all outputs."""
+    """run.py --preset quick: theta_0 built from scratch, stage 1 to its stopping rule, every stage-2 arm from S and
+    the secondary design through the scripts, 2 seeds, both splits, all outputs. No claim is asserted."""
     import run
 
     out = tmp_path / "toy"
     results = run.main(run.parse_args(["--preset", "quick", "--seeds", "0", "1", "--output_dir", str(out)]))
-    rows = json.loads((out / "results.json").read_text())["runs"]
+    saved = json.loads((out / "results.json").read_text())
+    rows = saved["runs"]
     assert rows == results["runs"]
-    for seed in (0, 1):  # one row per evaluated checkpoint, each of which evaluate.py rendered
-        rendered = {p.name for p in (out / f"seed_{seed}" / "eval" / "images").iterdir()}
-        assert {r["model"] for r in rows if r["seed"] == seed} == rendered and len(rendered) >= 12
-    assert {r["arm"] for r in rows} == {"base", "sft", "spin", "spin-iter1-continued", "dpo"}
-    assert {r["seed"] for r in rows} == {0, 1}
-    assert {r["iteration"] for r in rows if r["arm"] == "spin"} == {1, 2, 3}
+    assert {r["split"] for r in rows} == {"validation", "test"}
+    assert {r["stage"] for r in rows} == {"from_sft", "from_theta0"}
+    assert {r["arm"] for r in rows if r["stage"] == "from_sft"} == {"S", *run.ARMS}
+    assert {r["arm"] for r in rows if r["stage"] == "from_theta0"} == {"theta0", "sft0", "from0-spin", "from0-dpo"}
+    assert {r["seed"] for r in rows if r["stage"] == "from_theta0"} == {0}  # the secondary design: first seed only
+    for seed in (0, 1):
+        for split in ("validation", "test"):
+            names = [r["name"] for r in rows if r["seed"] == seed and r["split"] == split and r["stage"] == "from_sft"]
+            assert len(names) == len(set(names)) >= 12  # unique within a seed and split
+            rendered = {p.name for p in (out / f"seed_{seed}" / "stage2" / f"eval_{split}" / "images").iterdir()}
+            assert set(names) == rendered  # each row is a checkpoint evaluate.py rendered
+        s1 = json.loads((out / f"seed_{seed}" / "stage1" / "chosen.json").read_text())
+        assert s1["step"] == run.stage1_stop(
+            {int(k): v for k, v in s1["curve"].items()}, run.PRESETS["quick"]["stage1"]
+        )
+    same = lambda seed: {r["name"] for r in rows if r["seed"] == seed and r["stage"] == "from_sft"}  # noqa: E731
+    assert same(0) == same(1)  # the same names across seeds
     for r in rows:
         assert set(r["metrics"]) == {"toy_adherence", "toy_attributes", "toy_fd"}
         assert 0 <= r["metrics"]["toy_adherence"] <= 1 and r["metrics"]["toy_fd"] >= 0
-    spin3 = max(r["compute"] for r in rows if r["arm"] == "spin")
+    test_names = {r["name"] for r in rows if r["split"] == "test"}
+    assert len(saved["claims"]) >= 7
+    for c in saved["claims"]:
+        assert set(c) >= {"claim", "metric", "a", "b", "diff", "ci_low", "ci_high", "holds"}
+        assert c["a"] in test_names and c["b"] in test_names and c["metric"] == "toy_adherence"
+        assert c["ci_low"] <= c["diff"] <= c["ci_high"]
+    spin = max(r["compute"] for r in rows if r["arm"] == "spin" and r["stage"] == "from_sft")
     sft = max(r["compute"] for r in rows if r["arm"] == "sft")
-    assert abs(sft - spin3) / spin3 < 0.25  # SFT gets SPIN's compute (generation included)
+    assert abs(sft - spin) / spin < 0.25  # continued SFT gets SPIN's compute (generation included)
     md = (out / "results.md").read_text()
-    assert "| claim |" in md and "SPIN iteration 1 beats SFT" in md
+    assert "| claim |" in md and "SPIN iteration 1 beats continued SFT" in md and "nan" not in md
     for name in ("fig5_epochs.png", "fig3_iterations.png", "grid.png"):
         assert Image.open(out / name).size[0] > 300
-    n_models = len({r["model"] for r in rows})
+    n_models = len({r["name"] for r in rows if r["seed"] == 0 and r["split"] == "test" and r["stage"] == "from_sft"})
     width, height = Image.open(out / "grid.png").size
     assert width == 260 + 128 * n_models  # prompt labels on the left, one column per model
     assert height > 128 * 6  # a header row with the model names above the 6 prompt rows
+
+
+def test_stage1_rule_stops_where_validation_flattens():
+    import run
+
+    rule = dict(every=100, min_steps=400, window=200, min_gain=0.03, max_steps=1000)
+    rising = {n: n / 1000 for n in range(100, 1100, 100)}  # +0.2 per 200 steps: never flat, stops at max_steps
+    assert run.stage1_stop({n: v for n, v in rising.items() if n <= 600}, rule) is None
+    assert run.stage1_stop(rising, rule) == 1000
+    flat_after_500 = {n: min(n, 500) / 1000 for n in range(100, 1100, 100)}
+    # at 700: mean(700, 600) - mean(500, 400) = 0.5 - 0.45 = 0.05; at 800: 0.5 - 0.5 = 0 < 0.03
+    assert run.stage1_stop(flat_after_500, rule) == 800
+
+
+def test_one_seed_intervals_are_shown_as_such_never_as_nan():
+    import run
+
+    mean, ci = run.seeds_ci([7.5])
+    assert mean == 7.5 and ci is None
+    assert run.fmt(mean, ci, d=2) == "7.50 (one seed: no interval)"
+    mean, ci = run.seeds_prompts_ci([[1.0, 0.0, 1.0, 1.0]])  # one seed: an interval over the prompts
+    assert ci[0] < mean < ci[1] and "nan" not in run.fmt(mean, ci)

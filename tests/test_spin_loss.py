@@ -130,3 +130,36 @@ def test_precomputed_reference_gives_the_in_loop_loss(assets):
     assert abs(loss_pre.item() - math.log(2)) > 1e-3  # the policy differs from the reference: a real check
     assert loss_pre.item() == pytest.approx(loss_loop.item(), abs=1e-6)
     assert logs_pre["ref_err_real"].item() == pytest.approx(logs_loop["ref_err_real"].item(), rel=1e-6)
+
+
+def test_sft_weight_zero_is_the_papers_loss_and_lambda_adds_lambda_times_the_real_error():
+    m_real, m_gen = torch.tensor([0.10, 0.30, 0.25]), torch.tensor([0.20, 0.22, 0.40])
+    r_real, r_gen = torch.tensor([0.12, 0.28, 0.25]), torch.tensor([0.19, 0.25, 0.41])
+    beta = 500.0
+    today, _ = spin_loss(m_real, m_gen, r_real, r_gen, beta)
+    zero, logs0 = spin_loss(m_real, m_gen, r_real, r_gen, beta, sft_weight=0.0)
+    assert zero.item() == today.item() == pytest.approx(by_hand(m_real, m_gen, r_real, r_gen, beta)[0], rel=1e-6)
+    assert logs0["spin_loss"].item() == logs0["loss"].item()
+
+    def loss_and_grad(lam):
+        x = m_real.clone().double().requires_grad_(True)
+        loss, logs = spin_loss(x, m_gen.double(), r_real.double(), r_gen.double(), beta, sft_weight=lam)
+        loss.backward()
+        return loss.item(), x.grad.clone(), logs
+
+    base, grad0, _ = loss_and_grad(0.0)
+    lam = 2.5
+    with_sft, grad, logs = loss_and_grad(lam)
+    assert with_sft - base == pytest.approx(lam * m_real.double().mean().item(), rel=1e-12)
+    assert logs["loss"].item() == pytest.approx(with_sft) and logs["spin_loss"].item() == pytest.approx(base)
+    # the SFT term's gradient on each real error is lambda / B, on top of the preference term's
+    assert torch.allclose(grad - grad0, torch.full_like(grad, lam / 3), rtol=0, atol=1e-12)
+
+
+def test_implicit_acc_counts_a_zero_delta_as_half_a_hit():
+    err = torch.tensor([0.2, 0.3, 0.4, 0.5])
+    _, logs = spin_loss(err, err + 0.1, err, err + 0.1, beta=5000.0)  # policy = reference: delta is exactly 0
+    assert logs["implicit_acc"].item() == 0.5
+    gen = torch.tensor([0.3, 0.3])
+    _, logs = spin_loss(torch.tensor([0.1, 0.2]), gen, torch.tensor([0.2, 0.2]), gen, beta=1.0)
+    assert logs["implicit_acc"].item() == 0.75  # one hit (delta < 0), one tie (delta == 0)

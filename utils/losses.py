@@ -36,21 +36,35 @@ def sft_loss(model_err, weights=None):
     return (model_err * weights).mean() if weights is not None else model_err.mean()
 
 
-def spin_loss(model_err_real, model_err_gen, ref_err_real, ref_err_gen, beta):
+def spin_loss(model_err_real, model_err_gen, ref_err_real, ref_err_gen, beta, *, sft_weight=0.0):
     """SPIN-Diffusion's approximate objective (= Diffusion-DPO with winner = real, loser = generated).
 
     delta = (model_err_real - ref_err_real) - (model_err_gen - ref_err_gen)
-    loss  = -logsigmoid(-beta / 2 * delta), averaged over the batch.
+    loss  = -logsigmoid(-beta / 2 * delta), averaged over the batch
+            + sft_weight * model_err_real, averaged over the batch.
 
     beta follows the Diffusion-DPO code convention (the 1/2 is inside). Inputs are per-sample errors
     of shape (B,); returns (loss, logs) where logs holds detached batch means for logging.
+
+    `sft_weight` (lambda >= 0; 0 is the paper's loss) adds the policy's plain denoising error on the real images.
+    The preference term only sees the difference of the two sides, so it can also grow its margin by making every
+    image less likely, the real one included, as long as the generated one loses more (likelihood drift: the
+    policy's error on the real images rises above the reference's). Iterative preference training for language
+    models adopted this remedy against the same drift: an SFT (negative log-likelihood) term on the chosen
+    samples next to the preference loss (Pang et al. 2024, iterative RPO; the DPOP penalty is a close relative).
+
+    implicit_acc counts a pair whose delta is exactly 0 (policy = reference, as at an iteration's first step) as
+    half a hit, so that step logs 0.5, not 0. logs["spin_loss"] is the preference term alone; logs["loss"] is
+    the total.
     """
     delta = (model_err_real - ref_err_real) - (model_err_gen - ref_err_gen)
     margin = -0.5 * beta * delta
-    loss = -F.logsigmoid(margin).mean()
+    preference = -F.logsigmoid(margin).mean()
+    loss = preference + sft_weight * model_err_real.mean() if sft_weight else preference
     logs = {
         "loss": loss.detach(),
-        "implicit_acc": (delta < 0).float().mean().detach(),
+        "spin_loss": preference.detach(),
+        "implicit_acc": ((delta < 0).float() + 0.5 * (delta == 0).float()).mean().detach(),
         "reward_margin": margin.mean().detach(),
         "model_err_real": model_err_real.mean().detach(),
         "model_err_gen": model_err_gen.mean().detach(),

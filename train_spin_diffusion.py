@@ -82,12 +82,17 @@ from utils.models import (
 )
 from utils.spin import (
     SpinStep,  # noqa: F401  (the step's settings; callers build it from the flags with spin_step)
+    is_saturated,
     opponent_scheduler,
     pair_errors,
     pair_inputs,
     precompute_reference,
     precompute_trajectory_reference,
+    real_error_drift,
+    real_error_sentence,
     real_latents,
+    rose_or_fell,
+    saturation_warning,
     spin_step,
     trajectory_errors,
     trajectory_inputs,
@@ -103,7 +108,8 @@ from utils.training import (
 )
 
 logger = get_logger(__name__)
-LOGGED = ("loss", "implicit_acc", "reward_margin", "model_err_real", "model_err_gen", "ref_err_real", "ref_err_gen")
+LOGGED = ("loss", "spin_loss", "implicit_acc", "reward_margin")
+LOGGED += ("model_err_real", "model_err_gen", "ref_err_real", "ref_err_gen")
 
 
 def parse_args(input_args=None):
@@ -120,6 +126,13 @@ def parse_args(input_args=None):
         default=5000.0,
         help="Loss strength, Diffusion-DPO convention (beta/2 inside the sigmoid). Default 5000 is unconfirmed "
         "for SPIN; 2000-5000 are plausible.",
+    )
+    g.add_argument(
+        "--sft_weight",
+        type=float,
+        default=0.0,
+        help="lambda: add lambda x the policy's denoising error on the real images (the SFT loss) to the SPIN loss, "
+        "against likelihood drift (the margin growing while the real images get less likely too). 0: the paper.",
     )
     g.add_argument(
         "--no_share_noise", action="store_true", help="Draw separate noise for the generated latent (default: shared)."
@@ -205,6 +218,8 @@ def parse_args(input_args=None):
     ):
         if not getattr(args, name) > 0:
             parser.error(f"--{name} must be positive, got {getattr(args, name)}")
+    if args.sft_weight < 0:
+        parser.error(f"--sft_weight must be >= 0, got {args.sft_weight}")
     if args.gen_guidance_scale < 0:
         parser.error(f"--gen_guidance_scale must be >= 0, got {args.gen_guidance_scale}")
     if args.gen_eta < 0:
@@ -545,7 +560,7 @@ def spin_forward(unet, reference, batch, generator, *, frozen, step, autocast):
 
     m_real, m_gen = model_err.chunk(2)
     r_real, r_gen = ref_err.float().chunk(2)
-    return spin_loss(m_real, m_gen, r_real, r_gen, step.beta)
+    return spin_loss(m_real, m_gen, r_real, r_gen, step.beta, sft_weight=step.sft_weight)
 
 
 def reference_extras(args, real_images, unet, *, frozen, step, accelerator):
@@ -655,10 +670,11 @@ def train_iteration(args, accelerator, k, *, it_dir, unet, reference, store, dat
         logger.info(f"iteration {k + 1}: resumed from {checkpoint} at step {global_step}")
 
     # The iteration's running metrics travel with its checkpoints, so a resumed iteration reports all its steps.
-    tally = {"sums": {}, "first": None, "logs": {}, "counted": 0}
+    tally = {"sums": {}, "first": None, "logs": {}, "counted": 0, "saturated": 0}
     if checkpoint is not None and (checkpoint / "spin_metrics.json").exists():
         tally = json.loads((checkpoint / "spin_metrics.json").read_text())
     sums, first, logs, counted, skipped_images = tally["sums"], tally["first"], tally["logs"], tally["counted"], 0
+    saturated = tally.get("saturated", 0)  # steps with a saturated margin (utils/spin.py: is_saturated)
     window, window_batches, overflows = 0.0, 0, 0
     progress = tqdm(
         range(max_train_steps),
@@ -710,7 +726,7 @@ def train_iteration(args, accelerator, k, *, it_dir, unet, reference, store, dat
             )
             if not overflow:  # the iteration's first step and means count the steps that updated the weights
                 first = first or dict(logs, step=global_step)
-                counted += 1
+                counted, saturated = counted + 1, saturated + is_saturated(logs)
                 for name, v in logs.items():
                     if name != "skipped_images":
                         sums[name] = sums.get(name, 0.0) + v
@@ -721,7 +737,7 @@ def train_iteration(args, accelerator, k, *, it_dir, unet, reference, store, dat
                 step=k * max_train_steps + global_step,
             )
             if global_step % args.checkpointing_steps == 0:
-                tally = {"sums": sums, "first": first, "logs": logs, "counted": counted}
+                tally = {"sums": sums, "first": first, "logs": logs, "counted": counted, "saturated": saturated}
                 assert_finite_weights(unet, f"iteration {k + 1}, checkpoint-{global_step}", accelerator)
                 last_good = save_checkpoint(
                     accelerator,
@@ -737,14 +753,14 @@ def train_iteration(args, accelerator, k, *, it_dir, unet, reference, store, dat
         ema_unet.copy_to(accelerator.unwrap_model(unet).parameters())
     for h in hooks:
         h.remove()
-    return {
-        "iteration": k + 1,
-        "spin_objective": args.spin_objective,
-        "steps": global_step,
-        "first_step": first,
-        "last_step": logs,
-        "mean": {name: v / max(counted, 1) for name, v in sums.items()},
-    }
+    mean = {name: v / max(counted, 1) for name, v in sums.items()}
+    metrics = {"iteration": k + 1, "spin_objective": args.spin_objective, "steps": global_step, "first_step": first}
+    metrics |= {"last_step": logs, "mean": mean, "saturated_steps": saturated, "counted_steps": counted}
+    metrics |= real_error_drift(logs, mean)  # real_err_rise(_mean): the policy's real-image error against theta_k's
+    warning = saturation_warning(metrics, args.beta, args.learning_rate)
+    if warning:
+        logger.warning(warning)
+    return metrics
 
 
 def save_iteration(args, unet, *, it_dir, k, hub_repo, metrics):
@@ -787,7 +803,8 @@ def save_iteration(args, unet, *, it_dir, k, hub_repo, metrics):
         title=f"{method} iteration {k + 1}",
         description=f"Iteration {k + 1} of {method} (Yuan et al., NeurIPS 2024) "
         f"from `{args.pretrained_model_name_or_path}`, "
-        f"trained with `train_spin_diffusion.py`. Previous iteration: `{previous}`. Load with {load}.",
+        f"trained with `train_spin_diffusion.py`. Previous iteration: `{previous}`. Load with {load}.\n\n"
+        + real_error_sentence(metrics),
         tags=["spin-diffusion" if args.negative_source == "self" else "diffusion-dpo", f"iteration-{k + 1}"]
         + (["lora"] if args.use_lora else [])
         + (["spin-trajectory-objective"] if args.spin_objective == "trajectory" else []),
@@ -795,6 +812,7 @@ def save_iteration(args, unet, *, it_dir, k, hub_repo, metrics):
             name: getattr(args, name)
             for name in (
                 "beta",
+                "sft_weight",
                 "learning_rate",
                 "lr_scheduler",
                 "lr_warmup_steps",
@@ -886,15 +904,19 @@ def push_unpushed(args, state, hub_repo, stop_at_failure=True):
 
 
 def print_summary(output_dir, num_iterations, state):
-    print("\niteration  steps  loss(mean)  implicit_acc(mean)  weights")
+    """One row per saved iteration; real_err_rise: the policy's real-image error minus theta_k's at the last
+    step (rose: likelihood drift)."""
+    print("\niteration  steps  loss(mean)  implicit_acc(mean)  margin(mean)  margin(last)  real_err_rise  weights")
     for k in range(num_iterations):
         path = output_dir / f"iter_{k + 1}" / "metrics.json"
         if path.exists():
-            m = json.loads(path.read_text())
+            m, nan = json.loads(path.read_text()), float("nan")
             where = state.get("pushed").get(str(k + 1), str(path.parent))
             print(
-                f"{k + 1:>9}  {m['steps']:>5}  {m['mean'].get('loss', float('nan')):>10.4f}  "
-                f"{m['mean'].get('implicit_acc', float('nan')):>18.3f}  {where}"
+                f"{k + 1:>9}  {m['steps']:>5}  {m['mean'].get('loss', nan):>10.4f}  "
+                f"{m['mean'].get('implicit_acc', nan):>18.3f}  {m['mean'].get('reward_margin', nan):>12.4g}  "
+                f"{(m['last_step'] or {}).get('reward_margin', nan):>12.4g}  "
+                f"{rose_or_fell(m.get('real_err_rise')):>13}  {where}"
             )
 
 

@@ -162,6 +162,7 @@ CASES = [
         "--gen_num_inference_steps must be positive, got 0",
     ),
     ("non-positive --beta", "spin", ["--beta", "0"], "--beta must be positive, got 0.0"),
+    ("negative --sft_weight", "spin", ["--sft_weight", "-0.5"], "--sft_weight must be >= 0, got -0.5"),
     (
         "channels-last with 8-bit Adam",
         "spin",

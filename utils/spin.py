@@ -2,7 +2,8 @@
 - approximate: the inputs of a (real, negative) pair (one t, shared noise by default) and a model's errors on it;
 - trajectory (exact): the opponent sampler's step table, the recorder of its chain steps, the real side's
   forward-posterior pairs and a model's likelihood-weighted errors on both sides;
-and the reference errors precomputed while the opponent theta_k is in memory (so training needs no reference).
+and the reference errors precomputed while the opponent theta_k is in memory (so training needs no reference);
+and what an iteration's metrics say about it: a saturated margin, the likelihood drift on the real images.
 Needs its siblings `losses.py` and `models.py`."""
 
 import contextlib
@@ -396,6 +397,7 @@ class SpinStep(NamedTuple):
     snr_gamma: float | None
     table: TrajectoryTable | None  # trajectory: the opponent sampler's stochastic steps
     trajectory_steps: int  # trajectory: K stored chain steps per sample
+    sft_weight: float = 0.0  # lambda of the SFT term on the real images (--sft_weight; 0: the paper's loss)
 
 
 def spin_step(args):
@@ -423,4 +425,66 @@ def spin_step(args):
         args.snr_gamma,
         table,
         args.trajectory_steps,
+        args.sft_weight,
+    )
+
+
+# ----------------------------------------------------------------------------- what an iteration's metrics say
+
+SATURATED_ACC, SATURATED_LOSS = 0.99, 0.01
+
+
+def is_saturated(logs):
+    """Whether one optimizer step's logged values show a saturated margin: implicit accuracy > 0.99 and loss
+    < 0.01. The loss is the preference term (`spin_loss`; the total without --sft_weight): the SFT term keeps the
+    total above 0.01 whatever the margin does."""
+    return logs["implicit_acc"] > SATURATED_ACC and logs.get("spin_loss", logs["loss"]) < SATURATED_LOSS
+
+
+def saturation_warning(metrics, beta, learning_rate):
+    """The warning for an iteration (`metrics`: "iteration", "saturated_steps", "counted_steps") in which more than
+    half of the counted steps were saturated (`is_saturated`), else None. A saturated margin means the policy
+    already tells its real images from theta_k's samples almost perfectly: the loss gives almost no gradient, and
+    what it still gives is free to push the error on the real images up along with the generated ones."""
+    n, m = metrics.get("saturated_steps", 0), metrics.get("counted_steps", 0)
+    if not m or 2 * n <= m:
+        return None
+    return (
+        f"the SPIN margin saturated in iteration {metrics['iteration']} ({n} of {m} steps with implicit accuracy "
+        f"> {SATURATED_ACC} and loss < {SATURATED_LOSS}) at --beta {beta:g} and --learning_rate {learning_rate:g}: "
+        "the rest of the iteration learns little from the loss; try a smaller --beta or --learning_rate, fewer "
+        "--max_train_steps per iteration, or --sft_weight against likelihood drift"
+    )
+
+
+def real_error_drift(last_step, mean):
+    """The likelihood drift on the real images: {"real_err_rise": the last step's model_err_real - ref_err_real,
+    "real_err_rise_mean": the same from the iteration's means}. Positive: the policy's error on the real images
+    rose against theta_k's (it made them less likely). None where the iteration logged no step."""
+
+    def rise(logs):
+        return logs["model_err_real"] - logs["ref_err_real"] if logs and "model_err_real" in logs else None
+
+    return {"real_err_rise": rise(last_step), "real_err_rise_mean": rise(mean)}
+
+
+def rose_or_fell(value):
+    """'+1.2e-04 rose', '-3.0e-05 fell', '0 same' (or 'n/a') for a real_err_rise."""
+    if value is None:
+        return "n/a"
+    return f"{value:+.1e} rose" if value > 0 else f"{value:+.1e} fell" if value < 0 else "0 same"
+
+
+def real_error_sentence(metrics):
+    """A line for the iteration's model card: the policy's error on the real images against theta_k's, and
+    whether it rose (the likelihood drift that --sft_weight counters)."""
+    last, rise = metrics.get("last_step") or {}, metrics.get("real_err_rise")
+    if rise is None:
+        return ""
+    verdict = "rose: the policy made the real images less likely" if rise > 0 else "did not rise"
+    mean = metrics.get("real_err_rise_mean")
+    mean_text = f"; {mean:+.3g} on average over the iteration" if mean is not None else ""
+    return (
+        f"Real-image error at the last step: the policy {last['model_err_real']:.4g} against theta_k's (the "
+        f"reference) {last['ref_err_real']:.4g}, a change of {rise:+.3g}{mean_text}: the error {verdict}."
     )

@@ -1,0 +1,124 @@
+"""What a SPIN run tells its user about itself: --sft_weight (the SFT term against likelihood drift) reaches the loss,
+the args and the card; the real-image error of the policy against theta_k (real_err_rise) in metrics.json, the
+summary table and the card; and one warning when the margin saturated, counted across a resume."""
+
+import json
+import math
+
+import pytest
+
+import train_spin_diffusion
+from helpers import run_spin, spin_args
+from utils.spin import is_saturated, real_error_drift, rose_or_fell, saturation_warning
+
+LOG2 = math.log(2)
+TRAJ = ["--spin_objective", "trajectory", "--gen_scheduler", "ddpm", "--gen_num_inference_steps", "4"]
+
+
+def metrics(out, k=1):
+    return json.loads((out / f"iter_{k}" / "metrics.json").read_text())
+
+
+def test_saturation_warning_needs_more_than_half_of_the_counted_steps():
+    m = {"iteration": 2, "saturated_steps": 3, "counted_steps": 4}
+    text = saturation_warning(m, 5000.0, 2e-5)
+    assert text.startswith(
+        "the SPIN margin saturated in iteration 2 (3 of 4 steps with implicit accuracy > 0.99 and loss < 0.01)"
+    )
+    assert "--beta 5000 and --learning_rate 2e-05" in text
+    for advice in ("a smaller --beta or --learning_rate", "fewer --max_train_steps per iteration", "--sft_weight"):
+        assert advice in text
+    assert saturation_warning(m | {"saturated_steps": 2}, 5000.0, 2e-5) is None  # half is not more than half
+    assert saturation_warning(m | {"saturated_steps": 0, "counted_steps": 0}, 5000.0, 2e-5) is None
+    assert saturation_warning({"iteration": 1}, 5000.0, 2e-5) is None  # metrics.json from before the count
+
+
+def test_a_step_is_saturated_by_its_preference_term():
+    assert is_saturated({"implicit_acc": 1.0, "loss": 0.005})
+    assert not is_saturated({"implicit_acc": 0.99, "loss": 0.0})  # accuracy must exceed 0.99
+    assert not is_saturated({"implicit_acc": 1.0, "loss": 0.01})
+    # with --sft_weight the total holds the SFT term; the margin is read from the preference term alone
+    assert is_saturated({"implicit_acc": 1.0, "loss": 0.8, "spin_loss": 0.001})
+
+
+def test_real_error_drift_and_its_words():
+    last = {"model_err_real": 0.5, "ref_err_real": 0.4}
+    mean = {"model_err_real": 0.3, "ref_err_real": 0.35}
+    drift = real_error_drift(last, mean)
+    assert drift["real_err_rise"] == pytest.approx(0.1) and drift["real_err_rise_mean"] == pytest.approx(-0.05)
+    assert real_error_drift({}, {}) == {"real_err_rise": None, "real_err_rise_mean": None}
+    assert rose_or_fell(0.1) == "+1.0e-01 rose" and rose_or_fell(-0.05) == "-5.0e-02 fell"
+    assert rose_or_fell(0.0) == "0 same" and rose_or_fell(None) == "n/a"
+
+
+@pytest.mark.parametrize(
+    "mode",
+    [["--use_lora"], ["--use_lora", "--negative_source", "dataset"], ["--use_lora", *TRAJ, "--trajectory_steps", "2"]],
+    ids=["spin", "dpo", "trajectory"],
+)
+def test_sft_weight_run_adds_the_real_error_and_reports_the_drift(assets, tmp_path, capsys, mode):
+    out = tmp_path / "sft1"
+    run_spin(*spin_args(assets, out, *mode, "--num_iterations", "1", "--max_train_steps", "3", "--sft_weight", "1.0"))
+    m = metrics(out)
+    for step in (m["first_step"], m["last_step"]):  # loss = SPIN loss + 1.0 x the policy's real-image error
+        assert step["loss"] == pytest.approx(step["spin_loss"] + step["model_err_real"], rel=1e-6)
+    # the first step: policy = reference, so delta is 0 everywhere (half a hit) and the SPIN loss is log 2
+    assert m["first_step"]["implicit_acc"] == 0.5 and m["first_step"]["spin_loss"] == pytest.approx(LOG2, abs=1e-6)
+    last, mean = m["last_step"], m["mean"]
+    assert m["real_err_rise"] == pytest.approx(last["model_err_real"] - last["ref_err_real"])
+    assert m["real_err_rise_mean"] == pytest.approx(mean["model_err_real"] - mean["ref_err_real"])
+    assert m["counted_steps"] == 3 and 0 <= m["saturated_steps"] <= 3
+
+    assert json.loads((out / "iter_1" / "training_args.json").read_text())["sft_weight"] == 1.0
+    card = (out / "iter_1" / "README.md").read_text()
+    assert "| `sft_weight` | `1.0` |" in card
+    assert (
+        f"Real-image error at the last step: the policy {last['model_err_real']:.4g} against theta_k's (the "
+        f"reference) {last['ref_err_real']:.4g}, a change of {m['real_err_rise']:+.3g}"
+    ) in card
+    assert ("the error rose" if m["real_err_rise"] > 0 else "the error did not rise") in card
+
+    printed = capsys.readouterr().out
+    header = next(line for line in printed.splitlines() if line.startswith("iteration  steps"))
+    assert "margin(mean)  margin(last)  real_err_rise" in header
+    row = next(line for line in printed.splitlines() if line.strip().startswith("1 ") and str(out) in line)
+    assert f"{mean['reward_margin']:.4g}" in row and f"{last['reward_margin']:.4g}" in row
+    assert rose_or_fell(m["real_err_rise"]) in row
+
+
+class Killed(Exception):
+    pass
+
+
+def test_saturated_margin_warns_once_and_the_count_survives_a_resume(assets, tmp_path, monkeypatch, caplog):
+    """A huge beta and learning rate: from the second step on, every pair is told apart with loss 0. Killed right
+    after checkpoint-4 and rerun, the iteration still counts the saturated steps of its first half."""
+    out = tmp_path / "saturated"
+    argv = spin_args(assets, out, "--num_iterations", "1", "--max_train_steps", "8", "--checkpointing_steps", "4")
+    argv += ["--beta", "1e6", "--learning_rate", "1e-3"]
+    real_save = train_spin_diffusion.save_checkpoint
+
+    def save_then_die(accelerator, it_dir, step, *args, **kwargs):
+        path = real_save(accelerator, it_dir, step, *args, **kwargs)
+        if step == 4:
+            raise Killed()
+        return path
+
+    with monkeypatch.context() as m:
+        m.setattr(train_spin_diffusion, "save_checkpoint", save_then_die)
+        with pytest.raises(Killed):
+            run_spin(*argv)
+    carried = json.loads((out / "iter_1" / "checkpoint-4" / "spin_metrics.json").read_text())["saturated"]
+    assert carried >= 1
+    with caplog.at_level("WARNING"):
+        run_spin(*argv)
+    m = metrics(out)
+    assert m["counted_steps"] == 8 and m["saturated_steps"] > 4  # more than the resumed half alone could hold
+    assert m["saturated_steps"] - carried <= 4
+    saturated = [r for r in caplog.records if "margin saturated" in r.getMessage()]
+    assert [r.levelname for r in saturated] == ["WARNING"]  # exactly one warning
+    warnings = [r.getMessage() for r in saturated]
+    assert (
+        f"the SPIN margin saturated in iteration 1 ({m['saturated_steps']} of 8 steps with implicit accuracy "
+        "> 0.99 and loss < 0.01) at --beta 1e+06 and --learning_rate 0.001"
+    ) in warnings[0]

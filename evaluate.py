@@ -311,6 +311,17 @@ def main(args):
             name: {k: sum(raw[name][k][i * n_img : (i + 1) * n_img]) / n_img for k in per_image} for name in names
         }
         per_prompt.append({"prompt": prompt, "seed": prompt_seed(args.seed, i * n_img), "scores": scores})
+    # Every image's own scores (prompt-major, the order of `jobs`), for per-image analyses; per_prompt keeps the means.
+    image_rows = [
+        {
+            "prompt_index": i,
+            "prompt": prompts[i],
+            "image_index": j,
+            "seed": prompt_seed(args.seed, i * n_img + j),
+            "scores": {name: {k: raw[name][k][n] for k in per_image} for name in names},
+        }
+        for n, (i, j) in enumerate(jobs)
+    ]
     summary = (
         summarize(
             per_prompt, names, per_image, baseline=args.baseline, resamples=args.bootstrap_resamples, seed=args.seed
@@ -335,6 +346,7 @@ def main(args):
         },
         "summary": summary,
         "per_prompt": per_prompt,
+        "per_image": image_rows,  # one entry per (prompt, image); distribution metrics (toy_fd) are not per image
     }
     (out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
     prompts_name = Path(args.prompts).stem if Path(args.prompts).is_file() else args.prompts

@@ -5,6 +5,8 @@ import json
 import statistics
 from pathlib import Path
 
+import pytest
+
 import evaluate
 from helpers import run_sft, sft_args
 
@@ -27,6 +29,26 @@ SCORER_FLAGS = [
     "--aesthetic_clip_model",
     GOLDEN / "clip/aesthetic/clip",
 ]
+
+
+def assert_per_image_scores(saved, models, metrics):
+    """results.json's per_image: one entry per (prompt, image), prompt-major, each image's generation seed, and
+    scores whose per-prompt means are per_prompt's values."""
+    n_prompts, n_img = saved["num_prompts"], saved["num_images_per_prompt"]
+    rows = saved["per_image"]
+    assert len(rows) == n_prompts * n_img
+    assert [(r["prompt_index"], r["image_index"]) for r in rows] == [
+        (i, j) for i in range(n_prompts) for j in range(n_img)
+    ]
+    assert len({r["seed"] for r in rows}) == len(rows)
+    for i, p in enumerate(saved["per_prompt"]):
+        mine = rows[i * n_img : (i + 1) * n_img]
+        assert {r["prompt"] for r in mine} == {p["prompt"]} and mine[0]["seed"] == p["seed"]
+        for model in models:
+            assert set(mine[0]["scores"][model]) == set(metrics)
+            for k in metrics:
+                mean = sum(r["scores"][model][k] for r in mine) / n_img
+                assert mean == pytest.approx(p["scores"][model][k], rel=1e-12, abs=1e-12)
 
 
 def test_two_models_six_prompts_all_metrics(assets, tmp_path, monkeypatch):
@@ -82,6 +104,7 @@ def test_two_models_six_prompts_all_metrics(assets, tmp_path, monkeypatch):
         avg = saved["summary"][model]["average"]["win_rate"]
         assert avg == statistics.fmean(saved["summary"][model][k]["win_rate"] for k in metrics)
     assert saved["summary"]["base"]["pickscore"]["win_rate"] == 0.5  # against itself: all ties
+    assert_per_image_scores(saved, ["base", "sft"], metrics)
     # The LoRA changed the images, so at least one metric sees a difference on some prompt.
     assert any(p["scores"]["sft"][k] != p["scores"]["base"][k] for p in saved["per_prompt"] for k in metrics)
     md = (out / "results.md").read_text()
@@ -140,6 +163,8 @@ def test_push_results_adds_model_index_to_hub_card(assets, tmp_path, hub_server,
                     str(tmp_path / "eval"),
                     "--metrics",
                     "aesthetic,pickscore",
+                    "--num_images_per_prompt",
+                    "2",
                     "--push_results_to_hub",
                     *map(str, SCORER_FLAGS),
                 ]
@@ -149,6 +174,11 @@ def test_push_results_adds_model_index_to_hub_card(assets, tmp_path, hub_server,
     meta = yaml.safe_load(card.split("---")[1])
     metrics = {m["type"]: m["value"] for m in meta["model-index"][0]["results"][0]["metrics"]}
     assert metrics == {k: round(results["summary"]["hub"][k]["mean"], 6) for k in ("aesthetic", "pickscore")}
+    saved = json.loads((tmp_path / "eval" / "results.json").read_text())
+    assert saved["num_images_per_prompt"] == 2 and len(saved["per_image"]) == 4
+    assert_per_image_scores(saved, ["hub", "local"], ["aesthetic", "pickscore"])
+    # two images per prompt: their scores differ, and per_prompt holds their mean
+    assert saved["per_image"][0]["scores"]["local"] != saved["per_image"][1]["scores"]["local"]
 
 
 def test_two_process_generation_splits_the_prompts(assets, tmp_path):

@@ -155,7 +155,9 @@ class Timer:
         t = time.time()
         out = fn()
         self.data[name] = round(self.data.get(name, 0) + time.time() - t, 1)
-        self.path.write_text(json.dumps(self.data, indent=2) + "\n")
+        tmp = self.path.with_name(f"{self.path.name}.{os.getpid()}.tmp")  # whole or not at all: workers share it
+        tmp.write_text(json.dumps(self.data, indent=2) + "\n")
+        os.replace(tmp, self.path)
         return out
 
 

@@ -1053,6 +1053,7 @@ def run_seeds_in_parallel(args, out):
 
     def work(seed):
         cmd = [sys.executable, __file__] + args.argv + ["--seeds", str(seed), "--seed_only", "--jobs", "1"]
+        cmd += ["--secondary_seeds"] + [str(s) for s in args.secondary_seeds]  # decided here, not by the worker
         logfile = out / f"seed_{seed}.log"
         with open(logfile, "w") as f:
             code = subprocess.call(cmd, stdout=f, stderr=subprocess.STDOUT, env=one_thread_env())

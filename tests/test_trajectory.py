@@ -3,6 +3,8 @@ diffusers' own DDPM and DDIM(eta) steps over SD-1.5's strided schedule, the per-
 errors against torch.distributions' Gaussian log-densities, and the real side's pairs against the forward
 process's moments."""
 
+import contextlib
+
 import pytest
 import torch
 from diffusers import DDIMScheduler, DDPMScheduler
@@ -178,6 +180,33 @@ def test_recorded_chain_steps_are_the_samplers_own(assets):
     assert torch.equal(traj["traj_x_prev"][:, :-1], traj["traj_x_t"][:, 1:])
     assert torch.allclose(traj["traj_x_prev"][:, -1], out.images.float())
     assert "step" not in vars(pipe.scheduler)  # the wrapper is gone
+
+
+@pytest.mark.parametrize("kind", ["ddim", "ddpm"])
+def test_recording_keeps_the_samplers_noise_seeded_and_stochastic(assets, kind):
+    """Pipelines pass `eta` and `generator` to a step only if its signature names them: the recorder must not hide
+    them. Recorded or not, the same seeds give the same stochastic chain (DDIM at eta 1, DDPM), and DDIM at eta 1
+    differs from DDIM at eta 0 (before the fix, the recorded opponent sampled at eta 0 whatever --gen_eta said)."""
+    from diffusers import StableDiffusionPipeline
+
+    from utils.spin import TrajectoryRecorder
+
+    pipe = StableDiffusionPipeline.from_pretrained(str(assets["pipeline"]), safety_checker=None)
+    cls = DDIMScheduler if kind == "ddim" else DDPMScheduler
+    pipe.scheduler = cls.from_config(pipe.scheduler.config, clip_sample=False)
+    pipe.set_progress_bar_config(disable=True)
+
+    def sample(eta, record):
+        kwargs = dict(num_inference_steps=4, guidance_scale=3.0, height=32, width=32, output_type="latent", eta=eta)
+        gens = [torch.Generator().manual_seed(i) for i in (1, 2)]
+        with TrajectoryRecorder(pipe.scheduler, [[], []]) if record else contextlib.nullcontext():
+            torch.manual_seed(123 if record else 456)  # the global RNG must not be what draws the noise
+            return pipe(["a red square", "a blue circle"], generator=gens, **kwargs).images
+
+    recorded = sample(1.0, record=True)
+    assert torch.equal(recorded, sample(1.0, record=False))
+    if kind == "ddim":
+        assert not torch.allclose(recorded, sample(0.0, record=True), atol=1e-3)
 
 
 # ----------------------------------------------------------------------------- end to end (tiny assets)

@@ -7,6 +7,7 @@ and what an iteration's metrics say about it: a saturated margin, the likelihood
 Needs its siblings `losses.py` and `models.py`."""
 
 import contextlib
+import functools
 from typing import NamedTuple
 
 import torch
@@ -205,6 +206,9 @@ class TrajectoryRecorder:
     def __enter__(self):
         real = self.scheduler.step
 
+        # wraps: pipelines pass `eta` and `generator` only to a step whose signature names them
+        # (prepare_extra_step_kwargs inspects it); a bare (*args, **kwargs) signature made DDIM deterministic
+        @functools.wraps(real)
         def step(model_output, timestep, sample, *args, **kwargs):
             out = real(model_output, timestep, sample, *args, **kwargs)
             prev = out[0] if isinstance(out, tuple) else out.prev_sample

@@ -1333,7 +1333,7 @@ def main(args):
         "hparams_tuned_on": tuned_on,
         "base": built,
         "config": {k: str(v) if isinstance(v, Path) else v for k, v in cfg.items()},
-        "budget": budget(cfg),
+        "budget": budget(cfg, hparams["spin"]),
         "primary_metric": PRIMARY,
         "compute_unit": "UNet forward-equivalents per sample (backward = 2 forwards); SFT step 3 x batch; "
         "SPIN/DPO step 8 x pairs; generation prompts x steps x 2 (CFG); counted from the stage's start model",

@@ -155,3 +155,19 @@ def test_one_seed_intervals_are_shown_as_such_never_as_nan():
     assert run.fmt(mean, ci, d=2) == "7.50 (one seed: no interval)"
     mean, ci = run.seeds_prompts_ci([[1.0, 0.0, 1.0, 1.0]])  # one seed: an interval over the prompts
     assert ci[0] < mean < ci[1] and "nan" not in run.fmt(mean, ci)
+
+
+def test_readme_quotes_the_committed_results():
+    """The README's claims table is examples/toy/results/results.json's `claims`, row for row, and every claim it
+    says holds rests on 2 or more seeds with a CI above 0."""
+    import run
+
+    results = json.loads((ROOT / "examples" / "toy" / "results" / "results.json").read_text())
+    section = (ROOT / "README.md").read_text().split("## Does it work?")[1].split("\n## ")[0]
+    assert results["claims"], "results.json has no claims"
+    for c in results["claims"]:
+        assert run.readme_claim_row(c) in section, c["claim"]
+        assert c["holds"] == (c["n_seeds"] >= 2 and c["ci_low"] > 0)
+        assert c["metric"] == "toy_adherence"
+    names = {(r["name"], r["seed"]) for r in results["runs"] if r["split"] == "test"}
+    assert all((c["a"], s) in names and (c["b"], s) in names for c in results["claims"] for s in results["seeds"][:1])

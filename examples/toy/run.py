@@ -984,6 +984,15 @@ def secondary_table(rows):
     return lines
 
 
+def readme_claim_row(c):
+    """One claim of results.json as the README's "Does it work?" table shows it (a test checks they agree)."""
+    verdict = "**yes**" if c["holds"] else "no" if c["n_seeds"] >= 2 else "one seed: not tested"
+    return (
+        f"| {c['claim']} | `{c['a']}` - `{c['b']}` | {c['compute_a'] / 1e3:.0f}k / {c['compute_b'] / 1e3:.0f}k | "
+        f"{c['n_seeds']} | {fmt(c['diff'], [c['ci_low'], c['ci_high']])} | {verdict} |"
+    )
+
+
 def drift_table(out, seeds):
     """Per SPIN arm and iteration: implicit accuracy, last-step margin, and the policy's error on the real images
     against theta_k's (the likelihood drift), averaged over seeds."""

@@ -89,7 +89,7 @@ PRESETS = {
         eval_images=1,
         eval_steps=10,
         guidance=3.0,
-        stage1=dict(lr=1e-3, every=100, min_steps=300, window=200, min_gain=0.03, max_steps=500),
+        stage1=dict(lr=1e-3, every=150, min_steps=600, window=300, min_gain=0.03, max_steps=1050),
         sft_batch=64,
         spin_batch=32,
         spin_steps=12,

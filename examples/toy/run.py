@@ -271,8 +271,6 @@ def run_spin(cfg, start, seed, out, *, hp, steps, iterations, every, negative="s
 def run_spin_long(cfg, start, seed, spin_out, out, *, hp, steps, every):
     """Iteration 1 continued: the same run as spin's iteration 1 (same seed, samples and data order, constant
     learning rate), resumed from spin's iteration-1 checkpoint and trained on for `steps` in all."""
-    import train_spin_diffusion
-
     if (out / "iter_1" / "model_index.json").exists():
         return
     src, dst = spin_out / "iter_1", out / "iter_1"
@@ -282,11 +280,7 @@ def run_spin_long(cfg, start, seed, spin_out, out, *, hp, steps, every):
         for name in ["synthetic"] + [p.name for p in src.glob("checkpoint-*")]:
             shutil.copytree(src / name, tmp / name)
         os.replace(tmp, dst)
-    train_spin_diffusion.main(
-        train_spin_diffusion.parse_args(
-            spin_flags(cfg, start, seed, out, hp=hp, steps=steps, iterations=1, every=every)
-        )
-    )
+    run_spin(cfg, start, seed, out, hp=hp, steps=steps, iterations=1, every=every)
 
 
 def evaluate(base, cfg, models, out, *, split, seed=0):
@@ -463,9 +457,11 @@ def run_arm(arm, cfg, start, seed, d, hp, *, budget_hp, spin_dir=None, prefix=""
         run_sft(cfg, start, seed, out, steps=steps, every=every, hp=hp)
         for step in range(every, steps + 1, every):
             path = out / f"checkpoint-{step}" if step < steps else out
-            epoch = step * cfg["sft_batch"] / n_ft
-            models[f"{prefix}sft-{step}"] = (path, dict(arm=prefix + "sft", iteration=None, epoch=epoch))
-            models[f"{prefix}sft-{step}"][1]["compute"] = start_compute + compute_sft(step, cfg["sft_batch"])
+            epoch, compute = step * cfg["sft_batch"] / n_ft, start_compute + compute_sft(step, cfg["sft_batch"])
+            models[f"{prefix}sft-{step}"] = (
+                path,
+                dict(arm=prefix + "sft", iteration=None, epoch=epoch, compute=compute),
+            )
     elif arm == "dpo":
         steps = b["dpo_steps"] * scale
         every = steps // (b["iterations"] * scale)
@@ -554,15 +550,10 @@ def run_secondary(base, cfg, seed, d, hparams, curve, s_step, timer, eval_seed):
     """From theta_0, each arm long enough to flatten: SFT is stage 1 (its chunk ends), SPIN runs
     `secondary_scale` times its stage-2 budget and DPO likewise; all scored on both splits."""
     s1 = d / "stage1"
-    every = cfg["stage1"]["every"]
     models = {"theta0": (base / "theta0", dict(arm="theta0", iteration=0, epoch=0.0, compute=0))}
     for n in sorted(curve):
-        models[f"sft0-{n}"] = (
-            s1 / f"steps-{n}",
-            dict(arm="sft0", iteration=None, epoch=n * cfg["sft_batch"] / cfg["n_finetune"]),
-        )
-        models[f"sft0-{n}"][1]["compute"] = compute_sft(n, cfg["sft_batch"])
-    assert all(n % every == 0 for n in curve)
+        epoch, compute = n * cfg["sft_batch"] / cfg["n_finetune"], compute_sft(n, cfg["sft_batch"])
+        models[f"sft0-{n}"] = (s1 / f"steps-{n}", dict(arm="sft0", iteration=None, epoch=epoch, compute=compute))
     scale = cfg["secondary_scale"]
     for arm in ("spin", "dpo"):
         hp = hparams[arm]

@@ -23,6 +23,8 @@ Per seed:
     spin+sft    spin with --sft_weight (an SFT term on the real image against the likelihood drift)
     spin-eta1   spin on stochastic opponent samples (DDIM, eta 1): the approximate objective on the samples the
                 trajectory objective uses
+    spin-traj   the trajectory objective (--spin_objective trajectory) on those same samples, K = 4 stored chain
+                steps per sample: against spin-eta1, the objective alone differs (its training costs K times more)
   secondary (--secondary_seeds): from theta_0, SFT (stage 1 itself), SPIN and DPO each run long enough to flatten;
             each arm's best checkpoint is chosen on the validation prompts and reported on the test prompts.
 Every stage-2 checkpoint is scored on the validation and the test prompts. Outputs: D/results.json (one row per
@@ -35,6 +37,7 @@ are secondary. A claim is a paired difference (a - b) on the same seeds and test
 Compute is counted in UNet forward-equivalents per sample (a backward costs two forwards):
   SFT step:           3 x batch
   SPIN / DPO step:    8 x pairs     (policy forward + backward on 2 samples, reference forward on 2)
+  trajectory step:    8 x K x pairs (the same, on each of the K stored chain steps)
   generation:         prompts x sampler steps x 2 with classifier-free guidance (x 1 without)
 """
 
@@ -79,6 +82,7 @@ PRESETS = {
         spin_steps=40,
         iterations=3,
         gen_steps=10,
+        traj_steps=4,
         secondary_scale=2,
     ),
     "demo": dict(
@@ -95,6 +99,7 @@ PRESETS = {
         spin_steps=12,
         iterations=3,
         gen_steps=10,
+        traj_steps=4,
         secondary_scale=2,
     ),
     "quick": dict(
@@ -111,16 +116,24 @@ PRESETS = {
         spin_steps=2,
         iterations=2,
         gen_steps=2,
+        traj_steps=1,  # below gen_steps
         secondary_scale=2,
     ),
 }
-ARMS = ("sft", "spin", "spin-long", "dpo", "spin+sft", "spin-eta1")
+ARMS = ("sft", "spin", "spin-long", "dpo", "spin+sft", "spin-eta1", "spin-traj")
 # The settings every arm runs with unless examples/toy/results/chosen.json (written by --tune) says otherwise.
 DEFAULT_HPARAMS = {
     "sft": {"learning_rate": 1e-4, "lr_scheduler": "constant", "proportion_empty_prompts": 0.1},
     "spin": {"learning_rate": 3e-5, "beta": 5000.0, "gen_guidance_scale": 3.0},
     "spin+sft": {"learning_rate": 3e-5, "beta": 5000.0, "sft_weight": 1000.0, "gen_guidance_scale": 3.0},
     "spin-eta1": {"learning_rate": 3e-5, "beta": 5000.0, "gen_guidance_scale": 3.0, "gen_eta": 1.0},
+    "spin-traj": {
+        "learning_rate": 3e-5,
+        "beta": 5000.0,
+        "gen_guidance_scale": 3.0,
+        "gen_eta": 1.0,
+        "spin_objective": "trajectory",
+    },
     "dpo": {"learning_rate": 3e-5, "beta": 5000.0},
 }
 CHOSEN = ROOT / "examples" / "toy" / "results" / "chosen.json"
@@ -136,8 +149,9 @@ def compute_sft(steps, batch):
     return 3 * steps * batch
 
 
-def compute_pairs(steps, pairs):
-    return 8 * steps * pairs
+def compute_pairs(steps, pairs, k=1):
+    """A SPIN or DPO run's training compute; k: chain steps trained per sample (the trajectory objective)."""
+    return 8 * steps * pairs * k
 
 
 def compute_generation(prompts, sampler_steps, guidance):
@@ -251,6 +265,8 @@ def spin_flags(cfg, start, seed, out, *, hp, steps, iterations, every, negative=
         flags += ["--sft_weight", str(hp["sft_weight"])]
     if hp.get("gen_eta"):  # the approximate objective on stochastic samples (the trajectory objective's sampler)
         flags += ["--gen_scheduler", "ddim", "--gen_eta", str(hp["gen_eta"])]
+    if hp.get("spin_objective") == "trajectory":
+        flags += ["--spin_objective", "trajectory", "--trajectory_steps", str(cfg["traj_steps"])]
     return flags
 
 
@@ -493,8 +509,9 @@ def run_arm(arm, cfg, start, seed, d, hp, *, budget_hp, spin_dir=None, prefix=""
                     compute=start_compute + gen + compute_pairs(step, cfg["spin_batch"]),
                 ),
             )
-    else:  # spin, spin+sft, spin-eta1
+    else:  # spin, spin+sft, spin-eta1, spin-traj
         iterations, steps = spin_shape(cfg, hp)
+        k_traj = cfg["traj_steps"] if hp.get("spin_objective") == "trajectory" else 1
         iterations *= scale
         half = max(1, steps // 2)
         run_spin(cfg, start, seed, out, hp=hp, steps=steps, iterations=iterations, every=half)
@@ -512,9 +529,9 @@ def run_arm(arm, cfg, start, seed, d, hp, *, budget_hp, spin_dir=None, prefix=""
                         iteration=k,
                         epoch=((k - 1) * steps + step) * cfg["spin_batch"] / n_ft,
                         compute=start_compute
-                        + (k - 1) * (gen + compute_pairs(steps, cfg["spin_batch"]))
+                        + (k - 1) * (gen + compute_pairs(steps, cfg["spin_batch"], k_traj))
                         + gen
-                        + compute_pairs(step, cfg["spin_batch"]),
+                        + compute_pairs(step, cfg["spin_batch"], k_traj),
                     ),
                 )
     return models
@@ -596,6 +613,7 @@ def grids(cfg):
         ),
         "spin": (spin_coarse, spin_refine),
         "spin-eta1": (spin_coarse, spin_refine),
+        "spin-traj": (spin_coarse, spin_refine),
         "spin+sft": (
             [
                 {"beta": b, "sft_weight": w, "learning_rate": 3e-5}
@@ -614,6 +632,7 @@ ARM_BASE = {  # what every configuration of an arm shares
     "sft": {},
     "spin": {"gen_guidance_scale": 3.0},
     "spin-eta1": {"gen_guidance_scale": 3.0, "gen_eta": 1.0},
+    "spin-traj": {"gen_guidance_scale": 3.0, "gen_eta": 1.0, "spin_objective": "trajectory"},
     "spin+sft": {"gen_guidance_scale": 3.0},
     "dpo": {},
 }
@@ -734,6 +753,7 @@ def describe_hp(hp):
         "gen_guidance_scale": "guidance",
         "sft_weight": "lambda",
         "gen_eta": "eta",
+        "spin_objective": "objective",
     }
     parts = []
     for k, v in hp.items():
@@ -856,6 +876,9 @@ def claims_of(rows, cfg, hparams):
         last = last_of(rows, arm)
         if last and spin_last:
             out.append((text, last, spin_last))
+    traj_last, eta1_last = last_of(rows, "spin-traj"), last_of(rows, "spin-eta1")
+    if traj_last and eta1_last:  # the same stochastic samples: the objective alone differs
+        out.append(("spin-traj (the trajectory objective) beats spin-eta1 on the same samples", traj_last, eta1_last))
     for arm in ("sft0", "from0-spin", "from0-dpo"):  # the secondary design: each arm's best, chosen on validation
         if best_on_validation(rows, arm) is None:
             return out
@@ -992,7 +1015,7 @@ def drift_table(out, seeds):
         "|---|---|---|---|---|",
     ]
     found = False
-    for arm in ("spin", "spin+sft", "spin-eta1"):
+    for arm in ("spin", "spin+sft", "spin-eta1", "spin-traj"):
         for k in range(1, 13):
             ms = []
             for s in seeds:
@@ -1067,7 +1090,9 @@ def plots(rows, out, cfg):
     if not its:
         return
     fig, axes = plt.subplots(1, 2, figsize=(13, 4.2))
-    arms = [a for a in ("sft", "dpo", "spin", "spin+sft", "spin-eta1") if any(g[m][0]["arm"] == a for m in g)]
+    arms = [
+        a for a in ("sft", "dpo", "spin", "spin+sft", "spin-eta1", "spin-traj") if any(g[m][0]["arm"] == a for m in g)
+    ]
     width = 0.8 / len(arms)
     for ax, metric, label in (
         (axes[0], "toy_adherence", "strict adherence, test prompts (primary)"),

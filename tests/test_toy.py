@@ -171,3 +171,18 @@ def test_readme_quotes_the_committed_results():
         assert c["metric"] == "toy_adherence"
     names = {(r["name"], r["seed"]) for r in results["runs"] if r["split"] == "test"}
     assert all((c["a"], s) in names and (c["b"], s) in names for c in results["claims"] for s in results["seeds"][:1])
+
+
+def test_search_refuses_a_trial_folder_made_with_other_settings(tmp_path):
+    """A search trial's trained models are reused on rerun only when its folder was made with the same settings
+    and evaluation seed; otherwise the search stops before training or scoring anything."""
+    import run
+
+    cfg = dict(run.PRESETS["quick"])
+    first = run.ARM_BASE["spin-traj"] | run.grids(cfg)["spin-traj"][0][0]
+    trial = tmp_path / "search" / "spin-traj-0"
+    trial.mkdir(parents=True)
+    (trial / "trial.json").write_text(json.dumps({"hparams": first, "eval_seed": 1}))  # another evaluation seed
+    with pytest.raises(SystemExit, match="error: .*spin-traj-0 holds a run made with"):
+        run.tune_arm(None, cfg, 100, tmp_path, None, "spin-traj", 0)
+    assert not (tmp_path / "search_spin-traj.json").exists()

@@ -650,13 +650,23 @@ def tune_arm(base, cfg, seed, d, start, arm, eval_seed):
                 raise SystemExit(f"error: {table_path} row {i} was made with {table[i]['hparams']}, not {hp}")
             return table[i]
         t = time.time()
-        models = run_arm(arm, cfg, start, seed, d / "search" / f"{arm}-{i}", hp, budget_hp=ARM_BASE["spin"])
+        trial_dir = d / "search" / f"{arm}-{i}"
+        made = {"hparams": json.loads(json.dumps(hp)), "eval_seed": eval_seed}
+        marker = trial_dir / "trial.json"
+        if marker.exists() and json.loads(marker.read_text()) != made:  # its trained models are another trial's
+            raise SystemExit(
+                f"error: {trial_dir} holds a run made with {json.loads(marker.read_text())}, not {made}; remove "
+                "it or use another --output_dir"
+            )
+        trial_dir.mkdir(parents=True, exist_ok=True)
+        marker.write_text(json.dumps(made) + "\n")
+        models = run_arm(arm, cfg, start, seed, trial_dir, hp, budget_hp=ARM_BASE["spin"])
         last = list(models)[-1]
         res = evaluate(
             base,
             cfg,
             {last: models[last][0]},
-            d / "search" / f"{arm}-{i}" / "eval",
+            trial_dir / "eval",
             split="validation",
             seed=eval_seed,
         )

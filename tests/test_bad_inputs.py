@@ -46,6 +46,31 @@ CASES = [
         ["--pretrained_model_name_or_path", "test-user/tiny-sd", "--revision", "v9"],
         "the repo has no revision 'v9'",
     ),
+    (
+        "pipeline of a family the scripts do not train",
+        "spin",
+        ["--pretrained_model_name_or_path", "sdxl-model"],
+        "--pretrained_model_name_or_path sdxl-model: a StableDiffusionXLPipeline, which these scripts do not train; "
+        "supported: StableDiffusionPipeline",
+    ),
+    (
+        "Hub model of a family the scripts do not train",
+        "sft",
+        ["--pretrained_model_name_or_path", "test-user/tiny-flux"],
+        "--pretrained_model_name_or_path test-user/tiny-flux: a FluxPipeline, which these scripts do not train",
+    ),
+    (
+        "model_index.json that cannot be read",
+        "sft",
+        ["--pretrained_model_name_or_path", "broken-index"],
+        "--pretrained_model_name_or_path broken-index: its model_index.json cannot be read",
+    ),
+    (
+        "evaluate: a model of a family it cannot sample",
+        "eval",
+        ["--model", "x=sdxl-model"],
+        "--model x=sdxl-model: a StableDiffusionXLPipeline, which these scripts do not train",
+    ),
     ("no Hub token", "spin", ["--push_to_hub", "--hub_model_id", "test-user/x"], "--push_to_hub needs a Hub token"),
     (
         "bad Hub token",
@@ -200,6 +225,10 @@ def workdir(assets, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     (tmp_path / "out.txt").write_text("a file, not a folder\n")
     (tmp_path / "empty-folder").mkdir()
+    (tmp_path / "sdxl-model").mkdir()  # an index is all the check reads: no weights are needed to refuse it
+    (tmp_path / "sdxl-model" / "model_index.json").write_text('{"_class_name": "StableDiffusionXLPipeline"}')
+    (tmp_path / "broken-index").mkdir()
+    (tmp_path / "broken-index" / "model_index.json").write_text('{"_class_name": ')
     (tmp_path / "data.xyz").write_text("?")
     (tmp_path / "typo.yaml").write_text("learnin_rate: 1e-4\n")
     (tmp_path / "broken").mkdir()
@@ -287,6 +316,15 @@ def test_bad_input_gives_one_error_line(
         with hub_online():
             create_repo("test-user/tiny-sd", token=TEST_TOKEN)
             upload_folder(repo_id="test-user/tiny-sd", folder_path=str(assets["pipeline"]), token=TEST_TOKEN)
+    if case == "Hub model of a family the scripts do not train" and not hub_server.repo_exists("test-user/tiny-flux"):
+        from huggingface_hub import create_repo, upload_file
+
+        with hub_online():
+            create_repo("test-user/tiny-flux", token=TEST_TOKEN)
+            index = b'{"_class_name": "FluxPipeline", "transformer": ["diffusers", "FluxTransformer2DModel"]}'
+            upload_file(
+                path_or_fileobj=index, path_in_repo="model_index.json", repo_id="test-user/tiny-flux", token=TEST_TOKEN
+            )
     code, text, seconds = run_case(assets, script, flags, capsys)
     lines = [line for line in text.splitlines() if "error: " in line]
     assert code != 0 and lines, text

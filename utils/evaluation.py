@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .data import CAPTION_FALLBACKS, DataError, column_names, find_column, load_raw_dataset
-from .models import sd_pipeline
+from .models import ModelError, check_pipeline_class, hub_model_index, sd_pipeline
 
 PROMPT_SETS = {
     # name: (Hub dataset repo, how to read it)
@@ -94,6 +94,16 @@ def resolve_model(arg, token=None):
             f"--model {arg}: neither a diffusers pipeline (model_index.json), a UNet (unet/config.json or "
             f"config.json + weights) nor LoRA weights (pytorch_lora_weights.safetensors){hint}"
         )
+    if kind == "pipeline":  # a family the scripts cannot sample is refused before anything loads
+        local = Path(location).expanduser()
+        try:
+            index = (
+                local / "model_index.json" if local.is_dir() else hub_model_index(location, revision, token, "--model")
+            )
+            if index is not None:
+                check_pipeline_class(f"{name}={location}", index, flag="--model")
+        except ModelError as e:
+            raise EvalError(str(e)) from None
     return ModelSpec(name, location, revision, kind, sub)
 
 

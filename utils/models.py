@@ -4,6 +4,7 @@ Only the UNet is trained; the VAE and text encoder are frozen in the compute dty
 Needs no sibling module: it can be copied on its own.
 """
 
+import json
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -33,9 +34,14 @@ class ModelError(ValueError):
     nothing), reported with the flag that names it."""
 
 
+# The pipeline classes (model_index.json's `_class_name`) the scripts train, sample and save, and what they are.
+SUPPORTED_PIPELINES = {"StableDiffusionPipeline": "SD-1.x and SD-2.x, epsilon or v-prediction"}
+
+
 def check_model_source(name, revision=None, token=None, flag="--pretrained_model_name_or_path"):
     """Before any download: `name` must be a local diffusers pipeline folder or a Hub model repo that exists
-    (and has `revision`). When the Hub cannot be asked (offline mode, no network), loading decides later."""
+    (and has `revision`), of a supported pipeline class. When the Hub cannot be asked (offline mode, no network),
+    loading decides later."""
     from huggingface_hub import model_info
     from huggingface_hub.errors import RepositoryNotFoundError, RevisionNotFoundError
     from huggingface_hub.utils import HFValidationError, validate_repo_id
@@ -44,6 +50,7 @@ def check_model_source(name, revision=None, token=None, flag="--pretrained_model
     if path.is_dir():
         if not (path / "model_index.json").is_file():
             raise ModelError(f"{flag} {name}: not a diffusers pipeline folder (no model_index.json in it)")
+        check_pipeline_class(name, path / "model_index.json", flag)
         return
     try:
         validate_repo_id(name)
@@ -59,6 +66,53 @@ def check_model_source(name, revision=None, token=None, flag="--pretrained_model
         raise ModelError(f"{flag} {name}: the repo has no revision {revision!r} (--revision)") from None
     except Exception:  # offline or unreachable: the cache may still hold it
         pass
+    index = hub_model_index(name, revision, token, flag)
+    if index is not None:
+        check_pipeline_class(name, index, flag)
+
+
+def hub_model_index(name, revision=None, token=None, flag="--pretrained_model_name_or_path"):
+    """The local path of a Hub repo's model_index.json (downloaded, or from the cache when the Hub cannot be
+    reached); None when neither has it now, so that loading decides later."""
+    from huggingface_hub import hf_hub_download
+    from huggingface_hub.errors import EntryNotFoundError, LocalEntryNotFoundError
+
+    for local_only in (False, True):
+        try:
+            return hf_hub_download(
+                name, "model_index.json", revision=revision, token=token, local_files_only=local_only
+            )
+        except Exception as e:
+            if isinstance(e, EntryNotFoundError) and not isinstance(e, LocalEntryNotFoundError):  # the Hub says so
+                raise ModelError(
+                    f"{flag} {name}: the repo has no model_index.json (not a diffusers pipeline)"
+                ) from None
+            continue  # unreachable now: try the cache, then give up
+    return None
+
+
+def pipeline_class_name(index_file):
+    """`_class_name` of a model_index.json; ValueError when the file is not a diffusers pipeline index."""
+    try:
+        index = json.loads(Path(index_file).read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ValueError(f"its model_index.json cannot be read ({type(e).__name__}: {e})") from None
+    if not isinstance(index, dict) or not isinstance(index.get("_class_name"), str):
+        raise ValueError("its model_index.json names no pipeline class (_class_name)")
+    return index["_class_name"]
+
+
+def check_pipeline_class(name, index_file, flag="--pretrained_model_name_or_path"):
+    """ModelError unless the pipeline's class is one the scripts support: one line naming the class found and the
+    supported ones, before any weights are read."""
+    try:
+        found = pipeline_class_name(index_file)
+    except ValueError as e:
+        raise ModelError(f"{flag} {name}: {e}") from None
+    if found not in SUPPORTED_PIPELINES:
+        supported = "; ".join(f"{c} ({what})" for c, what in SUPPORTED_PIPELINES.items())
+        raise ModelError(f"{flag} {name}: a {found}, which these scripts do not train; supported: {supported}")
+    return found
 
 
 def load_sd_components(name, *, revision=None, variant=None, prediction_type=None, cache_dir=None, with_unet=True):

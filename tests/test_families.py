@@ -1,0 +1,79 @@
+"""Model families beyond SD-1.5: tiny SDXL, SD3 and Flux.1 pipelines built offline (examples/make_tiny_families.py)
+load with diffusers' own DiffusionPipeline and render; the scripts tell their family from model_index.json and
+stop with one error line on a family they do not train yet, before any weights load."""
+
+import json
+
+import make_tiny_families
+import pytest
+import torch
+
+CLASSES = {"sdxl": "StableDiffusionXLPipeline", "sd3": "StableDiffusion3Pipeline", "flux": "FluxPipeline"}
+
+
+@pytest.fixture(scope="module")
+def families(tmp_path_factory):
+    """Each family at a width and resolution the SD-1.5 assets do not use (24 px, CLIP hidden 24, T5 48)."""
+    root = tmp_path_factory.mktemp("families")
+    return {
+        name: build(root / name, resolution=24, width=24, seed=1)
+        for name, build in make_tiny_families.BUILDERS.items()
+    }
+
+
+@pytest.mark.parametrize("family", sorted(CLASSES))
+def test_tiny_family_pipeline_loads_with_diffusers_and_renders(families, family):
+    from diffusers import DiffusionPipeline
+
+    path = families[family]
+    assert json.loads((path / "model_index.json").read_text())["_class_name"] == CLASSES[family]
+    pipe = DiffusionPipeline.from_pretrained(str(path))
+    assert type(pipe).__name__ == CLASSES[family]
+    pipe.set_progress_bar_config(disable=True)
+    kwargs = {"max_sequence_length": 16} if family != "sdxl" else {}
+    out = pipe(
+        ["a red circle above a blue square", "a green triangle"],
+        num_inference_steps=2,
+        height=24,
+        width=24,
+        guidance_scale=3.0,
+        generator=torch.Generator().manual_seed(0),
+        output_type="np",
+        **kwargs,
+    ).images
+    assert out.shape == (2, 24, 24, 3) and float(out.std()) > 0  # two different, non-blank images
+    assert not (out[0] == out[1]).all()
+
+
+def test_t5_tokenizer_ends_every_sequence_and_encodes_any_text(tmp_path):
+    from transformers import T5TokenizerFast
+
+    tok = T5TokenizerFast.from_pretrained(str(make_tiny_families.build_t5_tokenizer(tmp_path / "t5", ["a cat"])))
+    ids = tok("a cat on a zebra!").input_ids
+    assert ids[-1] == tok.eos_token_id == 1 and tok.unk_token_id not in ids  # unseen words fall back to characters
+    assert tok.decode(ids, skip_special_tokens=True) == "a cat on a zebra!"
+
+
+@pytest.mark.parametrize("family", sorted(CLASSES))
+def test_a_family_the_scripts_do_not_train_stops_before_loading(families, family, tmp_path, monkeypatch):
+    import train_spin_diffusion
+    import utils.models
+
+    def loaded(*a, **k):
+        raise AssertionError("the family must be refused before any weights load")
+
+    monkeypatch.setattr(utils.models, "load_sd_components", loaded)
+    with pytest.raises(SystemExit) as exit_:
+        train_spin_diffusion.cli(
+            [
+                "--pretrained_model_name_or_path",
+                str(families[family]),
+                "--dataset_name",
+                "unused.parquet",
+                "--output_dir",
+                str(tmp_path / "out"),
+            ]
+        )
+    message = str(exit_.value.code)  # the entry point exits with it: one line on stderr, status 1
+    assert message.startswith("error: ") and "\n" not in message, message
+    assert f"a {CLASSES[family]}, which these scripts do not train; supported: StableDiffusionPipeline" in message

@@ -23,8 +23,9 @@ Per seed:
     spin+sft    spin with --sft_weight (an SFT term on the real image against the likelihood drift)
     spin-eta1   spin on stochastic opponent samples (DDIM, eta 1): the approximate objective on the samples the
                 trajectory objective uses
-    spin-traj   the trajectory objective (--spin_objective trajectory) on those same samples, K = 4 stored chain
-                steps per sample: against spin-eta1, the objective alone differs (its training costs K times more)
+    spin-traj   the trajectory objective (--spin_objective trajectory) on that sampler, K = 4 stored chain steps
+                per sample: against spin-eta1, the same sampler (each arm with its searched settings) and the other
+                objective (its training costs K times more)
   secondary (--secondary_seeds): from theta_0, SFT (stage 1 itself), SPIN and DPO each run long enough to flatten;
             each arm's best checkpoint is chosen on the validation prompts and reported on the test prompts.
 Every stage-2 checkpoint is scored on the validation and the test prompts. Outputs: D/results.json (one row per
@@ -887,8 +888,9 @@ def claims_of(rows, cfg, hparams):
         if last and spin_last:
             out.append((text, last, spin_last))
     traj_last, eta1_last = last_of(rows, "spin-traj"), last_of(rows, "spin-eta1")
-    if traj_last and eta1_last:  # the same stochastic samples: the objective alone differs
-        out.append(("spin-traj (the trajectory objective) beats spin-eta1 on the same samples", traj_last, eta1_last))
+    if traj_last and eta1_last:  # the same stochastic sampler (each arm's searched guidance): the objective differs
+        text = "spin-traj (the trajectory objective) beats spin-eta1 (the approximate one), both on DDIM eta-1 samples"
+        out.append((text, traj_last, eta1_last))
     for arm in ("sft0", "from0-spin", "from0-dpo"):  # the secondary design: each arm's best, chosen on validation
         if best_on_validation(rows, arm) is None:
             return out

@@ -39,6 +39,7 @@ from utils.evaluation import (
     resolve_model,
     summarize,
 )
+from utils.families import family_name
 from utils.generation import labelled_grid, prompt_seed
 from utils.hub import with_retries
 from utils.models import WEIGHT_DTYPES
@@ -185,7 +186,9 @@ def main(args):
     specs = [resolve_model(m, args.hub_token) for m in args.model]
     needs_base = [s.name for s in specs if s.kind != "pipeline"]
     if needs_base:
-        resolve_model(f"base={args.base_model}", args.hub_token)
+        base = resolve_model(f"base={args.base_model}", args.hub_token)
+        for s in specs:  # a UNet or a LoRA is sampled in its base model's pipeline
+            s.family = s.family or base.family
     prompts = load_prompts(
         args.prompts,
         prompt_column=args.prompt_column,
@@ -336,7 +339,7 @@ def main(args):
         "prompts": args.prompts,
         "num_prompts": len(prompts),
         "num_images_per_prompt": n_img,
-        "models": {s.name: vars(s) for s in specs},
+        "models": {s.name: dict(vars(s), family=family_name(s.family)) for s in specs},
         "metrics": args.metrics,
         "per_image_metrics": per_image,
         "distribution_metrics": distribution,

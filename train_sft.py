@@ -56,6 +56,7 @@ from utils.data import (
     load_training_dataset,
     set_epoch,
 )
+from utils.families import model_family
 from utils.generation import log_images, make_grid, render
 from utils.hub import HubError, describe, hub_user, push_folder, validate_repo_name, write_model_card
 from utils.losses import (
@@ -72,11 +73,9 @@ from utils.models import (
     batch_prompt_embeds,
     check_model_source,
     encode_images,
-    load_unet,
     make_optimizer,
     optimize_unet,
     save_lora,
-    sd_pipeline,
     trainable_parameters,
     vae_latent_params,
 )
@@ -118,6 +117,7 @@ def main(args):
         validate_repo_name(args.hub_model_id or output_dir.resolve().name)
         hub_user(args.hub_token, args.hub_retry_max_time, repo_id=args.hub_model_id)
     check_model_source(args.pretrained_model_name_or_path, args.revision, args.hub_token)
+    family = model_family(args.pretrained_model_name_or_path, args.revision, args.hub_token)  # SD, SDXL, ...
     state = RunState(output_dir / "sft_state.json")
     if args.push_to_hub and state.get("trained") == settings_key(args) and not state.get("pushed"):
         if os.environ.get("RANK", "0") == "0":  # before the Accelerator exists: the launcher's rank
@@ -137,9 +137,9 @@ def main(args):
 
     # 2. Models: only the UNet trains; VAE and text encoder are frozen in the compute dtype.
     set_seed(args.seed)
-    frozen = load_frozen_components(args, accelerator)
-    tokenizer, text_encoder, vae, noise_scheduler, dtype = frozen
-    unet = load_unet(
+    frozen = load_frozen_components(args, accelerator, family)
+    tokenizer, text_encoder, vae, noise_scheduler, dtype, _ = frozen
+    unet = family.load_denoiser(
         args.pretrained_model_name_or_path, revision=args.revision, variant=args.variant, cache_dir=args.cache_dir
     )
     ema_unet = None
@@ -341,7 +341,7 @@ def main(args):
     accelerator.wait_for_everyone()
     unet = model_for_saving(accelerator, unet)  # every process: under FSDP the shards are gathered here
     if accelerator.is_main_process:
-        pipeline = save_result(args, unet, ema_unet=ema_unet, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer)
+        pipeline = save_result(args, unet, ema_unet=ema_unet, family=family)
         prompts = args.validation_prompts
         if not prompts and not args.streaming:  # no prompts given: show what it learned on training captions
             head = hf_dataset.select(range(min(args.num_validation_images, len(hf_dataset))))
@@ -438,7 +438,7 @@ def push_result(args, state):
 def sft_forward(unet, batch, generator, *, frozen, noise_offset=0.0, snr_gamma=None):
     """One micro-batch of the plain denoising loss on the real images (`frozen`: the VAE, text encoder, noise
     scheduler and compute dtype)."""
-    _, text_encoder, vae, noise_scheduler, dtype = frozen
+    _, text_encoder, vae, noise_scheduler, dtype, _ = frozen
     latents = encode_images(vae, batch, generator, dtype)
     noise, timesteps = sample_noise_and_timesteps(
         latents, noise_scheduler.config.num_train_timesteps, generator, noise_offset
@@ -452,7 +452,7 @@ def sft_forward(unet, batch, generator, *, frozen, noise_offset=0.0, snr_gamma=N
     return sft_loss(per_sample_mse(pred, target), weights)
 
 
-def save_result(args, unet, *, ema_unet, vae, text_encoder, tokenizer):
+def save_result(args, unet, *, ema_unet, family):
     """Write the LoRA weights or the full pipeline into output_dir; return a pipeline for the sample grid."""
     kw = dict(
         prediction_type=args.prediction_type, revision=args.revision, variant=args.variant, cache_dir=args.cache_dir
@@ -460,25 +460,25 @@ def save_result(args, unet, *, ema_unet, vae, text_encoder, tokenizer):
     if args.use_lora:
         assert_finite_weights(unet, "the result")
         save_lora(unet, args.output_dir)
-        pipeline = sd_pipeline(args.pretrained_model_name_or_path, **kw)
+        pipeline = family.load_pipeline(args.pretrained_model_name_or_path, **kw)
         pipeline.load_lora_weights(args.output_dir)
         return pipeline
     if ema_unet is not None:
         ema_unet.copy_to(unet.parameters())
     assert_finite_weights(unet, "the result")  # a diverged model is never saved as a result
-    pipeline = sd_pipeline(args.pretrained_model_name_or_path, unet=unet, **kw)
+    pipeline = family.load_pipeline(args.pretrained_model_name_or_path, unet=unet, **kw)
     pipeline.save_pretrained(args.output_dir, safe_serialization=True)
     return pipeline
 
 
 def run_validation(args, accelerator, unet, *, frozen, ema_unet, step):
     """Render the validation prompts with the current weights (the EMA weights when kept) and log them."""
-    tokenizer, text_encoder, vae, _, dtype = frozen
+    tokenizer, text_encoder, vae, _, dtype, family = frozen
     model = accelerator.unwrap_model(unet)
     if ema_unet is not None:
         ema_unet.store(model.parameters())
         ema_unet.copy_to(model.parameters())
-    pipeline = sd_pipeline(
+    pipeline = family.load_pipeline(
         args.pretrained_model_name_or_path,
         args.prediction_type,
         unet=model,

@@ -63,6 +63,7 @@ from utils.data import (
     set_epoch,
     tokenize,
 )
+from utils.families import model_family
 from utils.generation import SyntheticStore, generate_opponent_samples
 from utils.hub import HubError, describe, hub_user, move_tag, push_folder, validate_repo_name, write_model_card
 from utils.losses import min_snr_weights, spin_loss, step_generator
@@ -73,11 +74,9 @@ from utils.models import (
     batch_prompt_embeds,
     check_model_source,
     load_lora,
-    load_unet,
     make_optimizer,
     optimize_unet,
     save_lora,
-    sd_pipeline,
     trainable_parameters,
 )
 from utils.spin import (
@@ -301,6 +300,7 @@ def main(args):
     # 1. Hub identity, model, data: bad input fails here, before any model is loaded.
     hub_repo = resolve_hub_repo(args) if args.push_to_hub else None
     check_model_source(args.pretrained_model_name_or_path, args.revision, args.hub_token)
+    family = model_family(args.pretrained_model_name_or_path, args.revision, args.hub_token)  # SD, SDXL, ...
     accelerator = init_run(args)
     hf_dataset, spec = load_training_dataset(args)
     if args.negative_source == "dataset" and spec["kind"] != "pickapic":
@@ -317,8 +317,8 @@ def main(args):
 
     if todo:  # a rerun that only has pushes left loads no model
         set_seed(args.seed)
-        frozen = load_frozen_components(args, accelerator)  # no UNet: each iteration loads theta_k
-        tokenizer, text_encoder, vae, _, dtype = frozen
+        frozen = load_frozen_components(args, accelerator, family)  # no UNet: each iteration loads theta_k
+        tokenizer, text_encoder, vae, _, dtype, _ = frozen
         step = spin_step(args)
     if accelerator.is_main_process:
         state.update(num_iterations=num_iterations)
@@ -328,7 +328,7 @@ def main(args):
         if accelerator.is_main_process:
             state.update(iteration=k + 1, phase="generate")
         # theta_k: the policy starts from it; it also generates the negatives and is the frozen reference.
-        unet, reference = load_policy_and_reference(args, k, dtype, accelerator.device)
+        unet, reference = load_policy_and_reference(args, k, frozen, accelerator.device)
         optimize_unet(unet, reference, channels_last=args.channels_last, compile=args.torch_compile)
 
         store = None
@@ -420,7 +420,7 @@ def main(args):
         result = model_for_saving(accelerator, unet)  # every process: under FSDP the shards are gathered here
         if accelerator.is_main_process:
             state.update(phase="save")
-            save_iteration(args, result, it_dir=it_dir, k=k, hub_repo=hub_repo, metrics=metrics)
+            save_iteration(args, result, it_dir=it_dir, k=k, hub_repo=hub_repo, metrics=metrics, family=family)
             state.update(done=sorted(set(state.get("done")) | {k + 1}), phase="push" if args.push_to_hub else "done")
             if args.push_to_hub:  # this iteration, and any earlier one whose push failed (all of them at the end)
                 push_unpushed(args, state, hub_repo, stop_at_failure=k != todo[-1])
@@ -456,14 +456,14 @@ def main(args):
         )
 
 
-def load_policy_and_reference(args, k, dtype, device):
+def load_policy_and_reference(args, k, frozen, device):
     """theta_k as the trainable policy, plus the frozen reference (theta_k; the start model for DPO).
     LoRA iterations are adapters relative to the base model: iteration k's adapter initialises the
     trainable one and is kept frozen as the reference on the same UNet."""
     previous = Path(args.output_dir) / f"iter_{k}"
     if not args.use_lora:
         source = (str(previous), None) if k > 0 else (args.pretrained_model_name_or_path, args.revision)
-        unet = load_unet(
+        unet = frozen.family.load_denoiser(
             source[0], revision=source[1], variant=args.variant if k == 0 else None, cache_dir=args.cache_dir
         )
         if args.gradient_checkpointing:
@@ -472,7 +472,7 @@ def load_policy_and_reference(args, k, dtype, device):
             return unet.to(device), None
         reference = Reference.frozen_copy(unet, device, offload=args.offload_reference)  # fp32, as the policy
         return unet.to(device), reference
-    unet = load_unet(
+    unet = frozen.family.load_denoiser(
         args.pretrained_model_name_or_path, revision=args.revision, variant=args.variant, cache_dir=args.cache_dir
     )
     targets = args.lora_target_modules.split(",")
@@ -485,7 +485,7 @@ def load_policy_and_reference(args, k, dtype, device):
         load_lora(unet, previous, adapter_name="reference")
         unet.set_adapter("default")  # trains "default"; "reference" stays frozen
         ref_adapter = "reference"
-    unet.to(device, dtype)
+    unet.to(device, frozen.dtype)
     for p in trainable_parameters(unet):  # adapter weights train in fp32
         p.data = p.data.float()
     if args.gradient_checkpointing:
@@ -494,7 +494,7 @@ def load_policy_and_reference(args, k, dtype, device):
 
 
 def opponent_pipeline(args, unet, frozen, device):
-    pipeline = sd_pipeline(
+    pipeline = frozen.family.load_pipeline(
         args.pretrained_model_name_or_path,
         args.prediction_type,
         unet=unet,
@@ -763,7 +763,7 @@ def train_iteration(args, accelerator, k, *, it_dir, unet, reference, store, dat
     return metrics
 
 
-def save_iteration(args, unet, *, it_dir, k, hub_repo, metrics):
+def save_iteration(args, unet, *, it_dir, k, hub_repo, metrics, family):
     """theta_{k+1} into iter_{k+1}/: LoRA weights (relative to the base model) or a full pipeline, plus the card,
     the args and the metrics."""
     assert_finite_weights(unet, f"iteration {k + 1}")  # a diverged model is never saved as a result
@@ -771,7 +771,7 @@ def save_iteration(args, unet, *, it_dir, k, hub_repo, metrics):
     if args.use_lora:
         save_lora(unet, it_dir)
     else:
-        sd_pipeline(
+        family.load_pipeline(
             args.pretrained_model_name_or_path,
             args.prediction_type,
             unet=unet,

@@ -65,9 +65,9 @@ def build_models(preset, device):
         from make_tiny_assets import build_tiny_pipeline
 
         path = build_tiny_pipeline(Path(tempfile.mkdtemp()) / "tiny-sd")
-        from utils.models import load_sd_components
+        from utils.family_sd import load_components
 
-        _, text_encoder, vae, unet, scheduler = load_sd_components(str(path))
+        _, text_encoder, vae, unet, scheduler = load_components(str(path))
         return unet, vae, text_encoder, scheduler, 32
     if preset == "cpu-medium":  # big enough that UNet compute dominates on a CPU
         unet = UNet2DConditionModel(

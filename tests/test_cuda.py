@@ -23,10 +23,10 @@ def first_loss(out, k):
 def test_iteration_memory_is_handed_back_before_the_next_loads(assets, tmp_path, monkeypatch):
     seen, real = [], train_spin_diffusion.load_policy_and_reference
 
-    def spy(args, k, dtype, device):
+    def spy(args, k, frozen, device):
         torch.cuda.synchronize()
         before = torch.cuda.memory_allocated()
-        unet, reference = real(args, k, dtype, device)
+        unet, reference = real(args, k, frozen, device)
         seen.append((before, sum(p.numel() * p.element_size() for p in unet.parameters())))
         return unet, reference
 

@@ -57,12 +57,13 @@ def test_t5_tokenizer_ends_every_sequence_and_encodes_any_text(tmp_path):
 @pytest.mark.parametrize("family", sorted(CLASSES))
 def test_a_family_the_scripts_do_not_train_stops_before_loading(families, family, tmp_path, monkeypatch):
     import train_spin_diffusion
-    import utils.models
+    import utils.family_sd
 
     def loaded(*a, **k):
         raise AssertionError("the family must be refused before any weights load")
 
-    monkeypatch.setattr(utils.models, "load_sd_components", loaded)
+    for name in ("load_components", "load_denoiser", "load_pipeline"):
+        monkeypatch.setattr(utils.family_sd, name, loaded)
     with pytest.raises(SystemExit) as exit_:
         train_spin_diffusion.cli(
             [
@@ -77,3 +78,28 @@ def test_a_family_the_scripts_do_not_train_stops_before_loading(families, family
     message = str(exit_.value.code)  # the entry point exits with it: one line on stderr, status 1
     assert message.startswith("error: ") and "\n" not in message, message
     assert f"a {CLASSES[family]}, which these scripts do not train; supported: StableDiffusionPipeline" in message
+
+
+def test_a_family_is_one_file_found_by_name(tmp_path, monkeypatch):
+    """utils/families.py finds every family_*.py in its folder: a new family's file is all the registry needs, and
+    the refusal of an unknown class lists what the files declare."""
+    import sys
+
+    import utils.families as families
+    from utils.models import ModelError
+
+    assert set(families.family_modules()) == {"family_sd"}
+    (tmp_path / "family_fake.py").write_text(
+        'PIPELINE_CLASSES = ("FakePipeline",)\nDESCRIPTION = "a family made up for this test"\n'
+    )
+    monkeypatch.setattr(families, "FAMILY_DIR", tmp_path)
+    monkeypatch.delitem(sys.modules, "utils.family_fake", raising=False)
+    try:
+        assert families.supported() == {"FakePipeline": "a family made up for this test"}
+        assert families.family_for_class("FakePipeline").DESCRIPTION == "a family made up for this test"
+        index = tmp_path / "model_index.json"
+        index.write_text('{"_class_name": "StableDiffusionPipeline"}')
+        with pytest.raises(ModelError, match="supported: FakePipeline \\(a family made up for this test\\)"):
+            families.family_of_index("m", index)
+    finally:
+        sys.modules.pop("utils.family_fake", None)

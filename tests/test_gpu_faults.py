@@ -23,9 +23,9 @@ def test_no_model_of_iteration_k_is_reachable_when_k_plus_1_loads(assets, tmp_pa
     alive, real = [], train_spin_diffusion.load_policy_and_reference
     previous = []
 
-    def spy(args, k, dtype, device):
+    def spy(args, k, frozen, device):
         alive.append([name for name, ref in previous if ref() is not None])
-        unet, reference = real(args, k, dtype, device)
+        unet, reference = real(args, k, frozen, device)
         previous.append((f"iteration {k + 1} UNet", weakref.ref(unet)))
         if reference is not None and reference.copy is not None:
             previous.append((f"iteration {k + 1} reference copy", weakref.ref(reference.copy)))

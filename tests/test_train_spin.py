@@ -26,8 +26,8 @@ def spy_references(monkeypatch):
     seen = []
     real = train_spin_diffusion.load_policy_and_reference
 
-    def spy(args, k, dtype, device):
-        unet, ref = real(args, k, dtype, device)
+    def spy(args, k, frozen, device):
+        unet, ref = real(args, k, frozen, device)
         snapshot = {"k": k, "ref": ref, "params": sum(p.numel() for p in unet.parameters())}
         if ref is None:
             pass

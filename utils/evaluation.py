@@ -1,15 +1,17 @@
 """Evaluation pieces: model specs (full pipeline, UNet-only + base, LoRA + base; local or Hub, @revision),
 prompt sets, win rates with bootstrap confidence intervals, and the report (markdown, plots, grid).
-Needs its siblings `data.py` and `models.py`."""
+Needs its siblings `data.py`, `models.py` and `families.py` (with the `family_*.py` it finds)."""
 
 import json
 import random
 import statistics
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from .data import CAPTION_FALLBACKS, DataError, column_names, find_column, load_raw_dataset
-from .models import ModelError, check_pipeline_class, hub_model_index, sd_pipeline
+from .families import family_of_index, model_family
+from .models import ModelError, hub_model_index
 
 PROMPT_SETS = {
     # name: (Hub dataset repo, how to read it)
@@ -34,6 +36,7 @@ class ModelSpec:
     revision: str | None
     kind: str  # "pipeline" | "unet" | "lora"
     unet_subfolder: str | None = None
+    family: Any = None  # the family module (utils/family_*.py): the pipeline's own, or its base model's
 
     @property
     def is_hub(self):
@@ -94,32 +97,34 @@ def resolve_model(arg, token=None):
             f"--model {arg}: neither a diffusers pipeline (model_index.json), a UNet (unet/config.json or "
             f"config.json + weights) nor LoRA weights (pytorch_lora_weights.safetensors){hint}"
         )
+    family = None
     if kind == "pipeline":  # a family the scripts cannot sample is refused before anything loads
         local = Path(location).expanduser()
         try:
             index = (
                 local / "model_index.json" if local.is_dir() else hub_model_index(location, revision, token, "--model")
             )
-            if index is not None:
-                check_pipeline_class(f"{name}={location}", index, flag="--model")
+            if index is None:
+                raise ModelError(f"--model {arg}: its model_index.json cannot be read now (offline?)")
+            family = family_of_index(f"{name}={location}", index, flag="--model")
         except ModelError as e:
             raise EvalError(str(e)) from None
-    return ModelSpec(name, location, revision, kind, sub)
+    return ModelSpec(name, location, revision, kind, sub, family)
 
 
 def load_pipeline(spec, base_model, dtype, device, token=None):
-    """A StableDiffusionPipeline for `spec`: the pipeline itself, the base with this UNet, or the base + LoRA."""
-    from diffusers import UNet2DConditionModel
-
+    """The family's pipeline for `spec`: the pipeline itself, the base with this UNet, or the base + LoRA (a UNet
+    or a LoRA takes its family from the base model)."""
+    family = spec.family or model_family(base_model, token=token, flag="--base_model")
     if spec.kind == "pipeline":
-        pipe = sd_pipeline(spec.location, revision=spec.revision, torch_dtype=dtype, token=token)
+        pipe = family.load_pipeline(spec.location, revision=spec.revision, torch_dtype=dtype, token=token)
     elif spec.kind == "unet":
-        unet = UNet2DConditionModel.from_pretrained(
+        unet = family.load_denoiser(
             spec.location, subfolder=spec.unet_subfolder, revision=spec.revision, torch_dtype=dtype, token=token
         )
-        pipe = sd_pipeline(base_model, unet=unet, torch_dtype=dtype, token=token)
+        pipe = family.load_pipeline(base_model, unet=unet, torch_dtype=dtype, token=token)
     else:
-        pipe = sd_pipeline(base_model, torch_dtype=dtype, token=token)
+        pipe = family.load_pipeline(base_model, torch_dtype=dtype, token=token)
         pipe.load_lora_weights(spec.location, revision=spec.revision, token=token)
     pipe.set_progress_bar_config(disable=True)
     return pipe.to(device)

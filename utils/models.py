@@ -1,4 +1,5 @@
-"""Stable Diffusion components: loading, freezing, precision, LoRA adapters, optimizer.
+"""Model pieces every family shares: the model source check, freezing, precision, LoRA adapters, optimizer,
+the reference. Loading a family's components is in its `family_*.py` (see `families.py`).
 
 Only the UNet is trained; the VAE and text encoder are frozen in the compute dtype.
 Needs no sibling module: it can be copied on its own.
@@ -27,6 +28,7 @@ class FrozenComponents(NamedTuple):
     vae: torch.nn.Module
     scheduler: Any  # the training noise scheduler (DDPM with the model's betas)
     dtype: torch.dtype
+    family: Any = None  # the family module (utils/family_*.py) that loaded them: it builds the pipelines
 
 
 class ModelError(ValueError):
@@ -34,14 +36,10 @@ class ModelError(ValueError):
     nothing), reported with the flag that names it."""
 
 
-# The pipeline classes (model_index.json's `_class_name`) the scripts train, sample and save, and what they are.
-SUPPORTED_PIPELINES = {"StableDiffusionPipeline": "SD-1.x and SD-2.x, epsilon or v-prediction"}
-
-
 def check_model_source(name, revision=None, token=None, flag="--pretrained_model_name_or_path"):
     """Before any download: `name` must be a local diffusers pipeline folder or a Hub model repo that exists
-    (and has `revision`), of a supported pipeline class. When the Hub cannot be asked (offline mode, no network),
-    loading decides later."""
+    (and has `revision`). When the Hub cannot be asked (offline mode, no network), loading decides later. Which
+    family it is: `utils/families.py`."""
     from huggingface_hub import model_info
     from huggingface_hub.errors import RepositoryNotFoundError, RevisionNotFoundError
     from huggingface_hub.utils import HFValidationError, validate_repo_id
@@ -50,7 +48,6 @@ def check_model_source(name, revision=None, token=None, flag="--pretrained_model
     if path.is_dir():
         if not (path / "model_index.json").is_file():
             raise ModelError(f"{flag} {name}: not a diffusers pipeline folder (no model_index.json in it)")
-        check_pipeline_class(name, path / "model_index.json", flag)
         return
     try:
         validate_repo_id(name)
@@ -66,9 +63,6 @@ def check_model_source(name, revision=None, token=None, flag="--pretrained_model
         raise ModelError(f"{flag} {name}: the repo has no revision {revision!r} (--revision)") from None
     except Exception:  # offline or unreachable: the cache may still hold it
         pass
-    index = hub_model_index(name, revision, token, flag)
-    if index is not None:
-        check_pipeline_class(name, index, flag)
 
 
 def hub_model_index(name, revision=None, token=None, flag="--pretrained_model_name_or_path"):
@@ -100,46 +94,6 @@ def pipeline_class_name(index_file):
     if not isinstance(index, dict) or not isinstance(index.get("_class_name"), str):
         raise ValueError("its model_index.json names no pipeline class (_class_name)")
     return index["_class_name"]
-
-
-def check_pipeline_class(name, index_file, flag="--pretrained_model_name_or_path"):
-    """ModelError unless the pipeline's class is one the scripts support: one line naming the class found and the
-    supported ones, before any weights are read."""
-    try:
-        found = pipeline_class_name(index_file)
-    except ValueError as e:
-        raise ModelError(f"{flag} {name}: {e}") from None
-    if found not in SUPPORTED_PIPELINES:
-        supported = "; ".join(f"{c} ({what})" for c, what in SUPPORTED_PIPELINES.items())
-        raise ModelError(f"{flag} {name}: a {found}, which these scripts do not train; supported: {supported}")
-    return found
-
-
-def load_sd_components(name, *, revision=None, variant=None, prediction_type=None, cache_dir=None, with_unet=True):
-    """tokenizer, text_encoder, vae, unet (None unless `with_unet`) and the training noise scheduler (DDPM with the
-    model's betas). Raises ModelError naming the model when its files cannot be found or read."""
-    from diffusers import AutoencoderKL, DDPMScheduler
-    from transformers import CLIPTextModel, CLIPTokenizer
-
-    kw = dict(revision=revision, cache_dir=cache_dir)
-    try:
-        tokenizer = CLIPTokenizer.from_pretrained(name, subfolder="tokenizer", **kw)
-        text_encoder = CLIPTextModel.from_pretrained(name, subfolder="text_encoder", variant=variant, **kw)
-        vae = AutoencoderKL.from_pretrained(name, subfolder="vae", variant=variant, **kw)
-        scheduler = DDPMScheduler.from_pretrained(name, subfolder="scheduler", **kw)
-    except (OSError, ValueError) as e:
-        raise load_error(name, e) from e
-    unet = load_unet(name, variant=variant, **kw) if with_unet else None
-    if prediction_type is not None:
-        scheduler.register_to_config(prediction_type=prediction_type)
-    return tokenizer, text_encoder, vae, unet, scheduler
-
-
-def load_error(name, e):
-    return ModelError(
-        f"--pretrained_model_name_or_path {name}: could not load its Stable Diffusion components "
-        f"({type(e).__name__}: {str(e).strip().splitlines()[0][:300]})"
-    )
 
 
 def freeze(*modules):
@@ -250,18 +204,6 @@ def vae_latent_params(vae, pixel_values):
     return vae.encode(pixel_values.to(vae.device, vae.dtype)).latent_dist.parameters
 
 
-def load_unet(name, subfolder="unet", revision=None, variant=None, cache_dir=None):
-    """The UNet of a pipeline folder or Hub repo; ModelError naming it when its files cannot be found or read."""
-    from diffusers import UNet2DConditionModel
-
-    try:
-        return UNet2DConditionModel.from_pretrained(
-            name, subfolder=subfolder, revision=revision, variant=variant, cache_dir=cache_dir
-        )
-    except (OSError, ValueError) as e:
-        raise load_error(name, e) from e
-
-
 def optimize_unet(unet, reference=None, channels_last=False, compile=False):
     """--channels_last and --torch_compile for the policy UNet and the reference's frozen copy (if any). Compiling
     works in place (`nn.Module.compile`): the module, its parameters and state-dict keys stay, and the graphs are
@@ -338,16 +280,3 @@ class Reference:
             return self.unet(sample, timesteps, encoder_hidden_states, return_dict=False)[0]
         finally:
             self.unet.set_adapter(self.trainable_adapter)
-
-
-def sd_pipeline(name, prediction_type=None, **kwargs):
-    """`StableDiffusionPipeline.from_pretrained` without the safety checker, its scheduler set to the prediction
-    type the UNet was trained for (so samples, and a saved pipeline's scheduler config, match the weights)."""
-    from diffusers import StableDiffusionPipeline
-
-    pipeline = StableDiffusionPipeline.from_pretrained(
-        name, safety_checker=None, requires_safety_checker=False, **kwargs
-    )
-    if prediction_type is not None:
-        pipeline.scheduler.register_to_config(prediction_type=prediction_type)
-    return pipeline

@@ -9,7 +9,7 @@ from pathlib import Path
 import torch
 
 from .args import save_args
-from .models import FrozenComponents, ModelError, freeze, load_sd_components, trainable_parameters, weight_dtype
+from .models import FrozenComponents, ModelError, freeze, trainable_parameters, weight_dtype
 
 
 def init_run(args):
@@ -58,10 +58,11 @@ def init_run(args):
     return accelerator
 
 
-def load_frozen_components(args, accelerator):
+def load_frozen_components(args, accelerator, family):
     """`FrozenComponents`: the tokenizer, the text encoder and VAE (frozen, on the device in the compute dtype), the
-    training noise scheduler and that dtype. No UNet: each script loads the one it trains (`load_unet`)."""
-    tokenizer, text_encoder, vae, _, noise_scheduler = load_sd_components(
+    training noise scheduler, that dtype and `family` (the model's family module, which loads them). No UNet:
+    each script loads the one it trains (`family.load_denoiser`)."""
+    tokenizer, text_encoder, vae, _, noise_scheduler = family.load_components(
         args.pretrained_model_name_or_path,
         revision=args.revision,
         variant=args.variant,
@@ -73,7 +74,7 @@ def load_frozen_components(args, accelerator):
     freeze(text_encoder, vae)
     text_encoder.to(accelerator.device, dtype)
     vae.to(accelerator.device, dtype)
-    return FrozenComponents(tokenizer, text_encoder, vae, noise_scheduler, dtype)
+    return FrozenComponents(tokenizer, text_encoder, vae, noise_scheduler, dtype, family)
 
 
 def optimizer_step(accelerator, model, optimizer, lr_scheduler, max_grad_norm=None):

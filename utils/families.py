@@ -1,0 +1,81 @@
+"""Which model family a pipeline belongs to, read from its model_index.json before any weights load.
+
+Each family is one module next to this file, named `family_<name>.py`. It declares PIPELINE_CLASSES (the
+`_class_name`s of model_index.json it handles) and DESCRIPTION, and implements what differs between families:
+loading the frozen parts and the denoiser, and the pipeline class used to sample and to save. The scripts ask
+`model_family` for the module and call it; they never branch on the family. Adding a family is adding its file.
+Needs its sibling `models.py` (the model_index.json reading), as do the family modules.
+"""
+
+import importlib.util
+import sys
+from pathlib import Path
+
+from .models import ModelError, hub_model_index, pipeline_class_name
+
+FAMILY_DIR = Path(__file__).resolve().parent
+PREFIX = "family_"
+
+
+def family_modules():
+    """{module name: module} of every `family_*.py` in FAMILY_DIR (this file's folder), imported as modules of
+    this package (once)."""
+    package = __name__.rsplit(".", 1)[0]
+    modules = {}
+    for path in sorted(FAMILY_DIR.glob(f"{PREFIX}*.py")):
+        full = f"{package}.{path.stem}"
+        if path.parent == Path(__file__).resolve().parent:
+            importlib.import_module(full)
+        elif full not in sys.modules:  # a family folder elsewhere (a test's): imported from its file
+            spec = importlib.util.spec_from_file_location(full, path)
+            module = importlib.util.module_from_spec(spec)
+            sys.modules[full] = module
+            spec.loader.exec_module(module)
+        modules[path.stem] = sys.modules[full]
+    return modules
+
+
+def family_name(module):
+    """The short name of a family module ("sd" for utils/family_sd.py); None for None."""
+    return module.__name__.rsplit(".", 1)[-1].removeprefix(PREFIX) if module is not None else None
+
+
+def supported():
+    """{pipeline class: what it is} over all families."""
+    return {cls: module.DESCRIPTION for module in family_modules().values() for cls in module.PIPELINE_CLASSES}
+
+
+def family_for_class(class_name):
+    """The family module handling `class_name`, or None."""
+    for module in family_modules().values():
+        if class_name in module.PIPELINE_CLASSES:
+            return module
+    return None
+
+
+def family_of_index(name, index_file, flag="--pretrained_model_name_or_path"):
+    """The family of the pipeline whose model_index.json is `index_file`; ModelError (one line naming the class
+    found and the supported ones) when no family handles it."""
+    try:
+        found = pipeline_class_name(index_file)
+    except ValueError as e:
+        raise ModelError(f"{flag} {name}: {e}") from None
+    module = family_for_class(found)
+    if module is None:
+        listed = "; ".join(f"{c} ({what})" for c, what in supported().items())
+        raise ModelError(f"{flag} {name}: a {found}, which these scripts do not train; supported: {listed}")
+    return module
+
+
+def model_family(name, revision=None, token=None, flag="--pretrained_model_name_or_path"):
+    """The family module of a local pipeline folder or Hub model repo, from its model_index.json (downloaded alone,
+    or from the cache when the Hub cannot be reached). ModelError when it cannot be read now or no family handles
+    its class. Call it after `check_model_source`, which names a missing folder or repo."""
+    path = Path(name).expanduser()
+    index = path / "model_index.json" if path.is_dir() else hub_model_index(name, revision, token, flag)
+    if index is None:
+        raise ModelError(
+            f"{flag} {name}: its model_index.json is neither in the Hub cache nor downloadable now (offline?), so "
+            "its model family cannot be told"
+        )
+    return family_of_index(name, index, flag)

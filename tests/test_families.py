@@ -103,3 +103,16 @@ def test_a_family_is_one_file_found_by_name(tmp_path, monkeypatch):
             families.family_of_index("m", index)
     finally:
         sys.modules.pop("utils.family_fake", None)
+
+
+@pytest.mark.parametrize("family", ["sd", *sorted(CLASSES)])
+def test_sample_grid_renders_a_model_of_any_family(assets, families, family, tmp_path, capsys):
+    import sample_grid
+    from PIL import Image
+
+    base = assets["pipeline"] if family == "sd" else families[family]
+    out = tmp_path / "grid.png"
+    argv = ["--base", str(base), "--prompts", "a red circle", "a blue square", "--num_inference_steps", "2"]
+    sample_grid.main(argv + ["--resolution", "24", "--output", str(out)])
+    assert Image.open(out).size[0] >= 48  # two images side by side
+    assert CLASSES.get(family, "StableDiffusionPipeline") in capsys.readouterr().out

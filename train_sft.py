@@ -76,6 +76,7 @@ from utils.models import (
     make_optimizer,
     optimize_unet,
     save_lora,
+    store_frozen_in_fp8,
     trainable_parameters,
     vae_latent_params,
 )
@@ -146,6 +147,7 @@ def main(args):
     if args.use_lora:
         add_lora(unet, args.rank, args.lora_alpha, args.lora_target_modules.split(","))
         unet.to(accelerator.device, dtype)
+        store_frozen_in_fp8(unet, args.layerwise_casting, dtype)  # --layerwise_casting (None: off)
         for p in trainable_parameters(unet):  # adapter weights train in fp32
             p.data = p.data.float()
     optimize_unet(unet, channels_last=args.channels_last, compile=args.torch_compile)  # before EMA copies the layout

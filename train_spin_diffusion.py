@@ -77,6 +77,7 @@ from utils.models import (
     make_optimizer,
     optimize_unet,
     save_lora,
+    store_frozen_in_fp8,
     trainable_parameters,
 )
 from utils.spin import (
@@ -262,8 +263,7 @@ def parse_args(input_args=None):
 
 
 def check_trajectory_args(parser, args):
-    """--spin_objective trajectory needs a stochastic opponent sampler, and the flags of the approximate form's
-    noising do not apply to it."""
+    """--spin_objective trajectory needs a stochastic opponent sampler; the approximate form's noising flags fail."""
     if args.negative_source != "self":
         parser.error(
             "--spin_objective trajectory scores the opponent's own sampling chain: it needs --negative_source self"
@@ -486,6 +486,7 @@ def load_policy_and_reference(args, k, frozen, device):
         unet.set_adapter("default")  # trains "default"; "reference" stays frozen
         ref_adapter = "reference"
     unet.to(device, frozen.dtype)
+    store_frozen_in_fp8(unet, args.layerwise_casting, frozen.dtype)  # --layerwise_casting (None: off)
     for p in trainable_parameters(unet):  # adapter weights train in fp32
         p.data = p.data.float()
     if args.gradient_checkpointing:
@@ -764,8 +765,7 @@ def train_iteration(args, accelerator, k, *, it_dir, unet, reference, store, dat
 
 
 def save_iteration(args, unet, *, it_dir, k, hub_repo, metrics, family):
-    """theta_{k+1} into iter_{k+1}/: LoRA weights (relative to the base model) or a full pipeline, plus the card,
-    the args and the metrics."""
+    """theta_{k+1} into iter_{k+1}/: LoRA weights (on the base model) or a full pipeline, card, args, metrics."""
     assert_finite_weights(unet, f"iteration {k + 1}")  # a diverged model is never saved as a result
     it_dir.mkdir(parents=True, exist_ok=True)
     if args.use_lora:

@@ -182,6 +182,18 @@ def test_bf16_lora_run(assets, tmp_path):
     assert all(v.abs().sum() > 0 for k, v in lora.items() if "lora.up" in k)  # it trained
 
 
+def test_bf16_lora_on_an_fp8_stored_base(assets, tmp_path):
+    """--layerwise_casting: the adapter trains in fp32 on a base stored in fp8 and computed in bf16, and the result
+    stays close to the same run on the unquantised base (fp8 rounds the frozen weights, nothing more)."""
+    common = ["--use_lora", "--mixed_precision", "bf16", "--max_train_steps", "2"]
+    plain, fp8 = tmp_path / "plain", tmp_path / "fp8"
+    run_sft(*sft_args(assets, plain, *common))
+    run_sft(*sft_args(assets, fp8, *common, "--layerwise_casting", "fp8_e5m2"))
+    a, b = tensors(plain / "pytorch_lora_weights.safetensors"), tensors(fp8 / "pytorch_lora_weights.safetensors")
+    assert a.keys() == b.keys() and all(v.dtype == torch.float32 and torch.isfinite(v).all() for v in b.values())
+    assert 0 < max_abs_diff(a, b) < 0.05 * max(v.abs().max().item() for v in a.values())
+
+
 def test_latent_cache_gives_same_result_as_encoding_every_step(assets, tmp_path):
     common = ["--use_lora", "--center_crop", "--max_train_steps", "3"]
     plain, cached = tmp_path / "plain", tmp_path / "cached"

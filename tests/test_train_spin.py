@@ -415,3 +415,36 @@ def test_corrupt_latest_checkpoint_and_shard_are_replaced_and_rerun_equals_unint
     assert bad_shard.read_bytes() == good_shard  # regenerated: the same seeds give the same samples
     final = tensors(out / "iter_2" / "pytorch_lora_weights.safetensors")
     assert max_abs_diff(final, uninterrupted) < 1e-5
+
+
+def test_lora_on_an_fp8_stored_base_starts_at_log2_and_learns(assets, tmp_path, monkeypatch):
+    """--layerwise_casting fp8_e4m3fn: the frozen UNet weights live in fp8 through both iterations, the adapters in
+    fp32; policy and reference (the adapter switched) still agree at each iteration's first step, and training
+    moves the adapter."""
+    import train_spin_diffusion
+
+    out, stored = tmp_path / "spin-fp8", []
+    real = train_spin_diffusion.load_policy_and_reference
+
+    def spy(args, k, frozen, device):
+        unet, ref = real(args, k, frozen, device)
+        frozen_dtypes = [p.dtype for p in unet.parameters() if not p.requires_grad]
+        stored.append(
+            (
+                sum(d == torch.float8_e4m3fn for d in frozen_dtypes) / len(frozen_dtypes),
+                {p.dtype for p in unet.parameters() if p.requires_grad},
+            )
+        )
+        return unet, ref
+
+    monkeypatch.setattr(train_spin_diffusion, "load_policy_and_reference", spy)
+    run_spin(*spin_args(assets, out, "--use_lora", "--layerwise_casting", "fp8_e4m3fn"))
+    assert len(stored) == 2
+    for share_fp8, trainable in stored:
+        assert share_fp8 > 0.5 and trainable == {torch.float32}  # most frozen tensors in fp8; norms etc. stay
+    for k in (1, 2):
+        m = metrics(out, k)
+        assert_starts_at_reference(m)
+        assert math.isfinite(m["last_step"]["loss"])
+    first, second = (tensors(out / f"iter_{k}" / "pytorch_lora_weights.safetensors") for k in (1, 2))
+    assert any(not torch.equal(first[key], second[key]) for key in first)  # iteration 2 trained the adapter on

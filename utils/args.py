@@ -52,6 +52,14 @@ def add_model_args(parser):
         default="to_k,to_q,to_v,to_out.0",
         help="Comma-separated UNet module names that get LoRA adapters.",
     )
+    g.add_argument(
+        "--layerwise_casting",
+        choices=["fp8_e4m3fn", "fp8_e5m2"],
+        default=None,
+        help="With --use_lora: store the frozen denoiser's weights in this fp8 dtype and upcast each layer to the "
+        "compute dtype as it runs (diffusers' enable_layerwise_casting; norms, embeddings and the LoRA adapters "
+        "stay as they are). Half the frozen base's memory against bf16, at some precision.",
+    )
     return g
 
 
@@ -288,6 +296,11 @@ def validate_training_args(parser, args):
         parser.error("--dataset_name is required (a Hub dataset id, a local folder or a .parquet file)")
     if args.use_ema and args.use_lora:
         parser.error("--use_ema and --use_lora conflict: EMA is for full fine-tuning; drop one of them")
+    if args.layerwise_casting and not args.use_lora:
+        parser.error(
+            "--layerwise_casting needs --use_lora: it stores the frozen base weights in fp8, and full fine-tuning "
+            "trains them"
+        )
     if args.channels_last and args.use_8bit_adam:
         parser.error(
             "--channels_last and --use_8bit_adam conflict: bitsandbytes makes every parameter contiguous at each "

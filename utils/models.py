@@ -156,6 +156,19 @@ def load_lora(unet, path, adapter_name="default"):
         raise ValueError(f"LoRA weights at {path} do not match the adapter: unexpected keys {unexpected[:5]}")
 
 
+FP8_DTYPES = {"fp8_e4m3fn": torch.float8_e4m3fn, "fp8_e5m2": torch.float8_e5m2}
+
+
+def store_frozen_in_fp8(model, storage, compute_dtype):
+    """--layerwise_casting: keep `model`'s frozen weights in fp8 (`storage`, a FP8_DTYPES name) and upcast each layer
+    to `compute_dtype` while it runs (diffusers' `enable_layerwise_casting`; its default skips leave norms,
+    embeddings and peft's adapter layers as they are). Call it after the model is on its device and dtype: a
+    later `.to(dtype)` would undo it. `storage` None: nothing changes."""
+    if storage is not None:
+        model.enable_layerwise_casting(storage_dtype=FP8_DTYPES[storage], compute_dtype=compute_dtype)
+    return model
+
+
 def trainable_parameters(model):
     return [p for p in model.parameters() if p.requires_grad]
 

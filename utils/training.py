@@ -146,13 +146,18 @@ def _local(tensor):
     return tensor.to_local() if hasattr(tensor, "to_local") else tensor
 
 
+def _checkable(tensor):
+    """fp8 weights (--layerwise_casting) have no isfinite kernel: checked upcast (NaN stays NaN)."""
+    return tensor.float() if tensor.is_floating_point() and tensor.element_size() == 1 else tensor
+
+
 def assert_finite_weights(model, what, accelerator=None):
     """Raise DivergedError if any parameter of `model` holds inf/NaN: checked before anything is saved. With
     `accelerator` (a call every process makes), the verdict is agreed across processes, so a NaN in one rank's
     FSDP/ZeRO shard stops every rank instead of leaving the others waiting in the save."""
     params = list(model.named_parameters())
     finite = (
-        torch.stack([torch.isfinite(_local(p.detach())).all() for _, p in params]).all()
+        torch.stack([torch.isfinite(_checkable(_local(p.detach()))).all() for _, p in params]).all()
         if params
         else torch.tensor(True)
     )

@@ -26,7 +26,8 @@ def add_model_args(parser):
         type=str,
         default=None,
         required=False,
-        help="Hub id or local folder of a diffusers Stable Diffusion pipeline (e.g. runwayml/stable-diffusion-v1-5).",
+        help="Hub id or local folder of a diffusers pipeline of a supported family, one utils/family_*.py each "
+        "(e.g. runwayml/stable-diffusion-v1-5); another class stops with an error naming the supported ones.",
     )
     g.add_argument(
         "--revision", type=str, default=None, help="Revision (branch, tag or commit) of the pretrained model."

@@ -251,6 +251,51 @@ def _make_scheduler(name: str):
     raise ValueError(f"unknown scheduler {name!r}; expected 'pndm' or 'ddim'")
 
 
+def tiny_clip_text(tokenizer, hidden=32, *, with_projection=False, seed=0):
+    """A 2-layer CLIP text encoder of width `hidden` (CLIPTextModelWithProjection when `with_projection`: SDXL's
+    second encoder, SD3's two), seeded with `seed`."""
+    import torch
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    torch.manual_seed(seed)
+    config = CLIPTextConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=hidden,
+        intermediate_size=hidden + 5,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        max_position_embeddings=MODEL_MAX_LENGTH,
+        projection_dim=hidden,
+        hidden_act="quick_gelu",
+        layer_norm_eps=1e-5,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    return (CLIPTextModelWithProjection if with_projection else CLIPTextModel)(config)
+
+
+def tiny_vae(resolution, seed=0, *, latent_channels=4, scaling_factor=0.18215, shift_factor=None):
+    """An ``AutoencoderKL`` with two blocks (vae_scale_factor 2), seeded with `seed`; SD3 and Flux set a shift."""
+    import torch
+    from diffusers import AutoencoderKL
+
+    torch.manual_seed(seed)
+    return AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        down_block_types=("DownEncoderBlock2D",) * 2,
+        up_block_types=("UpDecoderBlock2D",) * 2,
+        block_out_channels=(8, 16),
+        layers_per_block=1,
+        latent_channels=latent_channels,
+        norm_num_groups=4,
+        sample_size=resolution,
+        scaling_factor=scaling_factor,
+        shift_factor=shift_factor,
+    )
+
+
 def build_tiny_pipeline(output_dir: Path, resolution: int = 32, seed: int = 0, scheduler: str = "pndm") -> Path:
     """Save a tiny random-weight SD-1.5-shaped ``StableDiffusionPipeline`` to ``output_dir``.
 
@@ -261,8 +306,8 @@ def build_tiny_pipeline(output_dir: Path, resolution: int = 32, seed: int = 0, s
     checker / feature extractor. Saved with safetensors. Returns ``output_dir``.
     """
     import torch
-    from diffusers import AutoencoderKL, StableDiffusionPipeline, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+    from diffusers import StableDiffusionPipeline, UNet2DConditionModel
+    from transformers import CLIPTokenizer
 
     output_dir = Path(output_dir)
     vae_blocks = (8, 16)
@@ -272,37 +317,8 @@ def build_tiny_pipeline(output_dir: Path, resolution: int = 32, seed: int = 0, s
 
     tok_dir = build_clip_tokenizer(output_dir / "tokenizer")
     tokenizer = CLIPTokenizer.from_pretrained(str(tok_dir))
-
-    torch.manual_seed(seed)
-    text_config = CLIPTextConfig(
-        vocab_size=len(tokenizer),
-        hidden_size=32,
-        intermediate_size=37,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        max_position_embeddings=MODEL_MAX_LENGTH,
-        projection_dim=32,
-        hidden_act="quick_gelu",
-        layer_norm_eps=1e-5,
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
-    )
-    text_encoder = CLIPTextModel(text_config)
-
-    torch.manual_seed(seed + 1)
-    vae = AutoencoderKL(
-        in_channels=3,
-        out_channels=3,
-        down_block_types=("DownEncoderBlock2D",) * len(vae_blocks),
-        up_block_types=("UpDecoderBlock2D",) * len(vae_blocks),
-        block_out_channels=vae_blocks,
-        layers_per_block=1,
-        latent_channels=4,
-        norm_num_groups=4,
-        sample_size=resolution,
-        scaling_factor=0.18215,
-    )
+    text_encoder = tiny_clip_text(tokenizer, 32, seed=seed)
+    vae = tiny_vae(resolution, seed + 1)
 
     torch.manual_seed(seed + 2)
     unet = UNet2DConditionModel(

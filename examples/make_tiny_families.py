@@ -22,7 +22,13 @@ HERE = Path(__file__).resolve().parent
 if str(HERE) not in sys.path:
     sys.path.insert(0, str(HERE))
 
-from make_tiny_assets import DEFAULT_CAPTIONS, MODEL_MAX_LENGTH, build_clip_tokenizer  # noqa: E402
+from make_tiny_assets import (  # noqa: E402
+    DEFAULT_CAPTIONS,
+    MODEL_MAX_LENGTH,
+    build_clip_tokenizer,
+    tiny_clip_text,
+    tiny_vae,
+)
 
 FAMILIES = ("sdxl", "sd3", "flux")
 T5_SPECIAL = ("<pad>", "</s>", "<unk>")  # ids 0, 1, 2: T5's pad, eos and unk
@@ -61,27 +67,6 @@ def build_t5_tokenizer(output_dir, texts=None):
     return Path(output_dir)
 
 
-def _clip_text(tokenizer, hidden, *, with_projection, seed):
-    import torch
-    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
-
-    torch.manual_seed(seed)
-    config = CLIPTextConfig(
-        vocab_size=len(tokenizer),
-        hidden_size=hidden,
-        intermediate_size=hidden + 5,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        max_position_embeddings=MODEL_MAX_LENGTH,
-        projection_dim=hidden,
-        hidden_act="quick_gelu",
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
-    )
-    return (CLIPTextModelWithProjection if with_projection else CLIPTextModel)(config)
-
-
 def _t5_text(tokenizer, d_model, seed):
     import torch
     from transformers import T5Config, T5EncoderModel
@@ -100,28 +85,6 @@ def _t5_text(tokenizer, d_model, seed):
         decoder_start_token_id=0,
     )
     return T5EncoderModel(config)
-
-
-def _vae(resolution, latent_channels, seed, *, scaling_factor, shift_factor=None):
-    """Two blocks: 2x downsampling (vae_scale_factor 2)."""
-    import torch
-    from diffusers import AutoencoderKL
-
-    torch.manual_seed(seed)
-    return AutoencoderKL(
-        in_channels=3,
-        out_channels=3,
-        down_block_types=("DownEncoderBlock2D",) * 2,
-        up_block_types=("UpDecoderBlock2D",) * 2,
-        block_out_channels=(8, 16),
-        layers_per_block=1,
-        latent_channels=latent_channels,
-        norm_num_groups=4,
-        sample_size=resolution,
-        scaling_factor=scaling_factor,
-        shift_factor=shift_factor,
-        force_upcast=True,
-    )
 
 
 def _tokenizers(names):
@@ -178,9 +141,9 @@ def build_tiny_sdxl(output_dir, resolution=32, width=32, seed=0):
         num_train_timesteps=1000,
     )
     pipe = StableDiffusionXLPipeline(
-        vae=_vae(resolution, 4, seed + 1, scaling_factor=0.13025),
-        text_encoder=_clip_text(toks["tokenizer"], width, with_projection=False, seed=seed),
-        text_encoder_2=_clip_text(toks["tokenizer_2"], width, with_projection=True, seed=seed + 3),
+        vae=tiny_vae(resolution, seed + 1, scaling_factor=0.13025),
+        text_encoder=tiny_clip_text(toks["tokenizer"], width, with_projection=False, seed=seed),
+        text_encoder_2=tiny_clip_text(toks["tokenizer_2"], width, with_projection=True, seed=seed + 3),
         tokenizer=toks["tokenizer"],
         tokenizer_2=toks["tokenizer_2"],
         unet=unet,
@@ -216,10 +179,10 @@ def build_tiny_sd3(output_dir, resolution=32, width=32, seed=0):
     pipe = StableDiffusion3Pipeline(
         transformer=transformer,
         scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0),
-        vae=_vae(resolution, 4, seed + 1, scaling_factor=1.5305, shift_factor=0.0609),
-        text_encoder=_clip_text(toks["tokenizer"], width, with_projection=True, seed=seed),
+        vae=tiny_vae(resolution, seed + 1, scaling_factor=1.5305, shift_factor=0.0609),
+        text_encoder=tiny_clip_text(toks["tokenizer"], width, with_projection=True, seed=seed),
         tokenizer=toks["tokenizer"],
-        text_encoder_2=_clip_text(toks["tokenizer_2"], width, with_projection=True, seed=seed + 3),
+        text_encoder_2=tiny_clip_text(toks["tokenizer_2"], width, with_projection=True, seed=seed + 3),
         tokenizer_2=toks["tokenizer_2"],
         text_encoder_3=_t5_text(toks["tokenizer_3_t5"], 2 * width, seed + 4),
         tokenizer_3=toks["tokenizer_3_t5"],
@@ -259,8 +222,8 @@ def build_tiny_flux(output_dir, resolution=32, width=32, seed=0):
     )
     pipe = FluxPipeline(
         scheduler=scheduler,
-        vae=_vae(resolution, 4, seed + 1, scaling_factor=0.3611, shift_factor=0.1159),
-        text_encoder=_clip_text(toks["tokenizer"], width, with_projection=False, seed=seed),
+        vae=tiny_vae(resolution, seed + 1, scaling_factor=0.3611, shift_factor=0.1159),
+        text_encoder=tiny_clip_text(toks["tokenizer"], width, with_projection=False, seed=seed),
         tokenizer=toks["tokenizer"],
         text_encoder_2=_t5_text(toks["tokenizer_2_t5"], 2 * width, seed + 4),
         tokenizer_2=toks["tokenizer_2_t5"],

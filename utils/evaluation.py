@@ -10,8 +10,8 @@ from pathlib import Path
 from typing import Any
 
 from .data import CAPTION_FALLBACKS, DataError, column_names, find_column, load_raw_dataset
-from .families import family_of_index, model_family
-from .models import ModelError, hub_model_index
+from .families import model_family
+from .models import ModelError
 
 PROMPT_SETS = {
     # name: (Hub dataset repo, how to read it)
@@ -99,14 +99,8 @@ def resolve_model(arg, token=None):
         )
     family = None
     if kind == "pipeline":  # a family the scripts cannot sample is refused before anything loads
-        local = Path(location).expanduser()
         try:
-            index = (
-                local / "model_index.json" if local.is_dir() else hub_model_index(location, revision, token, "--model")
-            )
-            if index is None:
-                raise ModelError(f"--model {arg}: its model_index.json cannot be read now (offline?)")
-            family = family_of_index(f"{name}={location}", index, flag="--model")
+            family = model_family(location, revision, token, flag="--model", shown=f"{name}={location}")
         except ModelError as e:
             raise EvalError(str(e)) from None
     return ModelSpec(name, location, revision, kind, sub, family)

@@ -67,15 +67,17 @@ def family_of_index(name, index_file, flag="--pretrained_model_name_or_path"):
     return module
 
 
-def model_family(name, revision=None, token=None, flag="--pretrained_model_name_or_path"):
+def model_family(name, revision=None, token=None, flag="--pretrained_model_name_or_path", shown=None):
     """The family module of a local pipeline folder or Hub model repo, from its model_index.json (downloaded alone,
-    or from the cache when the Hub cannot be reached). ModelError when it cannot be read now or no family handles
-    its class. Call it after `check_model_source`, which names a missing folder or repo."""
+    or from the cache when the Hub cannot be reached). ModelError, naming it as `flag shown` (`shown` defaults to
+    `name`), when it cannot be read now or no family handles its class. Call it after `check_model_source`, which
+    names a missing folder or repo."""
+    shown = shown or name
     path = Path(name).expanduser()
     index = path / "model_index.json" if path.is_dir() else hub_model_index(name, revision, token, flag)
     if index is None:
         raise ModelError(
-            f"{flag} {name}: its model_index.json is neither in the Hub cache nor downloadable now (offline?), so "
+            f"{flag} {shown}: its model_index.json is neither in the Hub cache nor downloadable now (offline?), so "
             "its model family cannot be told"
         )
-    return family_of_index(name, index, flag)
+    return family_of_index(shown, index, flag)

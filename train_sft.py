@@ -56,21 +56,14 @@ from utils.data import (
     load_training_dataset,
     set_epoch,
 )
-from utils.families import model_family
+from utils.families import model_family, refuse_flags
 from utils.generation import log_images, make_grid, render
 from utils.hub import HubError, describe, hub_user, push_folder, validate_repo_name, write_model_card
-from utils.losses import (
-    diffusion_target,
-    min_snr_weights,
-    per_sample_mse,
-    sample_noise_and_timesteps,
-    sft_loss,
-    step_generator,
-)
+from utils.losses import sample_noise, sft_loss, step_generator
 from utils.models import (
     ModelError,
     add_lora,
-    batch_prompt_embeds,
+    batch_conditions,
     check_model_source,
     encode_images,
     make_optimizer,
@@ -119,6 +112,7 @@ def main(args):
         hub_user(args.hub_token, args.hub_retry_max_time, repo_id=args.hub_model_id)
     check_model_source(args.pretrained_model_name_or_path, args.revision, args.hub_token)
     family = model_family(args.pretrained_model_name_or_path, args.revision, args.hub_token)  # SD, SDXL, ...
+    refuse_flags(family, args)  # flags the family cannot honour (e.g. --weighting_scheme on SD)
     state = RunState(output_dir / "sft_state.json")
     if args.push_to_hub and state.get("trained") == settings_key(args) and not state.get("pushed"):
         if os.environ.get("RANK", "0") == "0":  # before the Accelerator exists: the launcher's rank
@@ -139,25 +133,22 @@ def main(args):
     # 2. Models: only the UNet trains; VAE and text encoder are frozen in the compute dtype.
     set_seed(args.seed)
     frozen = load_frozen_components(args, accelerator, family)
-    tokenizer, text_encoder, vae, noise_scheduler, dtype, _ = frozen
+    text, vae, _, dtype, _ = frozen
     unet = family.load_denoiser(
         args.pretrained_model_name_or_path, revision=args.revision, variant=args.variant, cache_dir=args.cache_dir
     )
     ema_unet = None
     if args.use_lora:
-        add_lora(unet, args.rank, args.lora_alpha, args.lora_target_modules.split(","))
+        add_lora(unet, args.rank, args.lora_alpha, (args.lora_target_modules or family.LORA_TARGETS).split(","))
         unet.to(accelerator.device, dtype)
         store_frozen_in_fp8(unet, args.layerwise_casting, dtype)  # --layerwise_casting (None: off)
         for p in trainable_parameters(unet):  # adapter weights train in fp32
             p.data = p.data.float()
     optimize_unet(unet, channels_last=args.channels_last, compile=args.torch_compile)  # before EMA copies the layout
     if args.use_ema:  # full fine-tuning only (--use_lora refuses it)
-        from diffusers import UNet2DConditionModel
         from diffusers.training_utils import EMAModel
 
-        ema_unet = EMAModel(
-            unet.parameters(), decay=args.ema_decay, model_cls=UNet2DConditionModel, model_config=unet.config
-        )
+        ema_unet = EMAModel(unet.parameters(), decay=args.ema_decay, model_cls=type(unet), model_config=unet.config)
         ema_unet.to(accelerator.device)
     if args.gradient_checkpointing:
         unet.enable_gradient_checkpointing()
@@ -168,7 +159,7 @@ def main(args):
         train_set = StreamingTrainDataset(
             hf_dataset,
             spec,
-            tokenizer,
+            text.tokenizers,
             resolution=args.resolution,
             center_crop=args.center_crop,
             random_flip=args.random_flip,
@@ -180,7 +171,7 @@ def main(args):
         train_set = TrainDataset(
             hf_dataset,
             spec,
-            tokenizer,
+            text.tokenizers,
             resolution=args.resolution,
             center_crop=args.center_crop,
             random_flip=args.random_flip,
@@ -386,7 +377,7 @@ def main(args):
                     "seed",
                 )
             }
-            | {"prediction_type": noise_scheduler.config.prediction_type}
+            | {"prediction_type": frozen.scheduler.config.get("prediction_type")}
             | {"max_train_steps": max_train_steps, "images_per_step": total_batch},
             metrics={"final_loss": logs["loss"]} if "loss" in logs else None,
         )
@@ -438,20 +429,16 @@ def push_result(args, state):
 
 
 def sft_forward(unet, batch, generator, *, frozen, noise_offset=0.0, snr_gamma=None):
-    """One micro-batch of the plain denoising loss on the real images (`frozen`: the VAE, text encoder, noise
-    scheduler and compute dtype)."""
-    _, text_encoder, vae, noise_scheduler, dtype, _ = frozen
-    latents = encode_images(vae, batch, generator, dtype)
-    noise, timesteps = sample_noise_and_timesteps(
-        latents, noise_scheduler.config.num_train_timesteps, generator, noise_offset
-    )
-    noisy_latents = noise_scheduler.add_noise(latents, noise, timesteps)
-    target = diffusion_target(noise_scheduler, latents, noise, timesteps)
-    with torch.no_grad():
-        prompt_embeds = batch_prompt_embeds(text_encoder, batch)
-    pred = unet(noisy_latents, timesteps, prompt_embeds, return_dict=False)[0]
-    weights = min_snr_weights(noise_scheduler, timesteps, snr_gamma) if snr_gamma else None
-    return sft_loss(per_sample_mse(pred, target), weights)
+    """One micro-batch of the plain denoising loss on the real images (`frozen`: the VAE, text encoders, the
+    family's training objective and the compute dtype): the family's own per-sample training error, averaged."""
+    latents = encode_images(frozen.vae, batch, generator, frozen.dtype)
+    noise = sample_noise(latents, generator, noise_offset)
+    timesteps = frozen.objective.draw(latents.shape[0], generator, latents.device)
+    cond = batch_conditions(frozen.text, batch)
+    if "image_size" in batch:  # SDXL's size conditioning of each real image
+        cond["image_size"] = batch["image_size"].to(latents.device)
+    weights = frozen.objective.weights(timesteps, snr_gamma) if snr_gamma else None
+    return sft_loss(frozen.objective.errors(unet, latents, noise, timesteps, cond), weights)
 
 
 def save_result(args, unet, *, ema_unet, family):
@@ -468,14 +455,14 @@ def save_result(args, unet, *, ema_unet, family):
     if ema_unet is not None:
         ema_unet.copy_to(unet.parameters())
     assert_finite_weights(unet, "the result")  # a diverged model is never saved as a result
-    pipeline = family.load_pipeline(args.pretrained_model_name_or_path, unet=unet, **kw)
+    pipeline = family.load_pipeline(args.pretrained_model_name_or_path, denoiser=unet, **kw)
     pipeline.save_pretrained(args.output_dir, safe_serialization=True)
     return pipeline
 
 
 def run_validation(args, accelerator, unet, *, frozen, ema_unet, step):
     """Render the validation prompts with the current weights (the EMA weights when kept) and log them."""
-    tokenizer, text_encoder, vae, _, dtype, family = frozen
+    text, vae, _, dtype, family = frozen
     model = accelerator.unwrap_model(unet)
     if ema_unet is not None:
         ema_unet.store(model.parameters())
@@ -483,10 +470,9 @@ def run_validation(args, accelerator, unet, *, frozen, ema_unet, step):
     pipeline = family.load_pipeline(
         args.pretrained_model_name_or_path,
         args.prediction_type,
-        unet=model,
+        denoiser=model,
         vae=vae,
-        text_encoder=text_encoder,
-        tokenizer=tokenizer,
+        text=text,
         revision=args.revision,
         variant=args.variant,
         cache_dir=args.cache_dir,

@@ -59,19 +59,21 @@ from utils.data import (
     TrainDataset,
     caption_of,
     collate,
+    generated_size,
     load_training_dataset,
     set_epoch,
     tokenize,
 )
-from utils.families import model_family
+from utils.families import model_family, refuse_flags
 from utils.generation import SyntheticStore, generate_opponent_samples
 from utils.hub import HubError, describe, hub_user, move_tag, push_folder, validate_repo_name, write_model_card
-from utils.losses import min_snr_weights, spin_loss, step_generator
+from utils.losses import spin_loss, step_generator
 from utils.models import (
     ModelError,
     Reference,
     add_lora,
-    batch_prompt_embeds,
+    batch_conditions,
+    cast_conditions,
     check_model_source,
     load_lora,
     make_optimizer,
@@ -84,6 +86,7 @@ from utils.spin import (
     SpinStep,  # noqa: F401  (the step's settings; callers build it from the flags with spin_step)
     is_saturated,
     opponent_scheduler,
+    pair_conditions,
     pair_errors,
     pair_inputs,
     precompute_reference,
@@ -301,6 +304,7 @@ def main(args):
     hub_repo = resolve_hub_repo(args) if args.push_to_hub else None
     check_model_source(args.pretrained_model_name_or_path, args.revision, args.hub_token)
     family = model_family(args.pretrained_model_name_or_path, args.revision, args.hub_token)  # SD, SDXL, ...
+    refuse_flags(family, args)  # flags the family cannot honour (e.g. --weighting_scheme on SD)
     accelerator = init_run(args)
     hf_dataset, spec = load_training_dataset(args)
     if args.negative_source == "dataset" and spec["kind"] != "pickapic":
@@ -318,7 +322,7 @@ def main(args):
     if todo:  # a rerun that only has pushes left loads no model
         set_seed(args.seed)
         frozen = load_frozen_components(args, accelerator, family)  # no UNet: each iteration loads theta_k
-        tokenizer, text_encoder, vae, _, dtype, _ = frozen
+        text, vae, _, dtype, _ = frozen
         step = spin_step(args)
     if accelerator.is_main_process:
         state.update(num_iterations=num_iterations)
@@ -371,7 +375,12 @@ def main(args):
                 extras = None
                 if args.precompute_reference:
                     real_images = TrainDataset(
-                        hf_dataset, spec, tokenizer, resolution=args.resolution, center_crop=True, seed=args.seed + k
+                        hf_dataset,
+                        spec,
+                        text.tokenizers,
+                        resolution=args.resolution,
+                        center_crop=True,
+                        seed=args.seed + k,
                     )
                     extras = reference_extras(
                         args, real_images, unet, frozen=frozen, step=step, accelerator=accelerator
@@ -386,7 +395,8 @@ def main(args):
                     num_inference_steps=args.gen_num_inference_steps,
                     guidance_scale=args.gen_guidance_scale,
                     resolution=args.resolution,
-                    eta=args.gen_eta,
+                    eta=args.gen_eta if frozen.family.TRAJECTORY else None,  # flow samplers take no eta
+                    to_latents=frozen.family.pipeline_latents,
                     process_index=accelerator.process_index,
                     num_processes=accelerator.num_processes,
                     autocast_dtype=dtype if dtype != torch.float32 else None,
@@ -403,7 +413,7 @@ def main(args):
             state.update(phase="train")
         if args.precompute_reference:  # latents and text embeddings are stored: VAE and text encoder wait on the CPU
             vae.to("cpu")
-            text_encoder.to("cpu")
+            text.to("cpu")
         metrics = train_iteration(
             args,
             accelerator,
@@ -426,7 +436,7 @@ def main(args):
                 push_unpushed(args, state, hub_repo, stop_at_failure=k != todo[-1])
             state.update(phase="done")
         vae.to(accelerator.device)
-        text_encoder.to(accelerator.device)
+        text.to(accelerator.device)
         # Iteration k's UNet, reference copy and optimizer go before k+1 loads its own. Dropping the names is not
         # enough: a prepared model is a reference cycle (accelerate's patched forward holds it), and free_memory()
         # collects garbage before it drops accelerate's own references. So: names, accelerate's lists, then collect.
@@ -475,7 +485,7 @@ def load_policy_and_reference(args, k, frozen, device):
     unet = frozen.family.load_denoiser(
         args.pretrained_model_name_or_path, revision=args.revision, variant=args.variant, cache_dir=args.cache_dir
     )
-    targets = args.lora_target_modules.split(",")
+    targets = (args.lora_target_modules or frozen.family.LORA_TARGETS).split(",")
     add_lora(unet, args.rank, args.lora_alpha, targets)
     ref_adapter = None
     if k > 0:
@@ -498,10 +508,9 @@ def opponent_pipeline(args, unet, frozen, device):
     pipeline = frozen.family.load_pipeline(
         args.pretrained_model_name_or_path,
         args.prediction_type,
-        unet=unet,
+        denoiser=unet,
         vae=frozen.vae,
-        text_encoder=frozen.text_encoder,
-        tokenizer=frozen.tokenizer,
+        text=frozen.text,
         revision=args.revision,
         cache_dir=args.cache_dir,
     )
@@ -526,26 +535,26 @@ def spin_forward(unet, reference, batch, generator, *, frozen, step, autocast):
     The reference's errors come from one forward of `reference` before the policy's (switching LoRA adapters
     touches requires_grad), or, with --precompute_reference, from the batch."""
     real = real_latents(batch, vae=frozen.vae, generator=generator, dtype=frozen.dtype)
-    with torch.no_grad():
-        prompt_embeds = batch_prompt_embeds(frozen.text_encoder, batch).to(real.device, real.dtype)
+    objective = frozen.objective
+    cond = pair_conditions(cast_conditions(batch_conditions(frozen.text, batch), real.device, real.dtype), batch)
 
     if step.objective == "trajectory":
         inputs = trajectory_inputs(
-            batch, real, table=step.table, noise_scheduler=frozen.scheduler, generator=generator
+            batch, real, table=step.table, noise_scheduler=objective.scheduler, generator=generator
         )
         if step.precomputed:
             ref_err = torch.cat([batch["ref_err_real"], batch["ref_err_gen"]]).to(real.device)
         else:
             with torch.no_grad(), autocast():
-                ref_err = trajectory_errors(reference, frozen.scheduler, inputs, prompt_embeds, step.trajectory_steps)
-        model_err = trajectory_errors(unet, frozen.scheduler, inputs, prompt_embeds, step.trajectory_steps)
+                ref_err = trajectory_errors(reference, objective, inputs, cond, step.trajectory_steps)
+        model_err = trajectory_errors(unet, objective, inputs, cond, step.trajectory_steps)
     else:
         pair = pair_inputs(
             batch,
             real,
             vae=frozen.vae,
             generator=generator,
-            num_train_timesteps=frozen.scheduler.config.num_train_timesteps,
+            objective=objective,
             share_noise=step.share_noise,
             noise_offset=step.noise_offset,
         )
@@ -553,10 +562,10 @@ def spin_forward(unet, reference, batch, generator, *, frozen, step, autocast):
             ref_err = torch.cat([batch["ref_err_real"], batch["ref_err_gen"]]).to(real.device)
         else:
             with torch.no_grad(), autocast():
-                ref_err, _ = pair_errors(reference, frozen.scheduler, pair, prompt_embeds)
-        model_err, timesteps = pair_errors(unet, frozen.scheduler, pair, prompt_embeds)
+                ref_err, _ = pair_errors(reference, objective, pair, cond)
+        model_err, timesteps = pair_errors(unet, objective, pair, cond)
         if step.snr_gamma:
-            w = min_snr_weights(frozen.scheduler, timesteps, step.snr_gamma)
+            w = objective.weights(timesteps, step.snr_gamma)
             model_err, ref_err = model_err * w, ref_err * w
 
     m_real, m_gen = model_err.chunk(2)
@@ -570,33 +579,36 @@ def reference_extras(args, real_images, unet, *, frozen, step, accelerator):
 
     def extras(indices, seeds, outputs):
         rows = [real_images.ds[i] for i in indices]
-        pixels = [real_images.pixels(real_images.image_value(row), i) for row, i in zip(rows, indices)]
-        valid = torch.tensor([p is not None for p in pixels])  # an undecodable real image: replaced at training time
-        pixels = torch.stack(
-            [p if p is not None else torch.zeros(3, args.resolution, args.resolution) for p in pixels]
-        )
-        ids = tokenize(real_images.tokenizer, [caption_of(row[real_images.spec["caption"]]) for row in rows])
+        decoded = [real_images.pixels(real_images.image_value(row), i) for row, i in zip(rows, indices)]
+        valid = torch.tensor([d is not None for d in decoded])  # an undecodable real image: replaced at training time
+        blank = (torch.zeros(3, args.resolution, args.resolution), generated_size(args.resolution))
+        pixels, sizes = (torch.stack(column) for column in zip(*(d if d is not None else blank for d in decoded)))
+        captions = [caption_of(row[real_images.spec["caption"]]) for row in rows]
+        batch = tokenize(real_images.tokenizer, captions) | {
+            "image_size": sizes,
+            "negative_image_size": torch.stack([generated_size(args.resolution)] * len(rows)),
+        }
         common = dict(
             vae=frozen.vae,
-            text_encoder=frozen.text_encoder,
-            noise_scheduler=frozen.scheduler,
+            text=frozen.text,
+            objective=frozen.objective,
             dtype=frozen.dtype,
             autocast=accelerator.autocast,
         )
         if step.objective == "trajectory":
             trajectory = {name: t.to(accelerator.device) for name, t in outputs.items() if name.startswith("traj_")}
-            out = precompute_trajectory_reference(unet, pixels, trajectory, ids, seeds, table=step.table, **common)
+            out = precompute_trajectory_reference(unet, pixels, trajectory, batch, seeds, table=step.table, **common)
         else:
             out = precompute_reference(
                 unet,
                 pixels,
                 outputs["latents"].to(accelerator.device),
-                ids,
+                batch,
                 seeds,
                 share_noise=step.share_noise,
                 **common,
             )
-        return out | {"valid": valid}
+        return out | {"valid": valid, "image_size": sizes}
 
     return extras
 
@@ -607,18 +619,15 @@ def train_iteration(args, accelerator, k, *, it_dir, unet, reference, store, dat
     hf_dataset, spec = data
     ema_unet = None
     if args.use_ema and not args.use_lora:
-        from diffusers import UNet2DConditionModel
         from diffusers.training_utils import EMAModel
 
-        ema_unet = EMAModel(
-            unet.parameters(), decay=args.ema_decay, model_cls=UNet2DConditionModel, model_config=unet.config
-        )
+        ema_unet = EMAModel(unet.parameters(), decay=args.ema_decay, model_cls=type(unet), model_config=unet.config)
         ema_unet.to(accelerator.device)
     hooks = register_checkpoint_hooks(accelerator, use_lora=args.use_lora, ema_model=ema_unet)
     base = TrainDataset(
         hf_dataset,
         spec,
-        frozen.tokenizer,
+        frozen.text.tokenizers,
         resolution=args.resolution,
         center_crop=args.center_crop,
         random_flip=args.random_flip,
@@ -774,7 +783,7 @@ def save_iteration(args, unet, *, it_dir, k, hub_repo, metrics, family):
         family.load_pipeline(
             args.pretrained_model_name_or_path,
             args.prediction_type,
-            unet=unet,
+            denoiser=unet,
             revision=args.revision,
             variant=args.variant,
             cache_dir=args.cache_dir,
@@ -790,11 +799,12 @@ def save_iteration(args, unet, *, it_dir, k, hub_repo, metrics, family):
         else args.pretrained_model_name_or_path
     )
     base_model = args.pretrained_model_name_or_path if args.use_lora else previous
+    pipeline_class = family.PIPELINE_CLASSES[0]
     load = (
-        f"`pipe = StableDiffusionPipeline.from_pretrained('{args.pretrained_model_name_or_path}')` then "
+        f"`pipe = {pipeline_class}.from_pretrained('{args.pretrained_model_name_or_path}')` then "
         f"`pipe.load_lora_weights(...)`: the adapter is relative to the start model"
         if args.use_lora
-        else "`StableDiffusionPipeline.from_pretrained(...)`"
+        else f"`{pipeline_class}.from_pretrained(...)`"
     )
     write_model_card(
         it_dir,

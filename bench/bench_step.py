@@ -67,8 +67,8 @@ def build_models(preset, device):
         path = build_tiny_pipeline(Path(tempfile.mkdtemp()) / "tiny-sd")
         from utils.family_sd import load_components
 
-        _, text_encoder, vae, unet, scheduler = load_components(str(path))
-        return unet, vae, text_encoder, scheduler, 32
+        text, vae, unet, scheduler = load_components(str(path))
+        return unet, vae, text.text_encoder, scheduler, 32
     if preset == "cpu-medium":  # big enough that UNet compute dominates on a CPU
         unet = UNet2DConditionModel(
             sample_size=64,
@@ -151,36 +151,33 @@ def make_batch(mode, B, unet, vae, resolution, device, vocab):
     return {k: v.to(device) if k != "noise_seed" else v for k, v in batch.items()}
 
 
-def naive_step(unet, ref_unet, vae, text_encoder, scheduler, batch, generator, dtype, beta=5000.0):
+def naive_step(unet, ref_unet, frozen, batch, generator, beta=5000.0):
     """The obvious SPIN step: policy and reference each run twice (real, then generated), the reference is a
     second full UNet. Same maths as spin_forward, none of its batching."""
-    from utils.losses import diffusion_target, per_sample_mse, spin_loss
-    from utils.models import encode_images, encode_prompt
+    from utils.losses import spin_loss
+    from utils.models import encode_images
 
-    real = encode_images(vae, batch, generator, dtype)
+    real = encode_images(frozen.vae, batch, generator, frozen.dtype)
     gen = batch["gen_latents"].to(real.dtype)
     noise = torch.randn(real.shape, generator=generator, device=real.device, dtype=real.dtype)
-    t = torch.randint(
-        0, scheduler.config.num_train_timesteps, (real.shape[0],), generator=generator, device=real.device
-    )
-    emb = encode_prompt(text_encoder, batch["input_ids"])
+    t = frozen.objective.draw(real.shape[0], generator, real.device)
+    cond = frozen.text(batch)
     errs = {}
     for name, x0 in (("real", real), ("gen", gen)):
-        noisy, target = scheduler.add_noise(x0, noise, t), diffusion_target(scheduler, x0, noise, t)
         with torch.no_grad():
-            errs["r_" + name] = per_sample_mse(ref_unet(noisy, t, emb).sample, target)
-        errs["m_" + name] = per_sample_mse(unet(noisy, t, emb).sample, target)
+            errs["r_" + name] = frozen.objective.errors(ref_unet, x0, noise, t, cond)
+        errs["m_" + name] = frozen.objective.errors(unet, x0, noise, t, cond)
     return spin_loss(errs["m_real"], errs["m_gen"], errs["r_real"], errs["r_gen"], beta)
 
 
 def run_case(case, preset, B, steps, warmup, device):
     import train_sft
     import train_spin_diffusion
+    from utils import family_sd
     from utils.models import (
         FrozenComponents,
         Reference,
         add_lora,
-        encode_prompt,
         freeze,
         make_optimizer,
         optimize_unet,
@@ -191,7 +188,8 @@ def run_case(case, preset, B, steps, warmup, device):
     device = torch.device(device)
     unet, vae, text_encoder, scheduler, resolution = build_models(preset, "cpu")
     dtype = torch.bfloat16 if bf16 else torch.float32
-    freeze(vae, text_encoder)
+    text = family_sd.Prompts(None, text_encoder)
+    freeze(vae, text)
     vae.to(device, dtype)
     text_encoder.to(device, dtype)
     reference = ref_unet = None
@@ -221,10 +219,11 @@ def run_case(case, preset, B, steps, warmup, device):
         "emb" in opts or mode == "spin-pre"
     ):  # cached text embeddings (stored with --precompute_reference): no text encoder
         with torch.no_grad(), torch.autocast(device.type, dtype=torch.bfloat16) if bf16 else contextlib.nullcontext():
-            batch["prompt_embeds"] = encode_prompt(text_encoder, batch.pop("input_ids")).to(dtype)
+            batch["prompt_embeds"] = text(batch)["prompt_embeds"].to(dtype)
+            batch.pop("input_ids")
         text_encoder.to("cpu")
     autocast = (lambda: torch.autocast(device.type, dtype=torch.bfloat16)) if bf16 else contextlib.nullcontext
-    frozen = FrozenComponents(None, text_encoder, vae, scheduler, dtype)
+    frozen = FrozenComponents(text, vae, family_sd.objective(scheduler), dtype, family_sd)
     spin_step = train_spin_diffusion.SpinStep(
         objective="approximate",
         precomputed=mode == "spin-pre",
@@ -242,7 +241,7 @@ def run_case(case, preset, B, steps, warmup, device):
             if mode == "sft":
                 loss = train_sft.sft_forward(unet, batch, gen, frozen=frozen)
             elif mode == "naive":
-                loss, _ = naive_step(unet, ref_unet or reference.copy, vae, text_encoder, scheduler, batch, gen, dtype)
+                loss, _ = naive_step(unet, ref_unet or reference.copy, frozen, batch, gen)
             else:
                 loss, _ = train_spin_diffusion.spin_forward(
                     unet, reference, batch, gen, frozen=frozen, step=spin_step, autocast=autocast
@@ -262,7 +261,7 @@ def run_case(case, preset, B, steps, warmup, device):
             sync()
             t0 = time.perf_counter()
             with torch.no_grad(), autocast():
-                encode_prompt(text_encoder, batch["input_ids"])
+                text(batch)
             sync()
             te_times.append(time.perf_counter() - t0)
         text_encoder_s = statistics.median(te_times)

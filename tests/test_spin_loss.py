@@ -81,6 +81,7 @@ def test_precomputed_reference_gives_the_in_loop_loss(assets):
     from transformers import CLIPTextModel
 
     import train_spin_diffusion
+    from utils import family_sd
     from utils.models import FrozenComponents, Reference
     from utils.spin import precompute_reference
 
@@ -96,22 +97,23 @@ def test_precomputed_reference_gives_the_in_loop_loss(assets):
     sched = DDPMScheduler.from_pretrained(pipe, subfolder="scheduler")
     pixels, gen_latents = torch.rand(3, 3, 32, 32) * 2 - 1, torch.randn(3, 4, 16, 16)
     input_ids = torch.randint(0, 600, (3, 77))
+    text, objective = family_sd.Prompts(None, text_encoder), family_sd.objective(sched)
     stored = precompute_reference(
         theta_k,
         pixels,
         gen_latents,
-        input_ids,
+        {"input_ids": input_ids},
         [11, 22, 33],
         vae=vae,
-        text_encoder=text_encoder,
-        noise_scheduler=sched,
+        text=text,
+        objective=objective,
         dtype=torch.float32,
     )
     policy = copy.deepcopy(theta_k)  # a policy that has moved away from theta_k
     with torch.no_grad():
         for p in policy.parameters():
             p.add_(0.01 * torch.randn_like(p))
-    frozen = FrozenComponents(None, text_encoder, vae, sched, torch.float32)
+    frozen = FrozenComponents(text, vae, objective, torch.float32, family_sd)
     step_pre = train_spin_diffusion.SpinStep("approximate", True, 5000.0, True, 0.0, None, None, 1)
     step_loop = step_pre._replace(precomputed=False)
     batch = {"input_ids": input_ids, "gen_latents": gen_latents.half().float(), **stored}  # as the store gives them

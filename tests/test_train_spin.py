@@ -12,7 +12,6 @@ import pytest
 import torch
 
 import train_spin_diffusion
-import utils.models
 from helpers import max_abs_diff, mean_abs_diff, run_spin, spin_args, tensors
 from utils.generation import SyntheticStore
 from utils.models import lora_state_dict
@@ -230,12 +229,17 @@ def test_two_process_cpu_run_generates_each_prompt_once(assets, tmp_path):
 def test_precomputed_reference_run_holds_no_reference(assets, tmp_path, monkeypatch):
     out = tmp_path / "pre"
     seen = spy_references(monkeypatch)
-    text_encoder_calls = []
-    real_encode = utils.models.encode_prompt
-    monkeypatch.setattr(utils.models, "encode_prompt", lambda *a: text_encoder_calls.append(1) or real_encode(*a))
+    cached = []  # per training step: whether the batch carried its text conditioning (no text encoder ran)
+    real_conditions = train_spin_diffusion.batch_conditions
+
+    def spy(text, batch):
+        cached.append(all(key in batch for key in text.COND_KEYS))
+        return real_conditions(text, batch)
+
+    monkeypatch.setattr(train_spin_diffusion, "batch_conditions", spy)
     run_spin(*spin_args(assets, out, "--precompute_reference", "--max_train_steps", "2", "--learning_rate", "1e-4"))
     assert [s["ref"] for s in seen] == [None, None]  # full fine-tuning without a frozen UNet copy
-    assert text_encoder_calls == []  # the training steps read the stored text embeddings
+    assert cached and all(cached)  # the training steps read the stored text embeddings
     store = SyntheticStore(out / "iter_2" / "synthetic", 20, 8)
     assert {"real_latents", "timesteps", "noise_seed", "ref_err_real", "ref_err_gen", "prompt_embeds"} <= set(
         store.get(0)

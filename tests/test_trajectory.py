@@ -127,6 +127,7 @@ def test_real_pairs_have_the_forward_processs_moments(t, s):
 def test_trajectory_errors_are_the_scaled_exact_log_ratio():
     """The training step's per-sample errors: model minus reference equals -(2 / (D * mean weight)) times the exact
     log-likelihood ratio of the step, on both sides; equal models give equal errors (loss log 2)."""
+    from utils import family_sd
     from utils.spin import TrajectoryInputs, TrajectoryTable, trajectory_errors
 
     s = sampler("ddpm", 50)
@@ -143,12 +144,12 @@ def test_trajectory_errors_are_the_scaled_exact_log_ratio():
     def model_with(w):
         return lambda x, ts, emb, return_dict=False: (x * w,)
 
-    emb = torch.zeros(b, 1, 1)
-    m, r = (trajectory_errors(model_with(w), s, inputs, emb, k) for w in (w1, w2))
+    cond, objective = {"prompt_embeds": torch.zeros(2 * b, 1, 1)}, family_sd.objective(s)
+    m, r = (trajectory_errors(model_with(w), objective, inputs, cond, k) for w in (w1, w2))
     exact = spin_trajectory_log_ratio(x_t * w1, x_t * w2, x_t, x_prev, a=a, b=bb, sigma=sigma).reshape(-1, k).mean(1)
     d = x_t[0].numel()
     assert torch.allclose(m - r, -2 / (d * table.mean_weight) * exact, rtol=1e-4, atol=1e-6)
-    assert torch.equal(trajectory_errors(model_with(w1), s, inputs, emb, k), m)
+    assert torch.equal(trajectory_errors(model_with(w1), objective, inputs, cond, k), m)
 
 
 def test_recorded_chain_steps_are_the_samplers_own(assets):

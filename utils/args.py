@@ -50,8 +50,10 @@ def add_model_args(parser):
     g.add_argument(
         "--lora_target_modules",
         type=str,
-        default="to_k,to_q,to_v,to_out.0",
-        help="Comma-separated UNet module names that get LoRA adapters.",
+        default=None,
+        help="Comma-separated denoiser module names that get LoRA adapters. Default per family: the attention "
+        "projections to_k,to_q,to_v,to_out.0 (SD, SDXL), plus the text stream's add_k_proj,add_q_proj,add_v_proj,"
+        "to_add_out (SD3, Flux.1).",
     )
     g.add_argument(
         "--layerwise_casting",
@@ -60,6 +62,38 @@ def add_model_args(parser):
         help="With --use_lora: store the frozen denoiser's weights in this fp8 dtype and upcast each layer to the "
         "compute dtype as it runs (diffusers' enable_layerwise_casting; norms, embeddings and the LoRA adapters "
         "stay as they are). Half the frozen base's memory against bf16, at some precision.",
+    )
+    g.add_argument(
+        "--pretrained_vae_model_name_or_path",
+        type=str,
+        default=None,
+        help="A VAE (folder or Hub repo of an AutoencoderKL) to use instead of the pipeline's, e.g. "
+        "madebyollin/sdxl-vae-fp16-fix, whose fp16 / bf16 encodes do not overflow as SDXL's own VAE does (which "
+        "therefore runs in fp32).",
+    )
+    f = parser.add_argument_group("flow matching (SD3.x, Flux.1; refused for the DDPM families)")
+    f.add_argument(
+        "--weighting_scheme",
+        choices=["logit_normal", "mode", "sigma_sqrt", "cosmap", "none"],
+        default=None,
+        help="How training draws sigma, and weights the loss, as diffusers' SD3 and Flux scripts do. Default: "
+        "none (uniform, unweighted).",
+    )
+    f.add_argument("--logit_mean", type=float, default=None, help="logit_normal's mean. Default 0.")
+    f.add_argument("--logit_std", type=float, default=None, help="logit_normal's standard deviation. Default 1.")
+    f.add_argument("--mode_scale", type=float, default=None, help="mode's scale. Default 1.29.")
+    f.add_argument(
+        "--max_sequence_length",
+        type=int,
+        default=None,
+        help="T5 tokens per prompt. Default: 256 for SD3.x (its pipeline's), 512 for Flux.1-dev (256: schnell).",
+    )
+    f.add_argument(
+        "--guidance_scale",
+        type=float,
+        default=None,
+        help="Flux.1-dev: the guidance embedding's value in training (diffusers' Flux scripts: 3.5). Default 3.5; "
+        "refused for models without a guidance embedding.",
     )
     return g
 

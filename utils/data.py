@@ -1,5 +1,6 @@
 """Training data: Pick-a-Pic (ties dropped, winner selected) or plain image-caption datasets, from the
-Hub (optionally streamed) or from local files, turned into (pixel_values or cached latents, input_ids).
+Hub (optionally streamed) or from local files, turned into (pixel_values or cached latents, token ids, size
+conditioning).
 
 Pick-a-Pic rule (Diffusion-DPO's): keep rows whose label_0 is 0 or 1 (about 12% are ties at 0.5),
 the winner is image 0 when label_0 == 1, else image 1. Labels may be numbers or numeric text ("1", "0.5\\n"), as
@@ -341,6 +342,13 @@ def load_image(value):
 def preprocess_image(img, resolution, center_crop=True, flip=False, rng=None):
     """Resize the shorter side to `resolution` (bilinear), crop a square (center or `rng`-random), flip if
     asked; returns a float tensor (3, H, W) in [-1, 1]."""
+    return preprocess_with_size(img, resolution, center_crop, flip, rng)[0]
+
+
+def preprocess_with_size(img, resolution, center_crop=True, flip=False, rng=None):
+    """`preprocess_image`, and the image's size conditioning as SDXL trains it: (original height, original width,
+    crop top, crop left, target height, target width), the crop in the resized image (its left edge mirrored
+    when flipped), as an int64 tensor (6,)."""
     w, h = img.size
     scale = resolution / min(w, h)
     nw, nh = max(resolution, round(w * scale)), max(resolution, round(h * scale))
@@ -352,8 +360,15 @@ def preprocess_image(img, resolution, center_crop=True, flip=False, rng=None):
     img = img.crop((left, top, left + resolution, top + resolution))
     if flip:
         img = img.transpose(Image.FLIP_LEFT_RIGHT)
+        left = nw - resolution - left
     arr = np.asarray(img, dtype=np.float32) / 127.5 - 1.0
-    return torch.from_numpy(arr).permute(2, 0, 1).contiguous()
+    size = torch.tensor([h, w, top, left, resolution, resolution], dtype=torch.int64)
+    return torch.from_numpy(arr).permute(2, 0, 1).contiguous(), size
+
+
+def generated_size(resolution):
+    """The size conditioning of an image generated at `resolution` (no crop)."""
+    return torch.tensor([resolution, resolution, 0, 0, resolution, resolution], dtype=torch.int64)
 
 
 def sample_rng(seed, epoch, index):
@@ -368,10 +383,28 @@ def caption_of(value):
     return "" if value is None else str(value)
 
 
-def tokenize(tokenizer, captions):
+def tokenizer_ids(tokenizer, captions, max_length=None):
+    """Token ids (B, max_length) of `captions`, padded and truncated (`max_length` None: the tokenizer's own)."""
     return tokenizer(
-        captions, max_length=tokenizer.model_max_length, padding="max_length", truncation=True, return_tensors="pt"
+        captions,
+        max_length=max_length or tokenizer.model_max_length,
+        padding="max_length",
+        truncation=True,
+        return_tensors="pt",
     ).input_ids
+
+
+def tokenize(tokenizer, captions):
+    """{name: token ids (B, L)} of `captions`: a family's `Tokenizers` (utils/family_*.py) gives one entry per
+    text encoder; a plain tokenizer gives {"input_ids": ...}."""
+    if hasattr(tokenizer, "ids"):
+        return tokenizer.ids(captions)
+    return {"input_ids": tokenizer_ids(tokenizer, captions)}
+
+
+def first(ids):
+    """The first row of each entry of `tokenize`'s output."""
+    return {name: t[0] for name, t in ids.items()}
 
 
 # ----------------------------------------------------------------------------- torch datasets
@@ -423,7 +456,7 @@ class TrainDataset(torch.utils.data.Dataset):
         if params is None:
             return None
         caption = self.caption(self.ds[index], index)
-        return {"latent_params": params, "input_ids": tokenize(self.tokenizer, [caption])[0]}
+        return {"latent_params": params, **first(tokenize(self.tokenizer, [caption]))}
 
     def caption(self, row, index):
         """The row's caption, or the empty prompt for a share `empty_prompt_prob` of the (epoch, index) pairs."""
@@ -436,20 +469,22 @@ class TrainDataset(torch.utils.data.Dataset):
 
     def pixels(self, value, index):
         """Decode and augment one image; the crop and flip depend on (seed, epoch, index) only, so two
-        images of one row (winner and loser) get the same ones. None if the image does not decode."""
+        images of one row (winner and loser) get the same ones. (pixels, size conditioning
+        (`preprocess_with_size`)), or None if the image does not decode."""
         rng = sample_rng(self.seed, self.epoch, index)
         flip = self.random_flip and rng.random() < 0.5
         try:
             img = load_image(value)
         except Exception:
             return None
-        return preprocess_image(img, self.resolution, self.center_crop, flip, rng)
+        return preprocess_with_size(img, self.resolution, self.center_crop, flip, rng)
 
     def example_from_row(self, row, index):
-        pixels = self.pixels(self.image_value(row), index)
-        if pixels is None:
+        decoded = self.pixels(self.image_value(row), index)
+        if decoded is None:
             return None
-        return {"pixel_values": pixels, "input_ids": tokenize(self.tokenizer, [self.caption(row, index)])[0]}
+        caption = self.caption(row, index)
+        return {"pixel_values": decoded[0], "image_size": decoded[1], **first(tokenize(self.tokenizer, [caption]))}
 
 
 def with_replacement(make, index, length):
@@ -489,17 +524,19 @@ class PairDataset(torch.utils.data.Dataset):
             if not bool(stored.pop("valid", True)):
                 return None
             caption = caption_of(self.base.ds[index][self.base.spec["caption"]])
-            return {"input_ids": tokenize(self.base.tokenizer, [caption])[0], **stored}
+            size = {"negative_image_size": generated_size(self.base.resolution)}
+            return {**first(tokenize(self.base.tokenizer, [caption])), **stored, **size}
         example = self.base.example(index)
         if example is None:
             return None
         if self.store is not None:
             example.update(self.store.get(index))
+            example["negative_image_size"] = generated_size(self.base.resolution)
             return example
         loser = self.base.pixels(winner_and_loser(self.base.ds[index], self.base.spec)[1], index)
         if loser is None:
             return None
-        example["loser_pixel_values"] = loser
+        example["loser_pixel_values"], example["negative_image_size"] = loser
         return example
 
 
@@ -549,25 +586,11 @@ class StreamingTrainDataset(torch.utils.data.IterableDataset):
 
 
 def collate(examples):
-    """Stack examples into a batch; `num_skipped` counts the undecodable rows that were replaced."""
+    """Stack examples into a batch (every tensor entry: images or latents, token ids, stored tensors);
+    `num_skipped` counts the undecodable rows that were replaced."""
     batch = {"num_skipped": sum(e["num_skipped"] for e in examples)}
-    for key in (
-        "pixel_values",
-        "latent_params",
-        "input_ids",
-        "gen_latents",
-        "loser_pixel_values",
-        "real_latents",
-        "timesteps",
-        "noise_seed",
-        "ref_err_real",
-        "ref_err_gen",
-        "prompt_embeds",
-        "traj_t",
-        "traj_x_t",
-        "traj_x_prev",
-    ):
-        if key in examples[0]:
+    for key, value in examples[0].items():
+        if isinstance(value, torch.Tensor):
             batch[key] = torch.stack([e[key] for e in examples])
     return batch
 

@@ -116,7 +116,7 @@ def load_pipeline(spec, base_model, dtype, device, token=None):
         unet = family.load_denoiser(
             spec.location, subfolder=spec.unet_subfolder, revision=spec.revision, torch_dtype=dtype, token=token
         )
-        pipe = family.load_pipeline(base_model, unet=unet, torch_dtype=dtype, token=token)
+        pipe = family.load_pipeline(base_model, denoiser=unet, torch_dtype=dtype, token=token)
     else:
         pipe = family.load_pipeline(base_model, torch_dtype=dtype, token=token)
         pipe.load_lora_weights(spec.location, revision=spec.revision, token=token)

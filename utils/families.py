@@ -81,3 +81,13 @@ def model_family(name, revision=None, token=None, flag="--pretrained_model_name_
             "its model family cannot be told"
         )
     return family_of_index(shown, index, flag)
+
+
+def refuse_flags(family, args, shown=None):
+    """ModelError, one line, when `args` set flags the model's family cannot honour (the family's `refused`):
+    before any weights load."""
+    problems = family.refused(args)
+    if problems:
+        what = "; ".join(f"{flag}: {why}" for flag, why in problems)
+        model = shown or args.pretrained_model_name_or_path
+        raise ModelError(f"{model} is a {family.DESCRIPTION} model, which cannot take {what}")

@@ -1,14 +1,81 @@
 """The SD-1.x / SD-2.x family (`StableDiffusionPipeline`): a CLIP text encoder, a VAE, a
 `UNet2DConditionModel` predicting epsilon or v, and a DDPM noise schedule for training.
 
-One of the family modules `utils/families.py` finds by name: what loading and sampling mean for this family.
-Needs its sibling `models.py` (ModelError).
+One of the family modules `utils/families.py` finds by name. Each declares what the scripts ask of a family:
+- PIPELINE_CLASSES, DESCRIPTION: the model_index.json classes it handles, in words;
+- DENOISER ("unet" / "transformer": the pipeline's component trained), DENOISER_CLASSES, LORA_PIPELINE and
+  LORA_FORMAT (how an adapter is saved so that the pipeline's `load_lora_weights` reads it), LORA_TARGETS;
+- Tokenizers (picklable: the datasets hold it) and Prompts (the frozen text encoders as one module): captions to
+  token ids, token ids to the conditioning {name: tensor} that `forward` reads;
+- forward(model, noisy, timesteps, cond): the denoiser's prediction;
+- objective(scheduler, args): noise, target, timestep draw, per-sample error (losses.py or flow.py);
+- load_components, load_denoiser, load_pipeline, pipeline_latents;
+- refused(args): the flags this family cannot honour.
+Needs its siblings `models.py`, `losses.py` and `data.py`.
 """
 
+import torch
+
+from .data import tokenizer_ids
+from .losses import DDPMObjective
 from .models import ModelError
 
 PIPELINE_CLASSES = ("StableDiffusionPipeline",)
 DESCRIPTION = "SD-1.x and SD-2.x, epsilon or v-prediction"
+DENOISER, DENOISER_CLASSES = "unet", ("UNet2DConditionModel",)
+LORA_PIPELINE, LORA_FORMAT = "StableDiffusionPipeline", "diffusers"
+LORA_TARGETS = "to_k,to_q,to_v,to_out.0"
+TRAJECTORY = True  # DDPM-family samplers (eta; steps with a likelihood): --spin_objective trajectory works
+VAE_UPCAST = False  # the VAE runs in the compute dtype
+FLOW_FLAGS = ("weighting_scheme", "logit_mean", "logit_std", "mode_scale", "max_sequence_length", "guidance_scale")
+
+
+class Tokenizers:
+    """Captions to the CLIP token ids the text encoder reads ({"input_ids": (B, 77)})."""
+
+    def __init__(self, tokenizer):
+        self.tokenizer = tokenizer
+
+    def ids(self, captions):
+        return {"input_ids": tokenizer_ids(self.tokenizer, captions)}
+
+
+class Prompts(torch.nn.Module):
+    """The frozen CLIP text encoder: token ids to {"prompt_embeds": its last hidden states}."""
+
+    COND_KEYS = ("prompt_embeds",)
+
+    def __init__(self, tokenizer, text_encoder):
+        super().__init__()
+        self.tokenizers, self.text_encoder = Tokenizers(tokenizer), text_encoder
+
+    def forward(self, batch):
+        ids = batch["input_ids"].to(self.text_encoder.device)
+        return {"prompt_embeds": self.text_encoder(ids, return_dict=False)[0]}
+
+    def pipeline_parts(self):
+        return {"tokenizer": self.tokenizers.tokenizer, "text_encoder": self.text_encoder}
+
+
+def forward(model, noisy, timesteps, cond):
+    """The UNet's epsilon or v prediction."""
+    return model(noisy, timesteps, cond["prompt_embeds"], return_dict=False)[0]
+
+
+def objective(scheduler, args=None):
+    return DDPMObjective(scheduler, forward)
+
+
+def refused(args):
+    """The flags set in `args` that this family cannot honour, as (flag, why) pairs."""
+    return flow_flags_set(args)
+
+
+def flow_flags_set(args):
+    """The flow-matching flags set in `args`, which a DDPM family refuses."""
+    return [
+        (f"--{n}", "a flow-matching (SD3, Flux) setting") for n in FLOW_FLAGS if getattr(args, n, None) is not None
+    ]
 
 
 def load_error(name, e):
@@ -18,9 +85,19 @@ def load_error(name, e):
     )
 
 
-def load_components(name, *, revision=None, variant=None, prediction_type=None, cache_dir=None, with_unet=True):
-    """tokenizer, text_encoder, vae, unet (None unless `with_unet`) and the training noise scheduler (DDPM with the
-    model's betas). Raises ModelError naming the model when its files cannot be found or read."""
+def load_components(
+    name,
+    *,
+    revision=None,
+    variant=None,
+    prediction_type=None,
+    cache_dir=None,
+    with_unet=True,
+    max_sequence_length=None,
+):
+    """Prompts (tokenizer and text encoder), vae, unet (None unless `with_unet`) and the training noise scheduler
+    (DDPM with the model's betas). `max_sequence_length` is a T5 setting (this family refuses it).
+    Raises ModelError naming the model when its files cannot be found or read."""
     from diffusers import AutoencoderKL, DDPMScheduler
     from transformers import CLIPTextModel, CLIPTokenizer
 
@@ -35,10 +112,10 @@ def load_components(name, *, revision=None, variant=None, prediction_type=None, 
     unet = load_denoiser(name, variant=variant, **kw) if with_unet else None
     if prediction_type is not None:
         scheduler.register_to_config(prediction_type=prediction_type)
-    return tokenizer, text_encoder, vae, unet, scheduler
+    return Prompts(tokenizer, text_encoder), vae, unet, scheduler
 
 
-def load_denoiser(name, subfolder="unet", revision=None, variant=None, cache_dir=None, **kwargs):
+def load_denoiser(name, subfolder=DENOISER, revision=None, variant=None, cache_dir=None, **kwargs):
     """The UNet of a pipeline folder or Hub repo (`subfolder` None: at its root); ModelError naming it when its
     files cannot be found or read. `kwargs` go to `from_pretrained` (torch_dtype, token)."""
     from diffusers import UNet2DConditionModel
@@ -51,14 +128,26 @@ def load_denoiser(name, subfolder="unet", revision=None, variant=None, cache_dir
         raise load_error(name, e) from e
 
 
-def load_pipeline(name, prediction_type=None, **kwargs):
-    """`StableDiffusionPipeline.from_pretrained` without the safety checker, its scheduler set to the prediction
-    type the UNet was trained for (so samples, and a saved pipeline's scheduler config, match the weights)."""
+def load_pipeline(name, prediction_type=None, *, denoiser=None, text=None, vae=None, **kwargs):
+    """`StableDiffusionPipeline.from_pretrained` without the safety checker, with the given trained `denoiser`,
+    frozen `text` (Prompts) and `vae` in place of the stored ones, its scheduler set to the prediction type the
+    UNet was trained for (so samples, and a saved pipeline's scheduler config, match the weights)."""
     from diffusers import StableDiffusionPipeline
 
     pipeline = StableDiffusionPipeline.from_pretrained(
-        name, safety_checker=None, requires_safety_checker=False, **kwargs
+        name, safety_checker=None, requires_safety_checker=False, **given_parts(denoiser, text, vae), **kwargs
     )
     if prediction_type is not None:
         pipeline.scheduler.register_to_config(prediction_type=prediction_type)
     return pipeline
+
+
+def given_parts(denoiser, text, vae, denoiser_name=DENOISER):
+    """The pipeline components passed in place of the stored ones (None: the stored one)."""
+    parts = text.pipeline_parts() if text is not None else {}
+    return parts | {name: part for name, part in ((denoiser_name, denoiser), ("vae", vae)) if part is not None}
+
+
+def pipeline_latents(pipeline, latents, height, width):
+    """The pipeline's `output_type="latent"` output in the layout training reads: (B, C, h, w) already."""
+    return latents

@@ -75,3 +75,35 @@ def per_sample_error(prediction, target, sigmas, weighting_scheme="none"):
     weights = compute_loss_weighting_for_sd3(weighting_scheme, sigmas.float())
     squared = (prediction.float() - target.float()) ** 2
     return (_per_sample(weights, squared.ndim) * squared).flatten(1).mean(dim=1)
+
+
+class FlowMatchingObjective:
+    """The training objective of the rectified-flow families (SD3.x, Flux.1), with the interface of
+    `losses.DDPMObjective`: t drawn by the weighting scheme from the training scheduler's table (sigma = t /
+    num_train_timesteps), x_t = (1 - sigma) x_0 + sigma noise, the velocity target, the weighted per-sample error.
+    `forward(model, noisy, timesteps, cond)` is the family's denoiser call."""
+
+    def __init__(self, scheduler, forward, weighting_scheme="none", logit_mean=0.0, logit_std=1.0, mode_scale=1.29):
+        self.scheduler, self.forward = scheduler, forward
+        self.num_train_timesteps = scheduler.config.num_train_timesteps
+        self.scheme = dict(
+            weighting_scheme=weighting_scheme, logit_mean=logit_mean, logit_std=logit_std, mode_scale=mode_scale
+        )
+
+    def draw(self, n, generator, device):
+        return sample_sigmas(self.scheduler, n, generator=generator, device=device, **self.scheme)[0]
+
+    def errors(self, model, latents, noise, timesteps, cond):
+        sigmas = timesteps.float() / self.num_train_timesteps
+        prediction = self.forward(model, noised(latents, noise, sigmas), timesteps, cond)
+        return per_sample_error(prediction, velocity_target(latents, noise), sigmas, self.scheme["weighting_scheme"])
+
+    def weights(self, timesteps, snr_gamma):
+        raise ValueError("--snr_gamma weights DDPM timesteps; flow matching weights by --weighting_scheme")
+
+
+def objective_from_args(scheduler, forward, args):
+    """`FlowMatchingObjective` under the flags --weighting_scheme, --logit_mean, --logit_std, --mode_scale (None:
+    none, 0, 1, 1.29)."""
+    given = {name: getattr(args, name, None) for name in ("weighting_scheme", "logit_mean", "logit_std", "mode_scale")}
+    return FlowMatchingObjective(scheduler, forward, **{k: v for k, v in given.items() if v is not None})

@@ -234,17 +234,20 @@ def generate_opponent_samples(
     num_inference_steps=50,
     guidance_scale=7.5,
     resolution=512,
-    eta=0.0,
+    eta=None,
     process_index=0,
     num_processes=1,
     autocast_dtype=None,
+    to_latents=None,
     progress=True,
     extras=None,
     trajectory=None,
 ):
     """The opponent (theta_k) draws one latent per training prompt, prompt i seeded with
     `sample_seed(seed, iteration, i)`. Each process fills its own shards (k = process_index mod num_processes);
-    finished shards are skipped. `eta` goes to the sampler (DDIM's; DDPM ignores it).
+    finished shards are skipped. `eta` goes to the sampler (DDIM's; DDPM ignores it; None: not passed, for
+    pipelines without one). `to_latents(pipeline, latents, height, width)` turns the pipeline's latent output into
+    the (B, C, h, w) layout training reads (the family's `pipeline_latents`; None: it is that already).
     `trajectory = (table, K)` (the trajectory objective) also stores, per sample, K steps of its sampling chain
     drawn from its seed (`traj_t`, `traj_x_t`, `traj_x_prev`, fp32). `extras(indices, seeds, outputs) -> {name:
     (n, ...) tensor}` adds per-sample tensors computed while the opponent is loaded (SPIN's precomputed reference
@@ -277,9 +280,10 @@ def generate_opponent_samples(
                     width=resolution,
                     generator=gens,
                     output_type="latent",
-                    eta=eta,
+                    **({"eta": eta} if eta is not None else {}),
                 )
-            outputs = {"latents": out.images.float()} | (recorder.tensors() if trajectory else {})
+            images = to_latents(pipeline, out.images, resolution, resolution) if to_latents else out.images
+            outputs = {"latents": images.float()} | (recorder.tensors() if trajectory else {})
             latents.append(outputs["latents"].cpu())
             for name, t in outputs.items():
                 if name != "latents":

@@ -80,16 +80,40 @@ def step_generator(seed, micro_step, process_index, device):
     return torch.Generator(device=device).manual_seed((seed * 1_000_003 + micro_step) * 64 + process_index)
 
 
-def sample_noise_and_timesteps(latents, num_train_timesteps, generator, noise_offset=0.0):
-    """Gaussian noise like `latents` (plus an optional per-channel offset) and one timestep per sample."""
+def sample_noise(latents, generator, noise_offset=0.0):
+    """Gaussian noise like `latents`, plus an optional per-channel offset (--noise_offset)."""
     b, c = latents.shape[:2]
     noise = torch.randn(latents.shape, generator=generator, device=latents.device, dtype=latents.dtype)
     if noise_offset:
         noise = noise + noise_offset * torch.randn(
-            (b, c, 1, 1), generator=generator, device=latents.device, dtype=latents.dtype
+            (b, c) + (1,) * (latents.ndim - 2), generator=generator, device=latents.device, dtype=latents.dtype
         )
-    timesteps = torch.randint(0, num_train_timesteps, (b,), generator=generator, device=latents.device).long()
-    return noise, timesteps
+    return noise
+
+
+class DDPMObjective:
+    """The training objective of the DDPM-family models (SD-1.x / 2.x, SDXL), around a family's denoiser call
+    `forward(model, noisy, timesteps, cond) -> prediction`: one integer t per sample drawn uniformly, x_t from the
+    scheduler's `add_noise`, the target epsilon or v (`diffusion_target`), the per-sample MSE. Flow-matching
+    families have the same interface in `flow.py` (FlowMatchingObjective)."""
+
+    def __init__(self, scheduler, forward):
+        self.scheduler, self.forward = scheduler, forward
+        self.num_train_timesteps = scheduler.config.num_train_timesteps
+
+    def draw(self, n, generator, device):
+        """n timesteps, uniform over the training schedule."""
+        return torch.randint(0, self.num_train_timesteps, (n,), generator=generator, device=device).long()
+
+    def errors(self, model, latents, noise, timesteps, cond):
+        """Per-sample errors (B,) of `model` on `latents` noised with `noise` at `timesteps`."""
+        noisy = self.scheduler.add_noise(latents, noise, timesteps)
+        target = diffusion_target(self.scheduler, latents, noise, timesteps)
+        return per_sample_mse(self.forward(model, noisy, timesteps, cond), target)
+
+    def weights(self, timesteps, snr_gamma):
+        """--snr_gamma: the min-SNR weight of each sample."""
+        return min_snr_weights(self.scheduler, timesteps, snr_gamma)
 
 
 # The exact (trajectory) objective. A stochastic sampler's step from timestep t to the previous timestep s it

@@ -1,8 +1,9 @@
 """Model pieces every family shares: the model source check, freezing, precision, LoRA adapters, optimizer,
 the reference. Loading a family's components is in its `family_*.py` (see `families.py`).
 
-Only the UNet is trained; the VAE and text encoder are frozen in the compute dtype.
-Needs no sibling module: it can be copied on its own.
+Only the denoiser (UNet or transformer) is trained; the VAE and text encoders are frozen in the compute dtype.
+Needs its sibling `families.py` (with the `family_*.py` it finds) to save and load LoRA adapters in the
+format of the denoiser's own pipeline.
 """
 
 import json
@@ -20,15 +21,21 @@ def weight_dtype(mixed_precision):
 
 
 class FrozenComponents(NamedTuple):
-    """The frozen parts of a Stable Diffusion pipeline that training uses beside the UNet, and the compute dtype
-    they run in."""
+    """What training uses beside the denoiser: the family's text side (tokenizers and frozen text encoders as one
+    module, `family.Prompts`), the frozen VAE, the family's training objective (noise, target, timestep draw and
+    per-sample error, around the family's denoiser call), the compute dtype and the family module itself (it
+    builds the pipelines)."""
 
-    tokenizer: Any
-    text_encoder: torch.nn.Module
+    text: Any
     vae: torch.nn.Module
-    scheduler: Any  # the training noise scheduler (DDPM with the model's betas)
+    objective: Any
     dtype: torch.dtype
-    family: Any = None  # the family module (utils/family_*.py) that loaded them: it builds the pipelines
+    family: Any = None
+
+    @property
+    def scheduler(self):
+        """The training noise scheduler (DDPM with the model's betas; the flow-matching table for flow models)."""
+        return self.objective.scheduler
 
 
 class ModelError(ValueError):
@@ -103,7 +110,7 @@ def freeze(*modules):
 
 
 def add_lora(unet, rank, alpha, target_modules=("to_k", "to_q", "to_v", "to_out.0"), adapter_name="default"):
-    """Freeze the UNet and add a trainable peft LoRA adapter on the given attention projections."""
+    """Freeze the denoiser and add a trainable peft LoRA adapter on the given attention projections."""
     from peft import LoraConfig
 
     names = [n for n, _ in unet.named_modules()]
@@ -113,8 +120,8 @@ def add_lora(unet, rank, alpha, target_modules=("to_k", "to_q", "to_v", "to_out.
             {n.rsplit(".", 1)[-1] for n in names if n.endswith(("to_q", "to_k", "to_v", "proj_in", "conv1"))}
         )
         raise ModelError(
-            f"--lora_target_modules: {unmatched} match no module of the UNet (module names end in e.g. "
-            f"{examples}; the default is to_k,to_q,to_v,to_out.0)"
+            f"--lora_target_modules: {unmatched} match no module of the {type(unet).__name__} (module names end "
+            f"in e.g. {examples})"
         )
     unet.requires_grad_(False)
     config = LoraConfig(r=rank, lora_alpha=alpha, init_lora_weights="gaussian", target_modules=list(target_modules))
@@ -122,35 +129,55 @@ def add_lora(unet, rank, alpha, target_modules=("to_k", "to_q", "to_v", "to_out.
     return unet
 
 
+def denoiser_family(model):
+    """The family module (utils/family_*.py) whose denoiser class `model` is (peft wrappers and torch.compile
+    keep the class)."""
+    from .families import family_modules
+
+    name = type(getattr(model, "_orig_mod", model)).__name__
+    for module in family_modules().values():
+        if name in module.DENOISER_CLASSES:
+            return module
+    raise ModelError(f"no model family trains a {name}")
+
+
 def lora_state_dict(unet, adapter_name="default"):
-    """The adapter's weights in diffusers' key format (what `save_lora_weights` writes)."""
+    """The adapter's weights in the key format its family's pipeline saves and loads (diffusers' for UNets, peft's
+    for transformers; what `save_lora_weights` writes)."""
     from diffusers.utils import convert_state_dict_to_diffusers
     from peft.utils import get_peft_model_state_dict
 
-    state_dict = convert_state_dict_to_diffusers(get_peft_model_state_dict(unet, adapter_name=adapter_name))
+    state_dict = get_peft_model_state_dict(unet, adapter_name=adapter_name)
+    if denoiser_family(unet).LORA_FORMAT == "diffusers":
+        state_dict = convert_state_dict_to_diffusers(state_dict)
     return {
         k: v.contiguous() for k, v in state_dict.items()
     }  # conv adapters under --channels_last: safetensors packs nothing
 
 
 def save_lora(unet, output_dir, adapter_name="default"):
-    """Write `pytorch_lora_weights.safetensors`, loadable with `pipe.load_lora_weights(output_dir)`."""
-    from diffusers import StableDiffusionPipeline
+    """Write `pytorch_lora_weights.safetensors`, loadable with `pipe.load_lora_weights(output_dir)` by the
+    denoiser's own pipeline class."""
+    import diffusers
 
-    StableDiffusionPipeline.save_lora_weights(
-        output_dir, unet_lora_layers=lora_state_dict(unet, adapter_name), safe_serialization=True
+    family = denoiser_family(unet)
+    getattr(diffusers, family.LORA_PIPELINE).save_lora_weights(
+        output_dir, **{f"{family.DENOISER}_lora_layers": lora_state_dict(unet, adapter_name)}, safe_serialization=True
     )
 
 
 def load_lora(unet, path, adapter_name="default"):
     """Load saved LoRA weights (a folder or file in diffusers format) into an existing adapter of `unet`."""
-    from diffusers import StableDiffusionPipeline
+    import diffusers
     from diffusers.utils import convert_unet_state_dict_to_peft
     from peft.utils import set_peft_model_state_dict
 
-    state_dict, _ = StableDiffusionPipeline.lora_state_dict(path)
-    unet_sd = {k.removeprefix("unet."): v for k, v in state_dict.items() if k.startswith("unet.")}
-    result = set_peft_model_state_dict(unet, convert_unet_state_dict_to_peft(unet_sd), adapter_name=adapter_name)
+    family = denoiser_family(unet)
+    state_dict = getattr(diffusers, family.LORA_PIPELINE).lora_state_dict(path)
+    state_dict = state_dict[0] if isinstance(state_dict, tuple) else state_dict  # SD's returns (weights, alphas)
+    prefix = family.DENOISER + "."
+    own = {k.removeprefix(prefix): v for k, v in state_dict.items() if k.startswith(prefix)}
+    result = set_peft_model_state_dict(unet, convert_unet_state_dict_to_peft(own), adapter_name=adapter_name)
     unexpected = getattr(result, "unexpected_keys", None)
     if unexpected:
         raise ValueError(f"LoRA weights at {path} do not match the adapter: unexpected keys {unexpected[:5]}")
@@ -187,15 +214,18 @@ def make_optimizer(params, *, lr, betas, weight_decay, eps, use_8bit_adam=False)
     return torch.optim.AdamW(params, lr=lr, betas=betas, weight_decay=weight_decay, eps=eps, fused=fused)
 
 
-def encode_prompt(text_encoder, input_ids):
-    return text_encoder(input_ids, return_dict=False)[0]
+def batch_conditions(text, batch):
+    """The batch's text conditioning {name: tensor}: the cached one when the batch carries it (the text side's
+    `COND_KEYS`, stored by --precompute_reference), else the text encoders' (`text(batch)`, under no_grad)."""
+    if all(key in batch for key in text.COND_KEYS):
+        return {key: batch[key] for key in text.COND_KEYS}
+    with torch.no_grad():
+        return text(batch)
 
 
-def batch_prompt_embeds(text_encoder, batch):
-    """The batch's text embeddings: cached ones (`prompt_embeds`) when it carries them, else the text encoder's."""
-    if "prompt_embeds" in batch:
-        return batch["prompt_embeds"]
-    return encode_prompt(text_encoder, batch["input_ids"].to(text_encoder.device))
+def cast_conditions(cond, device, dtype):
+    """`cond` with its floating tensors on `device` in `dtype` (ids and integer tensors keep theirs)."""
+    return {k: v.to(device, dtype) if v.is_floating_point() else v.to(device) for k, v in cond.items()}
 
 
 def encode_images(vae, batch, generator, dtype):
@@ -206,9 +236,15 @@ def encode_images(vae, batch, generator, dtype):
     if "latent_params" in batch:  # the VAE itself may wait on the CPU: only its scaling factor is used
         dist = DiagonalGaussianDistribution(batch["latent_params"].to(generator.device, dtype))
     else:
-        with torch.no_grad():
-            dist = vae.encode(batch["pixel_values"].to(vae.device, dtype)).latent_dist
-    return dist.sample(generator) * vae.config.scaling_factor
+        with torch.no_grad():  # in the VAE's own dtype (fp32 for SDXL's), the latents in the compute dtype
+            dist = vae.encode(batch["pixel_values"].to(vae.device, vae.dtype)).latent_dist
+    return to_model_latents(vae, dist.sample(generator)).to(dtype)
+
+
+def to_model_latents(vae, latents):
+    """VAE latents into the denoiser's space: minus the VAE's shift factor (SD3, Flux), times its scaling factor."""
+    shift = getattr(vae.config, "shift_factor", None)
+    return (latents - shift if shift else latents) * vae.config.scaling_factor
 
 
 @torch.no_grad()
@@ -258,10 +294,15 @@ class Reference:
         freeze(ref)
         return cls(unet, copy=ref, offload=offload, device=device)
 
+    @property
+    def config(self):
+        """The denoiser's config (a family's forward may read it)."""
+        return (self.copy if self.copy is not None else self.unet).config
+
     @torch.no_grad()
-    def __call__(self, sample, timesteps, encoder_hidden_states, return_dict=False):
-        """Like `UNet2DConditionModel(..., return_dict=False)`: a 1-tuple with the prediction."""
-        return (self._forward(sample, timesteps, encoder_hidden_states),)
+    def __call__(self, *args, **kwargs):
+        """Like calling the denoiser with the same arguments (the family's forward passes them), under no_grad."""
+        return self._forward(args, kwargs)
 
     def _host_state(self):
         """The offloaded copy's weights and buffers by name, as they sit in host memory: pinned once (after any
@@ -273,23 +314,21 @@ class Reference:
             self._pinned = True
         return state
 
-    def _forward(self, sample, timesteps, encoder_hidden_states):
+    def _forward(self, args, kwargs):
         if self.copy is not None and self.offload:
             # The module keeps its host tensors; the call runs on device copies that die with it.
             on_device = {name: t.to(self.device, non_blocking=True) for name, t in self._host_state().items()}
-            return torch.func.functional_call(
-                self.copy, on_device, (sample, timesteps, encoder_hidden_states), {"return_dict": False}
-            )[0]
+            return torch.func.functional_call(self.copy, on_device, args, kwargs)
         if self.copy is not None:
-            return self.copy(sample, timesteps, encoder_hidden_states, return_dict=False)[0]
+            return self.copy(*args, **kwargs)
         if self.adapter is None:
             self.unet.disable_adapters()
             try:
-                return self.unet(sample, timesteps, encoder_hidden_states, return_dict=False)[0]
+                return self.unet(*args, **kwargs)
             finally:
                 self.unet.enable_adapters()
         self.unet.set_adapter(self.adapter)
         try:
-            return self.unet(sample, timesteps, encoder_hidden_states, return_dict=False)[0]
+            return self.unet(*args, **kwargs)
         finally:
             self.unet.set_adapter(self.trainable_adapter)

@@ -13,14 +13,13 @@ from typing import NamedTuple
 import torch
 
 from .losses import (
-    diffusion_target,
     forward_posterior_pair,
     per_sample_mse,
-    sample_noise_and_timesteps,
+    sample_noise,
     sampler_prev_timestep,
     sampler_step_coefficients,
 )
-from .models import ModelError, encode_images, encode_prompt
+from .models import ModelError, encode_images, to_model_latents
 
 
 class PairInputs(NamedTuple):
@@ -52,11 +51,11 @@ def real_latents(batch, *, vae, generator, dtype):
     return encode_images(vae, batch, generator, dtype)
 
 
-def pair_inputs(batch, real, *, vae, generator, num_train_timesteps, share_noise=True, noise_offset=0.0):
+def pair_inputs(batch, real, *, vae, generator, objective, share_noise=True, noise_offset=0.0):
     """The approximate objective's `PairInputs`. The negative is the opponent's latent (`gen_latents`, SPIN) or
     the dataset's loser image encoded by the VAE (`loser_pixel_values`, Diffusion-DPO). t and noise come from the
     batch when it carries them (`timesteps`, `noise_seed`: drawn ahead with precomputed reference errors), else
-    from `generator`."""
+    from `generator` (the noise, then t by the family's `objective.draw`)."""
     device = generator.device
     if "gen_latents" in batch:
         negative = batch["gen_latents"].to(device, real.dtype)
@@ -65,22 +64,30 @@ def pair_inputs(batch, real, *, vae, generator, num_train_timesteps, share_noise
     if "timesteps" in batch:
         noise, noise_neg = seeded_noise(batch["noise_seed"], real.shape[1:], device, real.dtype, share_noise)
         return PairInputs(real, negative, batch["timesteps"].to(device), noise, noise_neg)
-    noise, t = sample_noise_and_timesteps(real, num_train_timesteps, generator, noise_offset)
+    noise = sample_noise(real, generator, noise_offset)
+    t = objective.draw(real.shape[0], generator, device)
     noise_neg = (
         noise if share_noise else torch.randn(noise.shape, generator=generator, device=device, dtype=noise.dtype)
     )
     return PairInputs(real, negative, t, noise, noise_neg)
 
 
-def pair_errors(model, noise_scheduler, pair, prompt_embeds):
-    """Per-sample errors (2B,) of `model` on the concatenated (real, negative) batch: one forward.
-    `prompt_embeds` is (B, L, D); returns (errors, timesteps (2B,))."""
+def pair_conditions(cond, batch):
+    """The conditioning of the concatenated (real, negative) rows: the prompt's twice, and, where the batch has
+    them, each side's image size and crop (`image_size`, `negative_image_size`: SDXL's micro-conditioning)."""
+    both = {name: torch.cat([t, t]) for name, t in cond.items()}
+    if "image_size" in batch and "negative_image_size" in batch:
+        device = next(iter(cond.values())).device
+        both["image_size"] = torch.cat([batch["image_size"], batch["negative_image_size"]]).to(device)
+    return both
+
+
+def pair_errors(model, objective, pair, cond):
+    """Per-sample errors (2B,) of `model` on the concatenated (real, negative) batch: one forward. `cond` is the
+    pair's conditioning (`pair_conditions`); returns (errors, timesteps (2B,))."""
     latents = torch.cat([pair.real, pair.negative])
     noise, timesteps = torch.cat([pair.noise, pair.noise_negative]), torch.cat([pair.timesteps, pair.timesteps])
-    noisy = noise_scheduler.add_noise(latents, noise, timesteps)
-    target = diffusion_target(noise_scheduler, latents, noise, timesteps)
-    pred = model(noisy, timesteps, prompt_embeds.repeat(2, 1, 1), return_dict=False)[0]
-    return per_sample_mse(pred, target), timesteps
+    return objective.errors(model, latents, noise, timesteps, cond), timesteps
 
 
 def stored_real_latents(vae, real_pixels, sample_seeds, dtype):
@@ -89,7 +96,7 @@ def stored_real_latents(vae, real_pixels, sample_seeds, dtype):
     from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
 
     device = vae.device
-    dist = DiagonalGaussianDistribution(vae.encode(real_pixels.to(device, dtype)).latent_dist.parameters)
+    dist = DiagonalGaussianDistribution(vae.encode(real_pixels.to(device, vae.dtype)).latent_dist.parameters)
     eps = torch.stack(
         [
             torch.randn(
@@ -101,7 +108,7 @@ def stored_real_latents(vae, real_pixels, sample_seeds, dtype):
             for s in sample_seeds
         ]
     )
-    return ((dist.mean + dist.std * eps) * vae.config.scaling_factor).half().float()
+    return to_model_latents(vae, dist.mean + dist.std * eps).half().float()
 
 
 @torch.no_grad()
@@ -109,38 +116,36 @@ def precompute_reference(
     reference,
     real_pixels,
     gen_latents,
-    input_ids,
+    batch,
     sample_seeds,
     *,
     vae,
-    text_encoder,
-    noise_scheduler,
+    text,
+    objective,
     dtype,
     share_noise=True,
     autocast=contextlib.nullcontext,
 ):
     """For a chunk of prompts, while theta_k is loaded: the real latents (VAE sample with a per-sample seed),
-    one t and noise seed per pair, theta_k's errors on both latents and the text embeddings. Training on
-    these runs no reference forward, VAE or text encoder; `pair_inputs` rebuilds exactly the same t and noise from
-    them."""
+    one t and noise seed per pair, theta_k's errors on both latents and the text conditioning. `batch` holds the
+    chunk's token ids (and image sizes). Training on these runs no reference forward, VAE or text encoder;
+    `pair_inputs` rebuilds exactly the same t and noise from them."""
     device = gen_latents.device
     real = stored_real_latents(vae, real_pixels, sample_seeds, dtype)
     gen = gen_latents.half().float()  # stored in fp16 like the generated latents: errors on what training reads
-    T = noise_scheduler.config.num_train_timesteps
-    timesteps = torch.tensor(
-        [torch.randint(0, T, (1,), generator=torch.Generator().manual_seed(int(s) + 1)).item() for s in sample_seeds],
-        device=device,
-    )
+    timesteps = torch.cat(
+        [objective.draw(1, torch.Generator().manual_seed(int(s) + 1), "cpu") for s in sample_seeds]
+    ).to(device)
     noise_seeds = torch.tensor([int(s) + 2 for s in sample_seeds], dtype=torch.int64)
-    batch = {"gen_latents": gen, "timesteps": timesteps, "noise_seed": noise_seeds}
+    stored = {"gen_latents": gen, "timesteps": timesteps, "noise_seed": noise_seeds}
     pair = pair_inputs(
-        batch, real, vae=vae, generator=torch.Generator(device=device), num_train_timesteps=T, share_noise=share_noise
+        stored, real, vae=vae, generator=torch.Generator(device=device), objective=objective, share_noise=share_noise
     )
-    # The text embeddings are stored too (in the compute dtype, exactly what the step would compute): training
+    # The text conditioning is stored too (in the compute dtype, exactly what the step would compute): training
     # then needs no text encoder.
-    prompt_embeds = encode_prompt(text_encoder, input_ids.to(device))
+    cond = text(batch)
     with autocast():
-        err, _ = pair_errors(reference, noise_scheduler, pair, prompt_embeds)
+        err, _ = pair_errors(reference, objective, pair, pair_conditions(cond, batch))
     r_real, r_gen = err.float().chunk(2)
     return {
         "real_latents": real.half().cpu(),
@@ -148,7 +153,7 @@ def precompute_reference(
         "noise_seed": noise_seeds,
         "ref_err_real": r_real.cpu(),
         "ref_err_gen": r_gen.cpu(),
-        "prompt_embeds": prompt_embeds.cpu(),
+        **{name: t.cpu() for name, t in cond.items()},
     }
 
 
@@ -312,10 +317,10 @@ def sampler_prev(table, t):
     return sampler_prev_timestep(table.sampler, t)
 
 
-def trajectory_errors(model, noise_scheduler, inputs, prompt_embeds, k):
+def trajectory_errors(model, objective, inputs, cond, k):
     """Per-sample errors (2B,) of `model` under the trajectory objective: the likelihood-weighted squared error
     of its epsilon against each pair's implied noise, averaged over the sample's K steps. One forward over all
-    2 * B * K rows; `prompt_embeds` is (B, L, D).
+    2 * B * K rows; `cond` is the pair's conditioning (2B rows, `pair_conditions`), `objective` a DDPM family's.
 
     Classifier-free guidance: the opponent's chain was drawn with the guided prediction (that is what moved it
     from x_t to x_prev), but the likelihood here uses the *conditional* prediction, for the policy and the
@@ -324,10 +329,10 @@ def trajectory_errors(model, noise_scheduler, inputs, prompt_embeds, k):
     scores the conditional prediction too, so the two objectives train the same thing. At theta = theta_k both
     models' errors are equal, so the first step is still log 2 (the guided drift only makes eps_hat differ
     from either prediction on the generated side). Scoring the guided prediction would double every forward."""
-    x_t = inputs.x_t.to(prompt_embeds.dtype) if prompt_embeds.dtype != torch.float32 else inputs.x_t
-    emb = prompt_embeds.repeat_interleave(k, dim=0).repeat(2, 1, 1)
-    pred = model(x_t, inputs.timesteps, emb, return_dict=False)[0]
-    eps = predicted_eps(noise_scheduler, pred.float(), inputs.x_t, inputs.timesteps)
+    dtype = next(t.dtype for t in cond.values() if t.is_floating_point())
+    x_t = inputs.x_t.to(dtype) if dtype != torch.float32 else inputs.x_t
+    pred = objective.forward(model, x_t, inputs.timesteps, {n: t.repeat_interleave(k, dim=0) for n, t in cond.items()})
+    eps = predicted_eps(objective.scheduler, pred.float(), inputs.x_t, inputs.timesteps)
     err = per_sample_mse(eps, inputs.eps_hat) * inputs.weight
     return err.reshape(-1, k).mean(dim=1)
 
@@ -337,37 +342,38 @@ def precompute_trajectory_reference(
     reference,
     real_pixels,
     trajectory,
-    input_ids,
+    batch,
     sample_seeds,
     *,
     vae,
-    text_encoder,
-    noise_scheduler,
+    text,
+    objective,
     table,
     dtype,
     autocast=contextlib.nullcontext,
 ):
     """--precompute_reference for the trajectory objective: the real latents, a noise seed per sample (the real
-    side's forward and posterior draws), theta_k's errors on both sides and the text embeddings. Training
-    rebuilds the same real pairs from the seed (`trajectory_inputs`)."""
+    side's forward and posterior draws), theta_k's errors on both sides and the text conditioning (`batch`: the
+    chunk's token ids and image sizes). Training rebuilds the same real pairs from the seed (`trajectory_inputs`)."""
     device = vae.device
     real = stored_real_latents(vae, real_pixels, sample_seeds, dtype)
     noise_seeds = torch.tensor([int(s) + 2 for s in sample_seeds], dtype=torch.int64)
-    batch = {"noise_seed": noise_seeds, **{name: trajectory[name] for name in ("traj_t", "traj_x_t", "traj_x_prev")}}
-    k = batch["traj_t"].shape[1]
+    stored = {"noise_seed": noise_seeds, **{name: trajectory[name] for name in ("traj_t", "traj_x_t", "traj_x_prev")}}
+    k = stored["traj_t"].shape[1]
     inputs = trajectory_inputs(
-        batch, real, table=table, noise_scheduler=noise_scheduler, generator=torch.Generator(device=device)
+        stored, real, table=table, noise_scheduler=objective.scheduler, generator=torch.Generator(device=device)
     )
-    prompt_embeds = encode_prompt(text_encoder, input_ids.to(device))
+    cond = text(batch)
     with autocast():
-        err = trajectory_errors(reference, noise_scheduler, inputs, prompt_embeds.to(dtype), k)
+        both = pair_conditions({n: t.to(dtype) if t.is_floating_point() else t for n, t in cond.items()}, batch)
+        err = trajectory_errors(reference, objective, inputs, both, k)
     r_real, r_gen = err.float().chunk(2)
     return {
         "real_latents": real.half().cpu(),
         "noise_seed": noise_seeds,
         "ref_err_real": r_real.cpu(),
         "ref_err_gen": r_gen.cpu(),
-        "prompt_embeds": prompt_embeds.cpu(),
+        **{name: t.cpu() for name, t in cond.items()},
     }
 
 

@@ -59,22 +59,40 @@ def init_run(args):
 
 
 def load_frozen_components(args, accelerator, family):
-    """`FrozenComponents`: the tokenizer, the text encoder and VAE (frozen, on the device in the compute dtype), the
-    training noise scheduler, that dtype and `family` (the model's family module, which loads them). No UNet:
-    each script loads the one it trains (`family.load_denoiser`)."""
-    tokenizer, text_encoder, vae, _, noise_scheduler = family.load_components(
+    """`FrozenComponents`: the text encoders (with their tokenizers) and the VAE, frozen, on the device in the
+    compute dtype; the family's training objective; that dtype; and `family` (the model's family module, which
+    loads them). No denoiser: each script loads the one it trains (`family.load_denoiser`)."""
+    text, vae, _, noise_scheduler = family.load_components(
         args.pretrained_model_name_or_path,
         revision=args.revision,
         variant=args.variant,
         prediction_type=args.prediction_type,
         cache_dir=args.cache_dir,
         with_unet=False,
+        max_sequence_length=args.max_sequence_length,
     )
+    if args.pretrained_vae_model_name_or_path:
+        vae = load_vae(args.pretrained_vae_model_name_or_path, args.cache_dir)
     dtype = weight_dtype(accelerator.mixed_precision)
-    freeze(text_encoder, vae)
-    text_encoder.to(accelerator.device, dtype)
-    vae.to(accelerator.device, dtype)
-    return FrozenComponents(tokenizer, text_encoder, vae, noise_scheduler, dtype, family)
+    freeze(text, vae)
+    text.to(accelerator.device, dtype)
+    # a VAE that overflows in fp16 / bf16 (SDXL's own) runs in fp32; a replacement is assumed fixed
+    upcast = family.VAE_UPCAST and not args.pretrained_vae_model_name_or_path
+    vae.to(accelerator.device, torch.float32 if upcast else dtype)
+    return FrozenComponents(text, vae, family.objective(noise_scheduler, args), dtype, family)
+
+
+def load_vae(name, cache_dir=None):
+    """--pretrained_vae_model_name_or_path: an AutoencoderKL at the root of a folder or Hub repo."""
+    from diffusers import AutoencoderKL
+
+    try:
+        return AutoencoderKL.from_pretrained(name, cache_dir=cache_dir)
+    except (OSError, ValueError) as e:
+        raise ModelError(
+            f"--pretrained_vae_model_name_or_path {name}: not a loadable AutoencoderKL ({type(e).__name__}: "
+            f"{str(e).strip().splitlines()[0][:200]})"
+        ) from e
 
 
 def optimizer_step(accelerator, model, optimizer, lr_scheduler, max_grad_norm=None):

@@ -49,15 +49,28 @@ CASES = [
     (
         "pipeline of a family the scripts do not train",
         "spin",
-        ["--pretrained_model_name_or_path", "sdxl-model"],
-        "--pretrained_model_name_or_path sdxl-model: a StableDiffusionXLPipeline, which these scripts do not train; "
-        "supported: StableDiffusionPipeline",
+        ["--pretrained_model_name_or_path", "qwen-model"],
+        "--pretrained_model_name_or_path qwen-model: a QwenImagePipeline, which these scripts do not train; "
+        "supported: FluxPipeline (Flux.1",
     ),
     (
         "Hub model of a family the scripts do not train",
         "sft",
-        ["--pretrained_model_name_or_path", "test-user/tiny-flux"],
-        "--pretrained_model_name_or_path test-user/tiny-flux: a FluxPipeline, which these scripts do not train",
+        ["--pretrained_model_name_or_path", "test-user/tiny-sana"],
+        "--pretrained_model_name_or_path test-user/tiny-sana: a SanaPipeline, which these scripts do not train",
+    ),
+    (
+        "trajectory objective on a flow model",
+        "spin",
+        ["--pretrained_model_name_or_path", "flux-model", "--spin_objective", "trajectory", "--gen_scheduler", "ddpm"],
+        "which cannot take --spin_objective trajectory: the trajectory objective needs a stochastic sampler; a flow "
+        "model's is an ODE",
+    ),
+    (
+        "flow-matching flag on a DDPM model",
+        "sft",
+        ["--weighting_scheme", "logit_normal"],
+        "which cannot take --weighting_scheme: a flow-matching (SD3, Flux) setting",
     ),
     (
         "model_index.json that cannot be read",
@@ -68,8 +81,8 @@ CASES = [
     (
         "evaluate: a model of a family it cannot sample",
         "eval",
-        ["--model", "x=sdxl-model"],
-        "--model x=sdxl-model: a StableDiffusionXLPipeline, which these scripts do not train",
+        ["--model", "x=qwen-model"],
+        "--model x=qwen-model: a QwenImagePipeline, which these scripts do not train",
     ),
     ("no Hub token", "spin", ["--push_to_hub", "--hub_model_id", "test-user/x"], "--push_to_hub needs a Hub token"),
     (
@@ -225,8 +238,10 @@ def workdir(assets, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     (tmp_path / "out.txt").write_text("a file, not a folder\n")
     (tmp_path / "empty-folder").mkdir()
-    (tmp_path / "sdxl-model").mkdir()  # an index is all the check reads: no weights are needed to refuse it
-    (tmp_path / "sdxl-model" / "model_index.json").write_text('{"_class_name": "StableDiffusionXLPipeline"}')
+    (tmp_path / "qwen-model").mkdir()  # an index is all the check reads: no weights are needed to refuse it
+    (tmp_path / "qwen-model" / "model_index.json").write_text('{"_class_name": "QwenImagePipeline"}')
+    (tmp_path / "flux-model").mkdir()
+    (tmp_path / "flux-model" / "model_index.json").write_text('{"_class_name": "FluxPipeline"}')
     (tmp_path / "broken-index").mkdir()
     (tmp_path / "broken-index" / "model_index.json").write_text('{"_class_name": ')
     (tmp_path / "data.xyz").write_text("?")
@@ -316,14 +331,14 @@ def test_bad_input_gives_one_error_line(
         with hub_online():
             create_repo("test-user/tiny-sd", token=TEST_TOKEN)
             upload_folder(repo_id="test-user/tiny-sd", folder_path=str(assets["pipeline"]), token=TEST_TOKEN)
-    if case == "Hub model of a family the scripts do not train" and not hub_server.repo_exists("test-user/tiny-flux"):
+    if case == "Hub model of a family the scripts do not train" and not hub_server.repo_exists("test-user/tiny-sana"):
         from huggingface_hub import create_repo, upload_file
 
         with hub_online():
-            create_repo("test-user/tiny-flux", token=TEST_TOKEN)
-            index = b'{"_class_name": "FluxPipeline", "transformer": ["diffusers", "FluxTransformer2DModel"]}'
+            create_repo("test-user/tiny-sana", token=TEST_TOKEN)
+            index = b'{"_class_name": "SanaPipeline", "transformer": ["diffusers", "SanaTransformer2DModel"]}'
             upload_file(
-                path_or_fileobj=index, path_in_repo="model_index.json", repo_id="test-user/tiny-flux", token=TEST_TOKEN
+                path_or_fileobj=index, path_in_repo="model_index.json", repo_id="test-user/tiny-sana", token=TEST_TOKEN
             )
     code, text, seconds = run_case(assets, script, flags, capsys)
     lines = [line for line in text.splitlines() if "error: " in line]

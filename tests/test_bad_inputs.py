@@ -63,14 +63,14 @@ CASES = [
         "trajectory objective on a flow model",
         "spin",
         ["--pretrained_model_name_or_path", "flux-model", "--spin_objective", "trajectory", "--gen_scheduler", "ddpm"],
-        "which cannot take --spin_objective trajectory: the trajectory objective needs a stochastic sampler; a flow "
+        "cannot take --spin_objective trajectory: the trajectory objective needs a stochastic sampler; a flow "
         "model's is an ODE",
     ),
     (
         "flow-matching flag on a DDPM model",
         "sft",
         ["--weighting_scheme", "logit_normal"],
-        "which cannot take --weighting_scheme: a flow-matching (SD3, Flux) setting",
+        "cannot take --weighting_scheme: a flow-matching (SD3, Flux) setting",
     ),
     (
         "model_index.json that cannot be read",

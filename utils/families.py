@@ -90,4 +90,4 @@ def refuse_flags(family, args, shown=None):
     if problems:
         what = "; ".join(f"{flag}: {why}" for flag, why in problems)
         model = shown or args.pretrained_model_name_or_path
-        raise ModelError(f"{model} is a {family.DESCRIPTION} model, which cannot take {what}")
+        raise ModelError(f"{model} ({family.PIPELINE_CLASSES[0]}: {family.DESCRIPTION}) cannot take {what}")

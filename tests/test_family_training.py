@@ -1,0 +1,146 @@
+"""SPIN, SFT and Diffusion-DPO on the families beyond SD-1.5 (tiny SDXL, SD3 and Flux.1 pipelines built offline at
+a width and resolution no other test uses): every iteration starts at its reference (loss log 2), every result
+loads with diffusers' own DiffusionPipeline (on the base, for LoRA) and renders, evaluate.py scores them, a killed
+flow-matching run resumes to the uninterrupted result, and a pushed iteration comes back from the test Hub."""
+
+import json
+import math
+
+import make_tiny_families
+import pytest
+import torch
+from helpers import max_abs_diff, run_sft, run_spin, sft_args, spin_args, tensors
+from test_evaluate import SCORER_FLAGS
+
+FAMILIES = ("sdxl", "sd3", "flux")
+RESOLUTION = 32
+
+
+@pytest.fixture(scope="module")
+def families(tmp_path_factory):
+    """Each family at CLIP width 16 (T5 32), 32 px, seed 2: shapes the other tests do not build."""
+    root = tmp_path_factory.mktemp("train-families")
+    return {
+        name: build(root / name, resolution=RESOLUTION, width=16, seed=2)
+        for name, build in make_tiny_families.BUILDERS.items()
+    }
+
+
+def family_spin_args(assets, families, family, out, *extra):
+    argv = spin_args(assets, out, *extra)
+    argv[argv.index("--pretrained_model_name_or_path") + 1] = str(families[family])
+    flow = ["--max_sequence_length", "16"] if family != "sdxl" else []
+    return argv + ["--max_train_samples", "8"] + flow
+
+
+def first_loss(out, k):
+    return json.loads((out / f"iter_{k}" / "metrics.json").read_text())["first_step"]["loss"]
+
+
+def render(pipe):
+    pipe.set_progress_bar_config(disable=True)
+    gen = torch.Generator().manual_seed(0)
+    return pipe("a red circle", num_inference_steps=2, height=RESOLUTION, width=RESOLUTION, generator=gen).images[0]
+
+
+def pixels(image):
+    import numpy as np
+
+    return np.asarray(image, dtype=np.float32)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_spin_lora_two_iterations_and_full_one_load_with_diffusers(assets, families, family, tmp_path):
+    from diffusers import DiffusionPipeline
+
+    lora, full = tmp_path / "lora", tmp_path / "full"
+    run_spin(*family_spin_args(assets, families, family, lora, "--use_lora"))
+    run_spin(*family_spin_args(assets, families, family, full, "--num_iterations", "1"))
+    for out, k in ((lora, 1), (lora, 2), (full, 1)):
+        assert first_loss(out, k) == pytest.approx(math.log(2), abs=1e-3), (out, k)
+
+    base = DiffusionPipeline.from_pretrained(str(families[family]))
+    plain = pixels(render(base))
+    for k in (1, 2):  # each iteration is an adapter on the start model, in the format its pipeline loads
+        base.load_lora_weights(str(lora / f"iter_{k}"), adapter_name=f"it{k}")
+        base.set_adapters(f"it{k}")
+        assert abs(pixels(render(base)) - plain).max() > 0, k
+    tuned = DiffusionPipeline.from_pretrained(str(full / "iter_1"))
+    assert type(tuned) is type(base) and abs(pixels(render(tuned)) - plain).max() > 0
+    card = (full / "iter_1" / "README.md").read_text()
+    assert type(base).__name__ in card  # the card says which pipeline class loads it
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_sft_lora_loads_on_its_base(assets, families, family, tmp_path):
+    from diffusers import DiffusionPipeline
+
+    out = tmp_path / "sft"
+    argv = sft_args(assets, out, "--use_lora", "--max_train_steps", "2", "--learning_rate", "1e-3")
+    argv[argv.index("--pretrained_model_name_or_path") + 1] = str(families[family])
+    argv[argv.index("--resolution") + 1] = str(RESOLUTION)
+    run_sft(*argv, *(["--max_sequence_length", "16"] if family != "sdxl" else []))
+    pipe = DiffusionPipeline.from_pretrained(str(families[family]))
+    plain = pixels(render(pipe))
+    pipe.load_lora_weights(str(out))
+    assert abs(pixels(render(pipe)) - plain).max() > 0
+
+
+def test_sft_full_and_dpo_on_flow_models(assets, families, tmp_path):
+    from diffusers import DiffusionPipeline
+
+    sft = tmp_path / "sft-full"
+    argv = sft_args(assets, sft, "--max_train_steps", "2", "--learning_rate", "1e-4", "--max_sequence_length", "16")
+    argv[argv.index("--pretrained_model_name_or_path") + 1] = str(families["flux"])
+    argv[argv.index("--resolution") + 1] = str(RESOLUTION)
+    run_sft(*argv)
+    assert type(DiffusionPipeline.from_pretrained(str(sft))).__name__ == "FluxPipeline"
+
+    dpo = tmp_path / "dpo"
+    run_spin(*family_spin_args(assets, families, "sd3", dpo, "--use_lora", "--negative_source", "dataset"))
+    assert first_loss(dpo, 1) == pytest.approx(math.log(2), abs=1e-3)
+    assert not (dpo / "iter_2").exists()  # Diffusion-DPO: one iteration against the start model
+
+
+class Killed(Exception):
+    pass
+
+
+def test_flow_run_killed_mid_iteration_resumes_to_the_uninterrupted_result(assets, families, tmp_path, monkeypatch):
+    import train_spin_diffusion
+
+    argv = ["--use_lora", "--max_train_steps", "4", "--checkpointing_steps", "2", "--weighting_scheme", "logit_normal"]
+    straight, killed = tmp_path / "straight", tmp_path / "killed"
+    run_spin(*family_spin_args(assets, families, "flux", straight, *argv))
+    real = train_spin_diffusion.save_checkpoint
+
+    def save_then_die(accelerator, it_dir, step, *a, **k):
+        path = real(accelerator, it_dir, step, *a, **k)
+        if "iter_2" in str(it_dir) and step == 2:
+            raise Killed
+        return path
+
+    with monkeypatch.context() as m:
+        m.setattr(train_spin_diffusion, "save_checkpoint", save_then_die)
+        with pytest.raises(Killed):
+            run_spin(*family_spin_args(assets, families, "flux", killed, *argv))
+    assert json.loads((killed / "spin_state.json").read_text())["done"] == [1]
+    run_spin(*family_spin_args(assets, families, "flux", killed, *argv))  # the same command again
+    name = "pytorch_lora_weights.safetensors"
+    assert max_abs_diff(tensors(killed / "iter_2" / name), tensors(straight / "iter_2" / name)) < 1e-5
+
+
+def test_evaluate_scores_a_model_of_each_family(families, tmp_path):
+    import evaluate
+
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a red fox\na blue car\n")
+    argv = [arg for family in FAMILIES for arg in ("--model", f"{family}={families[family]}")]
+    argv += ["--base_model", str(families["sdxl"]), "--baseline", "sdxl", "--prompts", str(prompts)]
+    argv += ["--resolution", str(RESOLUTION), "--num_inference_steps", "2", "--output_dir", str(tmp_path / "eval")]
+    argv += ["--metrics", "pickscore,aesthetic", "--bootstrap_resamples", "50", *map(str, SCORER_FLAGS)]
+    evaluate.main(evaluate.parse_args(argv))
+    saved = json.loads((tmp_path / "eval" / "results.json").read_text())
+    assert {name: m["family"] for name, m in saved["models"].items()} == {f: f for f in FAMILIES}
+    for family in FAMILIES:
+        assert all(math.isfinite(p["scores"][family]["pickscore"]) for p in saved["per_prompt"])

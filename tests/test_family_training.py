@@ -9,8 +9,9 @@ import math
 import make_tiny_families
 import pytest
 import torch
-from helpers import max_abs_diff, run_sft, run_spin, sft_args, spin_args, tensors
 from test_evaluate import SCORER_FLAGS
+
+from helpers import max_abs_diff, run_sft, run_spin, sft_args, spin_args, tensors
 
 FAMILIES = ("sdxl", "sd3", "flux")
 RESOLUTION = 32

@@ -56,7 +56,7 @@ from utils.data import (
     load_training_dataset,
     set_epoch,
 )
-from utils.families import model_family, refuse_flags
+from utils.families import model_family, refuse_flags, save_lora
 from utils.generation import log_images, make_grid, render
 from utils.hub import HubError, describe, hub_user, push_folder, validate_repo_name, write_model_card
 from utils.losses import sample_noise, sft_loss, step_generator
@@ -68,7 +68,6 @@ from utils.models import (
     encode_images,
     make_optimizer,
     optimize_unet,
-    save_lora,
     store_frozen_in_fp8,
     trainable_parameters,
     vae_latent_params,

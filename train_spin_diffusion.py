@@ -64,7 +64,7 @@ from utils.data import (
     set_epoch,
     tokenize,
 )
-from utils.families import model_family, refuse_flags
+from utils.families import load_lora, model_family, refuse_flags, save_lora
 from utils.generation import SyntheticStore, generate_opponent_samples
 from utils.hub import HubError, describe, hub_user, move_tag, push_folder, validate_repo_name, write_model_card
 from utils.losses import spin_loss, step_generator
@@ -75,10 +75,8 @@ from utils.models import (
     batch_conditions,
     cast_conditions,
     check_model_source,
-    load_lora,
     make_optimizer,
     optimize_unet,
-    save_lora,
     store_frozen_in_fp8,
     trainable_parameters,
 )
@@ -98,6 +96,7 @@ from utils.spin import (
     saturation_warning,
     spin_step,
     trajectory_errors,
+    trajectory_flag_error,
     trajectory_inputs,
 )
 from utils.training import (
@@ -161,7 +160,12 @@ def parse_args(input_args=None):
         help="Full fine-tuning: keep the frozen reference UNet on the CPU between uses.",
     )
     g.add_argument("--gen_num_inference_steps", type=int, default=50)
-    g.add_argument("--gen_guidance_scale", type=float, default=7.5)
+    g.add_argument(
+        "--gen_guidance_scale",
+        type=float,
+        default=None,
+        help="The opponent's guidance. Default: its pipeline's (SD 7.5, SDXL 5, SD3 7; Flux.1 3.5, its embedding).",
+    )
     g.add_argument(
         "--gen_scheduler",
         choices=["model", "ddim", "ddpm"],
@@ -223,12 +227,12 @@ def parse_args(input_args=None):
             parser.error(f"--{name} must be positive, got {getattr(args, name)}")
     if args.sft_weight < 0:
         parser.error(f"--sft_weight must be >= 0, got {args.sft_weight}")
-    if args.gen_guidance_scale < 0:
+    if args.gen_guidance_scale is not None and args.gen_guidance_scale < 0:
         parser.error(f"--gen_guidance_scale must be >= 0, got {args.gen_guidance_scale}")
     if args.gen_eta < 0:
         parser.error(f"--gen_eta must be >= 0, got {args.gen_eta}")
-    if args.spin_objective == "trajectory":
-        check_trajectory_args(parser, args)
+    if args.spin_objective == "trajectory" and trajectory_flag_error(args):
+        parser.error(trajectory_flag_error(args))
     if args.precompute_reference and args.negative_source == "dataset":
         parser.error("--precompute_reference works with --negative_source self (it runs during the generation phase)")
     if args.precompute_reference and (args.noise_offset or args.random_flip):
@@ -265,39 +269,6 @@ def parse_args(input_args=None):
     return args
 
 
-def check_trajectory_args(parser, args):
-    """--spin_objective trajectory needs a stochastic opponent sampler; the approximate form's noising flags fail."""
-    if args.negative_source != "self":
-        parser.error(
-            "--spin_objective trajectory scores the opponent's own sampling chain: it needs --negative_source self"
-        )
-    if args.gen_scheduler == "model":
-        parser.error(
-            "--spin_objective trajectory needs a stochastic sampler whose steps have a likelihood: "
-            "--gen_scheduler ddpm, or --gen_scheduler ddim with --gen_eta > 0"
-        )
-    if args.gen_scheduler == "ddim" and args.gen_eta == 0:
-        parser.error(
-            "--spin_objective trajectory with --gen_scheduler ddim needs --gen_eta > 0: at eta 0 a DDIM step is "
-            "deterministic and has no per-step likelihood"
-        )
-    if args.trajectory_steps > args.gen_num_inference_steps - 1:
-        parser.error(
-            f"--trajectory_steps {args.trajectory_steps} must be below --gen_num_inference_steps "
-            f"{args.gen_num_inference_steps} (the chain's last step may add no noise)"
-        )
-    for flag, value in (
-        ("--snr_gamma", args.snr_gamma),
-        ("--noise_offset", args.noise_offset),
-        ("--no_share_noise", args.no_share_noise),
-    ):
-        if value:
-            parser.error(
-                f"{flag} is for the approximate objective; the trajectory objective weights and noises each step "
-                "by the sampler's own likelihood"
-            )
-
-
 def main(args):
     output_dir = Path(args.output_dir)
     # 1. Hub identity, model, data: bad input fails here, before any model is loaded.
@@ -305,6 +276,8 @@ def main(args):
     check_model_source(args.pretrained_model_name_or_path, args.revision, args.hub_token)
     family = model_family(args.pretrained_model_name_or_path, args.revision, args.hub_token)  # SD, SDXL, ...
     refuse_flags(family, args)  # flags the family cannot honour (e.g. --weighting_scheme on SD)
+    if args.gen_guidance_scale is None:
+        args.gen_guidance_scale = family.GUIDANCE_SCALE
     accelerator = init_run(args)
     hf_dataset, spec = load_training_dataset(args)
     if args.negative_source == "dataset" and spec["kind"] != "pickapic":

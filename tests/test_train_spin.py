@@ -13,8 +13,8 @@ import torch
 
 import train_spin_diffusion
 from helpers import max_abs_diff, mean_abs_diff, run_spin, spin_args, tensors
+from utils.families import lora_state_dict
 from utils.generation import SyntheticStore
-from utils.models import lora_state_dict
 
 ROOT = Path(__file__).resolve().parent.parent
 LOG2 = math.log(2)

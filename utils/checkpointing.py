@@ -1,6 +1,6 @@
 """Resumable `checkpoint-N` folders through `accelerator.save_state`, with hooks that store the UNet as
 diffusers weights (full) or LoRA weights, plus the EMA weights, and restore them on load.
-Needs its sibling `models.py`."""
+Needs its sibling `families.py` (LoRA weights in the family's format)."""
 
 import json
 import logging
@@ -10,7 +10,7 @@ import shutil
 import zipfile
 from pathlib import Path
 
-from .models import load_lora, save_lora
+from .families import load_lora, save_lora
 
 logger = logging.getLogger(__name__)
 

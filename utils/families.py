@@ -2,7 +2,8 @@
 
 Each family is one module next to this file, named `family_<name>.py`. It declares PIPELINE_CLASSES (the
 `_class_name`s of model_index.json it handles) and DESCRIPTION, and implements what differs between families:
-loading the frozen parts and the denoiser, and the pipeline class used to sample and to save. The scripts ask
+loading the frozen parts and the denoiser, and the pipeline class used to sample and to save. LoRA adapters are
+saved and loaded here, in the format of the denoiser's family. The scripts ask
 `model_family` for the module and call it; they never branch on the family. Adding a family is adding its file.
 Needs its sibling `models.py` (the model_index.json reading), as do the family modules.
 """
@@ -91,3 +92,55 @@ def refuse_flags(family, args, shown=None):
         what = "; ".join(f"{flag}: {why}" for flag, why in problems)
         model = shown or args.pretrained_model_name_or_path
         raise ModelError(f"{model} ({family.PIPELINE_CLASSES[0]}: {family.DESCRIPTION}) cannot take {what}")
+
+
+def denoiser_family(model):
+    """The family module (utils/family_*.py) whose denoiser class `model` is (peft wrappers and torch.compile
+    keep the class)."""
+    name = type(getattr(model, "_orig_mod", model)).__name__
+    for module in family_modules().values():
+        if name in module.DENOISER_CLASSES:
+            return module
+    raise ModelError(f"no model family trains a {name}")
+
+
+def lora_state_dict(unet, adapter_name="default"):
+    """The adapter's weights in the key format its family's pipeline saves and loads (diffusers' for UNets, peft's
+    for transformers; what `save_lora_weights` writes)."""
+    from diffusers.utils import convert_state_dict_to_diffusers
+    from peft.utils import get_peft_model_state_dict
+
+    state_dict = get_peft_model_state_dict(unet, adapter_name=adapter_name)
+    if denoiser_family(unet).LORA_FORMAT == "diffusers":
+        state_dict = convert_state_dict_to_diffusers(state_dict)
+    return {
+        k: v.contiguous() for k, v in state_dict.items()
+    }  # conv adapters under --channels_last: safetensors packs nothing
+
+
+def save_lora(unet, output_dir, adapter_name="default"):
+    """Write `pytorch_lora_weights.safetensors`, loadable with `pipe.load_lora_weights(output_dir)` by the
+    denoiser's own pipeline class."""
+    import diffusers
+
+    family = denoiser_family(unet)
+    getattr(diffusers, family.LORA_PIPELINE).save_lora_weights(
+        output_dir, **{f"{family.DENOISER}_lora_layers": lora_state_dict(unet, adapter_name)}, safe_serialization=True
+    )
+
+
+def load_lora(unet, path, adapter_name="default"):
+    """Load saved LoRA weights (a folder or file in diffusers format) into an existing adapter of `unet`."""
+    import diffusers
+    from diffusers.utils import convert_unet_state_dict_to_peft
+    from peft.utils import set_peft_model_state_dict
+
+    family = denoiser_family(unet)
+    state_dict = getattr(diffusers, family.LORA_PIPELINE).lora_state_dict(path)
+    state_dict = state_dict[0] if isinstance(state_dict, tuple) else state_dict  # SD's returns (weights, alphas)
+    prefix = family.DENOISER + "."
+    own = {k.removeprefix(prefix): v for k, v in state_dict.items() if k.startswith(prefix)}
+    result = set_peft_model_state_dict(unet, convert_unet_state_dict_to_peft(own), adapter_name=adapter_name)
+    unexpected = getattr(result, "unexpected_keys", None)
+    if unexpected:
+        raise ValueError(f"LoRA weights at {path} do not match the adapter: unexpected keys {unexpected[:5]}")

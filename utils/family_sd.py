@@ -25,6 +25,7 @@ DESCRIPTION = "SD-1.x and SD-2.x, epsilon or v-prediction"
 DENOISER, DENOISER_CLASSES = "unet", ("UNet2DConditionModel",)
 LORA_PIPELINE, LORA_FORMAT = "StableDiffusionPipeline", "diffusers"
 LORA_TARGETS = "to_k,to_q,to_v,to_out.0"
+GUIDANCE_SCALE = 7.5  # the opponent's default --gen_guidance_scale (the pipeline's own)
 TRAJECTORY = True  # DDPM-family samplers (eta; steps with a likelihood): --spin_objective trajectory works
 VAE_UPCAST = False  # the VAE runs in the compute dtype
 FLOW_FLAGS = ("weighting_scheme", "logit_mean", "logit_std", "mode_scale", "max_sequence_length", "guidance_scale")

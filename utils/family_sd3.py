@@ -24,6 +24,7 @@ DESCRIPTION = "SD3.x, flow matching with CLIP-L, CLIP-G and T5"
 DENOISER, DENOISER_CLASSES = "transformer", ("SD3Transformer2DModel",)
 LORA_PIPELINE, LORA_FORMAT = "StableDiffusion3Pipeline", "peft"
 LORA_TARGETS = "to_k,to_q,to_v,to_out.0,add_k_proj,add_q_proj,add_v_proj,to_add_out"
+GUIDANCE_SCALE = 7.0  # the opponent's default --gen_guidance_scale (the pipeline's own)
 TRAJECTORY = False
 VAE_UPCAST = False
 MAX_SEQUENCE_LENGTH = 256  # the pipeline's default

@@ -23,6 +23,7 @@ DESCRIPTION = "SDXL, two CLIP text encoders and size/crop conditioning"
 DENOISER, DENOISER_CLASSES = "unet", ()  # its UNet is SD's class: saved and loaded as family_sd does
 LORA_PIPELINE, LORA_FORMAT = "StableDiffusionXLPipeline", "diffusers"
 LORA_TARGETS = "to_k,to_q,to_v,to_out.0"
+GUIDANCE_SCALE = 5.0  # the opponent's default --gen_guidance_scale (the pipeline's own)
 TRAJECTORY = True
 VAE_UPCAST = True  # SDXL's own VAE overflows in fp16 / bf16
 

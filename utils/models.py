@@ -1,9 +1,9 @@
-"""Model pieces every family shares: the model source check, freezing, precision, LoRA adapters, optimizer,
-the reference. Loading a family's components is in its `family_*.py` (see `families.py`).
+"""Model pieces every family shares: the model source check, freezing, precision, LoRA adapters (saved in each
+family's format by `families.py`), optimizer, the reference. Loading a family's components is in its
+`family_*.py` (see `families.py`).
 
 Only the denoiser (UNet or transformer) is trained; the VAE and text encoders are frozen in the compute dtype.
-Needs its sibling `families.py` (with the `family_*.py` it finds) to save and load LoRA adapters in the
-format of the denoiser's own pipeline.
+Needs no sibling module: it can be copied on its own.
 """
 
 import json
@@ -127,60 +127,6 @@ def add_lora(unet, rank, alpha, target_modules=("to_k", "to_q", "to_v", "to_out.
     config = LoraConfig(r=rank, lora_alpha=alpha, init_lora_weights="gaussian", target_modules=list(target_modules))
     unet.add_adapter(config, adapter_name=adapter_name)
     return unet
-
-
-def denoiser_family(model):
-    """The family module (utils/family_*.py) whose denoiser class `model` is (peft wrappers and torch.compile
-    keep the class)."""
-    from .families import family_modules
-
-    name = type(getattr(model, "_orig_mod", model)).__name__
-    for module in family_modules().values():
-        if name in module.DENOISER_CLASSES:
-            return module
-    raise ModelError(f"no model family trains a {name}")
-
-
-def lora_state_dict(unet, adapter_name="default"):
-    """The adapter's weights in the key format its family's pipeline saves and loads (diffusers' for UNets, peft's
-    for transformers; what `save_lora_weights` writes)."""
-    from diffusers.utils import convert_state_dict_to_diffusers
-    from peft.utils import get_peft_model_state_dict
-
-    state_dict = get_peft_model_state_dict(unet, adapter_name=adapter_name)
-    if denoiser_family(unet).LORA_FORMAT == "diffusers":
-        state_dict = convert_state_dict_to_diffusers(state_dict)
-    return {
-        k: v.contiguous() for k, v in state_dict.items()
-    }  # conv adapters under --channels_last: safetensors packs nothing
-
-
-def save_lora(unet, output_dir, adapter_name="default"):
-    """Write `pytorch_lora_weights.safetensors`, loadable with `pipe.load_lora_weights(output_dir)` by the
-    denoiser's own pipeline class."""
-    import diffusers
-
-    family = denoiser_family(unet)
-    getattr(diffusers, family.LORA_PIPELINE).save_lora_weights(
-        output_dir, **{f"{family.DENOISER}_lora_layers": lora_state_dict(unet, adapter_name)}, safe_serialization=True
-    )
-
-
-def load_lora(unet, path, adapter_name="default"):
-    """Load saved LoRA weights (a folder or file in diffusers format) into an existing adapter of `unet`."""
-    import diffusers
-    from diffusers.utils import convert_unet_state_dict_to_peft
-    from peft.utils import set_peft_model_state_dict
-
-    family = denoiser_family(unet)
-    state_dict = getattr(diffusers, family.LORA_PIPELINE).lora_state_dict(path)
-    state_dict = state_dict[0] if isinstance(state_dict, tuple) else state_dict  # SD's returns (weights, alphas)
-    prefix = family.DENOISER + "."
-    own = {k.removeprefix(prefix): v for k, v in state_dict.items() if k.startswith(prefix)}
-    result = set_peft_model_state_dict(unet, convert_unet_state_dict_to_peft(own), adapter_name=adapter_name)
-    unexpected = getattr(result, "unexpected_keys", None)
-    if unexpected:
-        raise ValueError(f"LoRA weights at {path} do not match the adapter: unexpected keys {unexpected[:5]}")
 
 
 FP8_DTYPES = {"fp8_e4m3fn": torch.float8_e4m3fn, "fp8_e5m2": torch.float8_e5m2}

@@ -396,6 +396,39 @@ def opponent_scheduler(args):
     return cls.from_config({"clip_sample": False, **config})
 
 
+def trajectory_flag_error(args):
+    """Why the flags cannot run --spin_objective trajectory (None: they can): it needs the opponent's own stochastic
+    sampling chain, and the approximate form's noising flags mean nothing to it."""
+    if args.negative_source != "self":
+        return "--spin_objective trajectory scores the opponent's own sampling chain: it needs --negative_source self"
+    if args.gen_scheduler == "model":
+        return (
+            "--spin_objective trajectory needs a stochastic sampler whose steps have a likelihood: "
+            "--gen_scheduler ddpm, or --gen_scheduler ddim with --gen_eta > 0"
+        )
+    if args.gen_scheduler == "ddim" and args.gen_eta == 0:
+        return (
+            "--spin_objective trajectory with --gen_scheduler ddim needs --gen_eta > 0: at eta 0 a DDIM step is "
+            "deterministic and has no per-step likelihood"
+        )
+    if args.trajectory_steps > args.gen_num_inference_steps - 1:
+        return (
+            f"--trajectory_steps {args.trajectory_steps} must be below --gen_num_inference_steps "
+            f"{args.gen_num_inference_steps} (the chain's last step may add no noise)"
+        )
+    for flag, value in (
+        ("--snr_gamma", args.snr_gamma),
+        ("--noise_offset", args.noise_offset),
+        ("--no_share_noise", args.no_share_noise),
+    ):
+        if value:
+            return (
+                f"{flag} is for the approximate objective; the trajectory objective weights and noises each step "
+                "by the sampler's own likelihood"
+            )
+    return None
+
+
 class SpinStep(NamedTuple):
     """The flags that choose and shape the SPIN step (`train_spin_diffusion.spin_forward`)."""
 

@@ -69,7 +69,14 @@ def test_a_family_the_scripts_do_not_train_stops_before_loading(tmp_path, monkey
     (model / "model_index.json").write_text('{"_class_name": "QwenImagePipeline"}')
     with pytest.raises(SystemExit) as exit_:
         train_spin_diffusion.cli(
-            ["--pretrained_model_name_or_path", str(model), "--dataset_name", "x.parquet", "--output_dir", str(tmp_path)]
+            [
+                "--pretrained_model_name_or_path",
+                str(model),
+                "--dataset_name",
+                "x.parquet",
+                "--output_dir",
+                str(tmp_path),
+            ]
         )
     message = str(exit_.value.code)  # the entry point exits with it: one line on stderr, status 1
     assert message.startswith("error: ") and "\n" not in message, message

@@ -1,20 +1,21 @@
 #!/usr/bin/env bash
 # The GPU check, runnable as-is on an offline machine whose python3 has torch, transformers, accelerate, peft and
 # huggingface_hub but not diffusers, bitsandbytes or datasets (the H200 here): those come from the wheels that
-# `make gpu-wheels` put in gpu_wheels/. Planned for 5-8 minutes on one H100/H200 (not yet timed there), capped by
+# `make gpu-wheels` put in gpu_wheels/. Planned for 6-9 minutes on one H100/H200 (not yet timed there), capped by
 # BUDGET_S:
 #   1. install the carried wheels (bench/gpu_wheels.txt) into a temporary folder put on PYTHONPATH
 #   2. bench/check_env.py: every project module and every library import in it resolves
 #   3. tests/test_cuda.py, if there
-#   4. the sd15 step table at 512 px, bf16 (random-init SD-1.5 configs from bench/configs, no download) and the
-#      generation phase's throughput at 50 steps
+#   4. the sd15 step table at 512 px, bf16 (random-init SD-1.5 configs from bench/configs, no download), the LoRA
+#      SPIN step of SDXL, SD3.5-medium and Flux.1-dev at 1024 px (and full SPIN of SDXL), and the generation
+#      phase's throughput at 50 steps
 # Every stage runs even when one before it failed (except that nothing runs without the wheels); any failure makes
 # the exit non-zero, and its error is repeated at the end.
 #   bash bench/gpu_check.sh [OUT_DIR]        # default output/gpu_check (git-ignored)
-# OUT_DIR gets at most 7 files: gpu_check.log (everything printed), summary.txt, tables.md, test_cuda.txt and the
-# JSONs gpu_spin_full.json, gpu_rows.json, gpu_generate.json.
+# OUT_DIR gets at most 8 files: gpu_check.log (everything printed), summary.txt, tables.md, test_cuda.txt and the
+# JSONs gpu_spin_full.json, gpu_rows.json, gpu_families.json, gpu_generate.json.
 # Environment: PYTHON (python3), WHEELS (gpu_wheels; "none": use the packages already there), PINS
-# (bench/gpu_wheels.txt), BUDGET_S (540: the whole run's time limit; each stage gets what is left, up to its own
+# (bench/gpu_wheels.txt), BUDGET_S (570: the whole run's time limit; each stage gets what is left, up to its own
 # cap), ENV_ONLY=1 (stop after the import check). The CPU rehearsal
 # (bench/rehearse_gpu_check.sh) sets PRESET=tiny DEVICE=cpu SMALL=1: the same stages and cases on tiny models,
 # with fewer steps, batches and prompts, and the rows' cases in one process.
@@ -28,17 +29,21 @@ WHEELS=${WHEELS:-gpu_wheels}
 PINS=${PINS:-bench/gpu_wheels.txt}
 PRESET=${PRESET:-sd15}
 DEVICE=${DEVICE:-cuda}
-BUDGET_S=${BUDGET_S:-540}
+BUDGET_S=${BUDGET_S:-570}
+FAMILY_CAP_S=150
 if [ "${SMALL:-0}" = 1 ]; then
   # the rows' cases in one process (--in_process): on 2 CPU cores each case's own process is mostly imports
   STEPS=1 WARMUP=0 BATCHES="1" GEN="--prompts 4 --batch 2 --steps 2" ROWS_OPTS=--in_process
+  FAMILY_PRESETS="tiny-sdxl tiny-sd3 tiny-flux"
 else
   STEPS=5 WARMUP=2 BATCHES="1 2 4 8" GEN="--prompts 32 --batch 16 --steps 50" ROWS_OPTS=
+  FAMILY_PRESETS="sdxl sd35m flux-dev"
 fi
 export HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TOKENIZERS_PARALLELISM=false PYTHONUNBUFFERED=1
 WORK=$(mktemp -d)
 trap 'rm -rf "$WORK"' EXIT
 rm -f "$OUT"/{gpu_check.log,summary.txt,tables.md,test_cuda.txt,gpu_spin_full.json,gpu_rows.json,gpu_generate.json}
+rm -f "$OUT"/gpu_families.json
 START=$SECONDS
 
 # stage NAME CAP_S [--md] CMD...: run CMD under min(CAP_S, time left), its stderr live and kept, its stdout after it
@@ -91,6 +96,24 @@ install_wheels() {
   echo "installed into $WORK/site: $(ls "$WORK/site" | grep -c dist-info) distributions"
 }
 
+# family_rows: bench/bench_step.py for each of FAMILY_PRESETS, one table each on stdout, all rows in one JSON
+# (a shell function, so not under stage's timeout: each preset runs under what is left of FAMILY_CAP_S and the budget)
+family_rows() {
+  local preset cases end=$((SECONDS + FAMILY_CAP_S)) budget_end=$((START + BUDGET_S))
+  [ "$budget_end" -lt "$end" ] && end=$budget_end
+  for preset in $FAMILY_PRESETS; do
+    [ $((end - SECONDS)) -gt 0 ] || { echo "families: no time left for $preset" >&2; return 124; }
+    cases=spin:lora:bf16:adamw8bit:gc1
+    case $preset in *sdxl) cases=$cases,spin:full:bf16:adamw8bit:gc1 ;; esac
+    # shellcheck disable=SC2086
+    timeout --kill-after=15 $((end - SECONDS)) \
+      "$PY" bench/bench_step.py --preset "$preset" --device "$DEVICE" --steps $STEPS --warmup $WARMUP --batch 1 \
+        $ROWS_OPTS --cases "$cases" --json "$WORK/family_$preset.json" || return $?
+  done
+  "$PY" -c 'import json, sys; json.dump([r for f in sys.argv[2:] for r in json.load(open(f))], open(sys.argv[1], "w"), indent=1)' \
+    "$OUT/gpu_families.json" "$WORK"/family_*.json
+}
+
 main() {
   echo "gpu_check: $(date -u +%FT%TZ), preset $PRESET on $DEVICE, budget $BUDGET_S s, python: $(command -v "$PY")"
   nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader 2>/dev/null || echo "(no nvidia-smi)"
@@ -111,18 +134,22 @@ main() {
   fi
   # full SPIN, 8-bit Adam + gradient checkpointing, 1 pair per step and larger batches
   # shellcheck disable=SC2086
-  stage spin_full 200 --md "$PY" bench/bench_step.py --preset "$PRESET" --device "$DEVICE" --steps $STEPS \
+  stage spin_full 150 --md "$PY" bench/bench_step.py --preset "$PRESET" --device "$DEVICE" --steps $STEPS \
     --warmup $WARMUP --batch $BATCHES --cases spin:full:bf16:adamw8bit:gc1 --json "$OUT/gpu_spin_full.json" \
     || failed+=(spin_full)
   # the other rows at 1 pair / 1 sample per step: LoRA SPIN, precomputed reference, full and LoRA SFT, naive
   # shellcheck disable=SC2086
-  stage rows 240 --md "$PY" bench/bench_step.py --preset "$PRESET" --device "$DEVICE" --steps $STEPS \
+  stage rows 180 --md "$PY" bench/bench_step.py --preset "$PRESET" --device "$DEVICE" --steps $STEPS \
     --warmup $WARMUP --batch 1 $ROWS_OPTS --json "$OUT/gpu_rows.json" --cases \
     spin:lora:bf16:adamw:gc1,spin-pre:full:bf16:adamw8bit:gc1,sft:full:bf16:adamw8bit:gc1,sft:lora:bf16:adamw:gc1,naive:full:bf16:adamw8bit:gc1 \
     || failed+=(rows)
+  # the families beyond SD-1.5 at 1024 px, bf16, 8-bit Adam, gradient checkpointing, random weights from their
+  # real configs (SDXL, SD3.5-medium, Flux.1-dev; no text encoders: their conditioning is stored, as with
+  # --precompute_reference): the LoRA SPIN step of each, and full SPIN for SDXL
+  stage families "$FAMILY_CAP_S" --md family_rows || failed+=(families)
   # generation phase vs a plain pipeline loop, 50 steps as in the paper's protocol
   # shellcheck disable=SC2086
-  stage generate 150 --md "$PY" bench/bench_generate.py --preset "$PRESET" --device "$DEVICE" --dtype bf16 $GEN \
+  stage generate 90 --md "$PY" bench/bench_generate.py --preset "$PRESET" --device "$DEVICE" --dtype bf16 $GEN \
     --json "$OUT/gpu_generate.json" || failed+=(generate)
 
   finish "${failed[@]}"

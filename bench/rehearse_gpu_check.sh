@@ -68,7 +68,10 @@ rows = {n: json.loads((out / n).read_text()) for n in ("gpu_spin_full.json", "gp
 assert [len(v) for v in rows.values()] == [1, 5] and all(r["step_s"] > 0 for v in rows.values() for r in v), rows
 gen = json.loads((out / "gpu_generate.json").read_text())
 assert gen["generation_phase_img_s"] > 0 and gen["plain_pipeline_img_s"] > 0 and "errors" not in gen, gen
-assert sum(l.startswith("|---") for l in (out / "tables.md").read_text().splitlines()) == 3
+families = json.loads((out / "gpu_families.json").read_text())
+assert [r["preset"] for r in families] == ["tiny-sdxl", "tiny-sdxl", "tiny-sd3", "tiny-flux"], families
+assert all(r["step_s"] > 0 for r in families), families
+assert sum(l.startswith("|---") for l in (out / "tables.md").read_text().splitlines()) == 6
 print(f"gpu_check wrote {files}")
 EOF
 

@@ -175,8 +175,9 @@ def parse_args(input_args=None):
     g.add_argument(
         "--gen_eta",
         type=float,
-        default=0.0,
-        help="DDIM's eta for the opponent: 0 is deterministic, 1 is DDPM-like noise. DDPM ignores it.",
+        default=None,
+        help="DDIM's eta for the opponent: 0 (the default) is deterministic, 1 is DDPM-like noise. DDPM ignores it; "
+        "flow models refuse it.",
     )
     g.add_argument(
         "--spin_objective",
@@ -229,7 +230,7 @@ def parse_args(input_args=None):
         parser.error(f"--sft_weight must be >= 0, got {args.sft_weight}")
     if args.gen_guidance_scale is not None and args.gen_guidance_scale < 0:
         parser.error(f"--gen_guidance_scale must be >= 0, got {args.gen_guidance_scale}")
-    if args.gen_eta < 0:
+    if args.gen_eta is not None and args.gen_eta < 0:
         parser.error(f"--gen_eta must be >= 0, got {args.gen_eta}")
     if args.spin_objective == "trajectory" and trajectory_flag_error(args):
         parser.error(trajectory_flag_error(args))
@@ -368,7 +369,7 @@ def main(args):
                     num_inference_steps=args.gen_num_inference_steps,
                     guidance_scale=args.gen_guidance_scale,
                     resolution=args.resolution,
-                    eta=args.gen_eta if frozen.family.TRAJECTORY else None,  # flow samplers take no eta
+                    eta=args.gen_eta,  # None: not passed (flow samplers take none)
                     to_latents=frozen.family.pipeline_latents,
                     process_index=accelerator.process_index,
                     num_processes=accelerator.num_processes,

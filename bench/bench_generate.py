@@ -29,7 +29,8 @@ def build_pipeline(preset, device, dtype):
     from make_tiny_assets import build_clip_tokenizer
     from transformers import CLIPTokenizer
 
-    unet, vae, text_encoder, _, resolution = build_models(preset, "cpu")
+    setup = build_models(preset, "cpu")
+    unet, vae, text_encoder, resolution = setup.denoiser, setup.vae, setup.text.text_encoder, setup.resolution
     tokenizer = CLIPTokenizer.from_pretrained(build_clip_tokenizer(Path(tempfile.mkdtemp()) / "tok"))
     scheduler = DDIMScheduler(
         beta_start=0.00085,

@@ -47,6 +47,25 @@ def test_bench_step_tiny_all_modes(tmp_path):
     assert all(r["text_encoder_s"] > 0 for r in results if r["text_encoder_s"] is not None)
 
 
+def test_bench_step_runs_each_family(tmp_path):
+    """The families' presets (the tiny SDXL, SD3 and Flux.1 pipelines) run the LoRA SPIN step and the full SFT
+    step, as gpu_check.sh's families stage does on their real configs."""
+    cases = "spin:lora:fp32:adamw8bit:gc1,sft:full:fp32:adamw:gc0,spin-pre:full:fp32:adamw:gc0"
+    for preset, family in (
+        ("tiny-sdxl", "StableDiffusionXL"),
+        ("tiny-sd3", "StableDiffusion3"),
+        ("tiny-flux", "Flux"),
+    ):
+        out = tmp_path / f"{preset}.json"
+        cmd = [sys.executable, str(ROOT / "bench" / "bench_step.py"), "--preset", preset, "--cases", cases]
+        cmd += ["--steps", "1", "--warmup", "0", "--in_process", "--json", str(out)]
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        results = json.loads(out.read_text())
+        assert [r["case"] for r in results] == cases.split(",") and all(r["step_s"] > 0 for r in results)
+        assert {r["family"] for r in results} == {f"{family}Pipeline"}
+
+
 def test_bench_rejects_a_bad_case():
     proc = subprocess.run(
         [

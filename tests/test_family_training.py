@@ -145,3 +145,29 @@ def test_evaluate_scores_a_model_of_each_family(families, tmp_path):
     assert {name: m["family"] for name, m in saved["models"].items()} == {f: f for f in FAMILIES}
     for family in FAMILIES:
         assert all(math.isfinite(p["scores"][family]["pickscore"]) for p in saved["per_prompt"])
+
+
+def test_pushed_flow_iterations_come_back_from_the_hub(assets, families, tmp_path, hub_server):
+    """Flux.1 LoRA iterations pushed as repos are pulled and loaded on the base; a full SD3 iteration pulls as
+    its pipeline with the transformer it trained."""
+    from diffusers import DiffusionPipeline
+
+    from hub_server import TEST_TOKEN, hub_online
+
+    lora, full = tmp_path / "lora", tmp_path / "full"
+    hub = ["--push_to_hub", "--hub_token", TEST_TOKEN, "--hub_model_id"]
+    with hub_online():
+        run_spin(*family_spin_args(assets, families, "flux", lora, "--use_lora", *hub, "test-user/flux-spin"))
+        run_spin(*family_spin_args(assets, families, "sd3", full, "--num_iterations", "1", *hub, "test-user/sd3-spin"))
+        base = DiffusionPipeline.from_pretrained(str(families["flux"]))
+        plain = pixels(render(base))
+        for k in (1, 2):
+            assert "pytorch_lora_weights.safetensors" in hub_server.files(f"test-user/flux-spin-iter{k}")
+            base.load_lora_weights(f"test-user/flux-spin-iter{k}", adapter_name=f"hub{k}")
+            base.set_adapters(f"hub{k}")
+            assert abs(pixels(render(base)) - plain).max() > 0
+        pulled = DiffusionPipeline.from_pretrained("test-user/sd3-spin-iter1")
+        assert type(pulled).__name__ == "StableDiffusion3Pipeline"
+        local = tensors(full / "iter_1" / "transformer")
+        weights = pulled.transformer.state_dict()
+        assert all(torch.equal(weights[key.split(":", 1)[1]], v) for key, v in local.items())

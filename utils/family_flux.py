@@ -26,7 +26,6 @@ DESCRIPTION = "Flux.1, flow matching with CLIP and T5 over packed latents"
 DENOISER, DENOISER_CLASSES = "transformer", ("FluxTransformer2DModel",)
 LORA_PIPELINE, LORA_FORMAT = "FluxPipeline", "peft"
 LORA_TARGETS = "to_k,to_q,to_v,to_out.0,add_k_proj,add_q_proj,add_v_proj,to_add_out"
-TRAJECTORY = False
 VAE_UPCAST = False
 MAX_SEQUENCE_LENGTH = 512  # Flux.1-dev's pipeline default
 GUIDANCE_SCALE = 3.5  # the guidance embedding's value in training (as diffusers' Flux scripts) and sampling

@@ -10,7 +10,9 @@ One of the family modules `utils/families.py` finds by name. Each declares what 
 - forward(model, noisy, timesteps, cond): the denoiser's prediction;
 - objective(scheduler, args): noise, target, timestep draw, per-sample error (losses.py or flow.py);
 - load_components, load_denoiser, load_pipeline, pipeline_latents;
-- refused(args): the flags this family cannot honour.
+- GUIDANCE_SCALE (the opponent's default guidance), VAE_UPCAST (the VAE runs in fp32);
+- refused(args): the flags this family cannot honour (a flow model: the trajectory objective, eta, DDPM
+  settings; a DDPM model: the flow-matching flags).
 Needs its siblings `models.py`, `losses.py` and `data.py`.
 """
 
@@ -26,7 +28,6 @@ DENOISER, DENOISER_CLASSES = "unet", ("UNet2DConditionModel",)
 LORA_PIPELINE, LORA_FORMAT = "StableDiffusionPipeline", "diffusers"
 LORA_TARGETS = "to_k,to_q,to_v,to_out.0"
 GUIDANCE_SCALE = 7.5  # the opponent's default --gen_guidance_scale (the pipeline's own)
-TRAJECTORY = True  # DDPM-family samplers (eta; steps with a likelihood): --spin_objective trajectory works
 VAE_UPCAST = False  # the VAE runs in the compute dtype
 FLOW_FLAGS = ("weighting_scheme", "logit_mean", "logit_std", "mode_scale", "max_sequence_length", "guidance_scale")
 

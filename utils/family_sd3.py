@@ -25,7 +25,6 @@ DENOISER, DENOISER_CLASSES = "transformer", ("SD3Transformer2DModel",)
 LORA_PIPELINE, LORA_FORMAT = "StableDiffusion3Pipeline", "peft"
 LORA_TARGETS = "to_k,to_q,to_v,to_out.0,add_k_proj,add_q_proj,add_v_proj,to_add_out"
 GUIDANCE_SCALE = 7.0  # the opponent's default --gen_guidance_scale (the pipeline's own)
-TRAJECTORY = False
 VAE_UPCAST = False
 MAX_SEQUENCE_LENGTH = 256  # the pipeline's default
 DDPM_FLAGS = (  # (flag, what it is, the value that means "not set")
@@ -34,7 +33,7 @@ DDPM_FLAGS = (  # (flag, what it is, the value that means "not set")
     ("noise_offset", "a DDPM noise setting", 0.0),
     ("spin_objective", "the trajectory objective needs a stochastic sampler; a flow model's is an ODE", "approximate"),
     ("gen_scheduler", "the opponent samples with the model's own flow-matching sampler", "model"),
-    ("gen_eta", "a DDIM setting", 0.0),
+    ("gen_eta", "a DDIM setting", None),
 )
 
 

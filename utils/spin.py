@@ -406,7 +406,7 @@ def trajectory_flag_error(args):
             "--spin_objective trajectory needs a stochastic sampler whose steps have a likelihood: "
             "--gen_scheduler ddpm, or --gen_scheduler ddim with --gen_eta > 0"
         )
-    if args.gen_scheduler == "ddim" and args.gen_eta == 0:
+    if args.gen_scheduler == "ddim" and not args.gen_eta:
         return (
             "--spin_objective trajectory with --gen_scheduler ddim needs --gen_eta > 0: at eta 0 a DDIM step is "
             "deterministic and has no per-step likelihood"
@@ -451,7 +451,7 @@ def spin_step(args):
         sampler = opponent_scheduler(args)
         sampler.set_timesteps(args.gen_num_inference_steps)
         try:
-            table = TrajectoryTable(sampler, args.gen_eta)
+            table = TrajectoryTable(sampler, args.gen_eta or 0.0)
         except ValueError as e:
             raise ModelError(f"--spin_objective trajectory with --gen_scheduler {args.gen_scheduler}: {e}") from e
         if args.trajectory_steps > len(table.timesteps):

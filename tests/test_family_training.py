@@ -131,19 +131,28 @@ def test_flow_run_killed_mid_iteration_resumes_to_the_uninterrupted_result(asset
     assert max_abs_diff(tensors(killed / "iter_2" / name), tensors(straight / "iter_2" / name)) < 1e-5
 
 
-def test_evaluate_scores_a_model_of_each_family(families, tmp_path):
+def test_evaluate_scores_a_model_of_each_family(assets, families, tmp_path):
+    """Each family's pipeline, and a LoRA on a Flux.1 base, rendered and scored."""
     import evaluate
 
+    lora = tmp_path / "flux-lora"
+    argv = sft_args(assets, lora, "--use_lora", "--max_train_steps", "2", "--max_sequence_length", "16")
+    argv[argv.index("--pretrained_model_name_or_path") + 1] = str(families["flux"])
+    argv[argv.index("--resolution") + 1] = str(RESOLUTION)
+    run_sft(*argv)
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("a red fox\na blue car\n")
     argv = [arg for family in FAMILIES for arg in ("--model", f"{family}={families[family]}")]
-    argv += ["--base_model", str(families["sdxl"]), "--baseline", "sdxl", "--prompts", str(prompts)]
+    argv += ["--model", f"flux-lora={lora}", "--base_model", str(families["flux"]), "--baseline", "sdxl"]
+    argv += ["--prompts", str(prompts)]
     argv += ["--resolution", str(RESOLUTION), "--num_inference_steps", "2", "--output_dir", str(tmp_path / "eval")]
     argv += ["--metrics", "pickscore,aesthetic", "--bootstrap_resamples", "50", *map(str, SCORER_FLAGS)]
     evaluate.main(evaluate.parse_args(argv))
     saved = json.loads((tmp_path / "eval" / "results.json").read_text())
-    assert {name: m["family"] for name, m in saved["models"].items()} == {f: f for f in FAMILIES}
-    for family in FAMILIES:
+    assert {name: m["family"] for name, m in saved["models"].items()} == {f: f for f in FAMILIES} | {
+        "flux-lora": "flux"
+    }
+    for family in (*FAMILIES, "flux-lora"):
         assert all(math.isfinite(p["scores"][family]["pickscore"]) for p in saved["per_prompt"])
 
 
@@ -171,3 +180,61 @@ def test_pushed_flow_iterations_come_back_from_the_hub(assets, families, tmp_pat
         local = tensors(full / "iter_1" / "transformer")
         weights = pulled.transformer.state_dict()
         assert all(torch.equal(weights[key.split(":", 1)[1]], v) for key, v in local.items())
+
+
+def test_sdxl_size_conditioning_follows_each_image_and_the_generation_size():
+    """SDXL's six size ids: each real image's original size and crop (the crop mirrored by a flip), the generation
+    size for the opponent's samples, in the order the UNet reads them (real rows, then negative rows)."""
+    from PIL import Image
+
+    from utils import family_sdxl
+    from utils.data import generated_size, preprocess_with_size
+    from utils.spin import pair_conditions
+
+    image = Image.new("RGB", (64, 48))  # landscape: the shorter side (48) goes to 32, the width to 43
+    assert preprocess_with_size(image, 32, center_crop=True)[1].tolist() == [48, 64, 0, 5, 32, 32]
+    assert preprocess_with_size(image, 32, center_crop=True, flip=True)[1].tolist() == [48, 64, 0, 6, 32, 32]
+    real = torch.stack(
+        [preprocess_with_size(image, 32)[1], preprocess_with_size(image.rotate(90, expand=True), 32)[1]]
+    )
+    batch = {"image_size": real, "negative_image_size": torch.stack([generated_size(32)] * 2)}
+    cond = pair_conditions({"prompt_embeds": torch.zeros(2, 3, 8), "pooled_prompt_embeds": torch.zeros(2, 4)}, batch)
+    seen = {}
+
+    def unet(noisy, t, emb, added_cond_kwargs, return_dict):
+        seen.update(added_cond_kwargs)
+        return (noisy,)
+
+    family_sdxl.forward(unet, torch.zeros(4, 4, 2, 2), torch.zeros(4), cond)
+    assert seen["time_ids"].tolist() == [
+        [48, 64, 0, 5, 32, 32],
+        [64, 48, 5, 0, 32, 32],
+        [32, 32, 0, 0, 32, 32],
+        [32, 32, 0, 0, 32, 32],
+    ]
+    assert seen["text_embeds"].shape == (4, 4)
+
+
+def test_sdxl_vae_runs_in_fp32_unless_a_fixed_one_is_given(families):
+    """Under bf16 the text encoders and a replacement VAE run in bf16; SDXL's own VAE stays in fp32."""
+    import argparse
+
+    from utils import family_sdxl
+    from utils.training import load_frozen_components
+
+    class Accelerator:
+        device, mixed_precision = torch.device("cpu"), "bf16"
+
+    args = argparse.Namespace(
+        pretrained_model_name_or_path=str(families["sdxl"]),
+        revision=None,
+        variant=None,
+        prediction_type=None,
+        cache_dir=None,
+        max_sequence_length=None,
+        pretrained_vae_model_name_or_path=None,
+    )
+    frozen = load_frozen_components(args, Accelerator(), family_sdxl)
+    assert frozen.vae.dtype == torch.float32 and frozen.text.text_encoder_2.dtype == torch.bfloat16
+    args.pretrained_vae_model_name_or_path = str(families["sdxl"] / "vae")
+    assert load_frozen_components(args, Accelerator(), family_sdxl).vae.dtype == torch.bfloat16

@@ -107,28 +107,35 @@ class Killed(Exception):
     pass
 
 
-def test_flow_run_killed_mid_iteration_resumes_to_the_uninterrupted_result(assets, families, tmp_path, monkeypatch):
+@pytest.mark.parametrize("family,kind", [("flux", "lora"), ("sd3", "full")])
+def test_flow_run_killed_mid_iteration_resumes_to_the_uninterrupted_result(
+    assets, families, tmp_path, monkeypatch, family, kind
+):
+    """Killed right after iteration 2's checkpoint-2 (Flux.1 LoRA), or iteration 1's (SD3 full with EMA): the same
+    command again ends with the uninterrupted run's weights."""
     import train_spin_diffusion
 
-    argv = ["--use_lora", "--max_train_steps", "4", "--checkpointing_steps", "2", "--weighting_scheme", "logit_normal"]
+    argv = ["--max_train_steps", "4", "--checkpointing_steps", "2", "--weighting_scheme", "logit_normal"]
+    argv += ["--use_lora"] if kind == "lora" else ["--num_iterations", "1", "--use_ema", "--learning_rate", "1e-4"]
+    killed_in = "iter_2" if kind == "lora" else "iter_1"
     straight, killed = tmp_path / "straight", tmp_path / "killed"
-    run_spin(*family_spin_args(assets, families, "flux", straight, *argv))
+    run_spin(*family_spin_args(assets, families, family, straight, *argv))
     real = train_spin_diffusion.save_checkpoint
 
     def save_then_die(accelerator, it_dir, step, *a, **k):
         path = real(accelerator, it_dir, step, *a, **k)
-        if "iter_2" in str(it_dir) and step == 2:
+        if killed_in in str(it_dir) and step == 2:
             raise Killed
         return path
 
     with monkeypatch.context() as m:
         m.setattr(train_spin_diffusion, "save_checkpoint", save_then_die)
         with pytest.raises(Killed):
-            run_spin(*family_spin_args(assets, families, "flux", killed, *argv))
-    assert json.loads((killed / "spin_state.json").read_text())["done"] == [1]
-    run_spin(*family_spin_args(assets, families, "flux", killed, *argv))  # the same command again
-    name = "pytorch_lora_weights.safetensors"
-    assert max_abs_diff(tensors(killed / "iter_2" / name), tensors(straight / "iter_2" / name)) < 1e-5
+            run_spin(*family_spin_args(assets, families, family, killed, *argv))
+    assert json.loads((killed / "spin_state.json").read_text())["done"] == ([1] if kind == "lora" else [])
+    run_spin(*family_spin_args(assets, families, family, killed, *argv))  # the same command again
+    last = "iter_2/pytorch_lora_weights.safetensors" if kind == "lora" else "iter_1/transformer"
+    assert max_abs_diff(tensors(killed / last), tensors(straight / last)) < 1e-5
 
 
 def test_evaluate_scores_a_model_of_each_family(assets, families, tmp_path):

@@ -160,12 +160,11 @@ def load_checkpoint(accelerator, checkpoint, optimizer, lr_scheduler=None, learn
 
 
 def register_checkpoint_hooks(accelerator, use_lora=False, ema_model=None):
-    """Make `save_state`/`load_state` store the UNet as `unet/` (full) or `pytorch_lora_weights.safetensors`
-    (LoRA) and the EMA weights as `unet_ema/`, and restore them into the live models on load. Under FSDP accelerate
+    """Make `save_state`/`load_state` store the denoiser (a UNet or a transformer, under the folder name `unet/`
+    whatever its family) (full) or `pytorch_lora_weights.safetensors` (LoRA) and the EMA weights as `unet_ema/`, and restore them into the live models on load. Under FSDP accelerate
     itself writes the model (`pytorch_model_fsdp_0/`, sharded or whole as the config's state dict type says) and
     reads it back."""
     from accelerate.utils import DistributedType
-    from diffusers import UNet2DConditionModel
     from diffusers.training_utils import EMAModel
 
     sharded = accelerator.distributed_type == DistributedType.FSDP  # accelerate saves and loads FSDP models itself
@@ -185,7 +184,7 @@ def register_checkpoint_hooks(accelerator, use_lora=False, ema_model=None):
 
     def load_hook(models, input_dir):
         if ema_model is not None:
-            loaded = EMAModel.from_pretrained(os.path.join(input_dir, "unet_ema"), UNet2DConditionModel)
+            loaded = EMAModel.from_pretrained(os.path.join(input_dir, "unet_ema"), ema_model.model_cls)
             ema_model.load_state_dict(loaded.state_dict())
             ema_model.to(accelerator.device)
         while models:
@@ -193,7 +192,7 @@ def register_checkpoint_hooks(accelerator, use_lora=False, ema_model=None):
             if use_lora:
                 load_lora(model, input_dir)
             else:
-                loaded = UNet2DConditionModel.from_pretrained(input_dir, subfolder="unet")
+                loaded = type(model).from_pretrained(input_dir, subfolder="unet")  # the family's denoiser class
                 model.load_state_dict(loaded.state_dict())
 
     # Handles: call .remove() on both before registering hooks for another model (e.g. the next SPIN iteration).

@@ -89,10 +89,10 @@ from utils.spin import (
     pair_inputs,
     precompute_reference,
     precompute_trajectory_reference,
+    print_summary,
     real_error_drift,
     real_error_sentence,
     real_latents,
-    rose_or_fell,
     saturation_warning,
     spin_step,
     trajectory_errors,
@@ -126,8 +126,10 @@ def parse_args(input_args=None):
         "--beta",
         type=float,
         default=5000.0,
-        help="Loss strength, Diffusion-DPO convention (beta/2 inside the sigmoid). Default 5000 is unconfirmed "
-        "for SPIN; 2000-5000 are plausible.",
+        help="Loss strength, Diffusion-DPO convention (beta/2 inside the sigmoid), on the family's own per-sample "
+        "error. Default 5000 is unconfirmed for SPIN; 2000-5000 are plausible for SD and SDXL. Flow models (SD3, "
+        "Flux) have velocity errors of another scale: start lower (their example configs say 1000; peers use "
+        "100-5000 on SD3).",
     )
     g.add_argument(
         "--sft_weight",
@@ -885,23 +887,6 @@ def push_unpushed(args, state, hub_repo, stop_at_failure=True):
         state.update(pushed=state.get("pushed") | {str(it): where}, push_errors=errors)
         logger.info(f"iteration {it} pushed to {where}")
     return unpushed_iterations(state)
-
-
-def print_summary(output_dir, num_iterations, state):
-    """One row per saved iteration; real_err_rise: the policy's real-image error minus theta_k's at the last
-    step (rose: likelihood drift)."""
-    print("\niteration  steps  loss(mean)  implicit_acc(mean)  margin(mean)  margin(last)  real_err_rise  weights")
-    for k in range(num_iterations):
-        path = output_dir / f"iter_{k + 1}" / "metrics.json"
-        if path.exists():
-            m, nan = json.loads(path.read_text()), float("nan")
-            where = state.get("pushed").get(str(k + 1), str(path.parent))
-            print(
-                f"{k + 1:>9}  {m['steps']:>5}  {m['mean'].get('loss', nan):>10.4f}  "
-                f"{m['mean'].get('implicit_acc', nan):>18.3f}  {m['mean'].get('reward_margin', nan):>12.4g}  "
-                f"{(m['last_step'] or {}).get('reward_margin', nan):>12.4g}  "
-                f"{rose_or_fell(m.get('real_err_rise')):>13}  {where}"
-            )
 
 
 def cli(argv=None):

@@ -99,7 +99,7 @@ install_wheels() {
 # family_rows: bench/bench_step.py for each of FAMILY_PRESETS, one table each on stdout, all rows in one JSON
 # (a shell function, so not under stage's timeout: each preset runs under what is left of FAMILY_CAP_S and the budget)
 family_rows() {
-  local preset cases end=$((SECONDS + FAMILY_CAP_S)) budget_end=$((START + BUDGET_S))
+  local preset cases files=() end=$((SECONDS + FAMILY_CAP_S)) budget_end=$((START + BUDGET_S))
   [ "$budget_end" -lt "$end" ] && end=$budget_end
   for preset in $FAMILY_PRESETS; do
     [ $((end - SECONDS)) -gt 0 ] || { echo "families: no time left for $preset" >&2; return 124; }
@@ -109,9 +109,10 @@ family_rows() {
     timeout --kill-after=15 $((end - SECONDS)) \
       "$PY" bench/bench_step.py --preset "$preset" --device "$DEVICE" --steps $STEPS --warmup $WARMUP --batch 1 \
         $ROWS_OPTS --cases "$cases" --json "$WORK/family_$preset.json" || return $?
+    files+=("$WORK/family_$preset.json")
   done
   "$PY" -c 'import json, sys; json.dump([r for f in sys.argv[2:] for r in json.load(open(f))], open(sys.argv[1], "w"), indent=1)' \
-    "$OUT/gpu_families.json" "$WORK"/family_*.json
+    "$OUT/gpu_families.json" "${files[@]}"
 }
 
 main() {

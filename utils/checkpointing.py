@@ -160,10 +160,11 @@ def load_checkpoint(accelerator, checkpoint, optimizer, lr_scheduler=None, learn
 
 
 def register_checkpoint_hooks(accelerator, use_lora=False, ema_model=None):
-    """Make `save_state`/`load_state` store the denoiser (a UNet or a transformer, under the folder name `unet/`
-    whatever its family) (full) or `pytorch_lora_weights.safetensors` (LoRA) and the EMA weights as `unet_ema/`, and restore them into the live models on load. Under FSDP accelerate
-    itself writes the model (`pytorch_model_fsdp_0/`, sharded or whole as the config's state dict type says) and
-    reads it back."""
+    """Make `save_state`/`load_state` store the denoiser (a UNet or a transformer; the folder is `unet/` whatever
+    the family) (full) or `pytorch_lora_weights.safetensors` (LoRA) and the EMA weights as `unet_ema/`, and
+    restore them into the live models on load, as the denoiser's own class. Under FSDP accelerate itself writes
+    the model (`pytorch_model_fsdp_0/`, sharded or whole as the config's state dict type says) and reads it
+    back."""
     from accelerate.utils import DistributedType
     from diffusers.training_utils import EMAModel
 

@@ -3,11 +3,13 @@
 - trajectory (exact): the opponent sampler's step table, the recorder of its chain steps, the real side's
   forward-posterior pairs and a model's likelihood-weighted errors on both sides;
 and the reference errors precomputed while the opponent theta_k is in memory (so training needs no reference);
-and what an iteration's metrics say about it: a saturated margin, the likelihood drift on the real images.
+and what an iteration's metrics say about it: a saturated margin, the likelihood drift on the real images, the
+run's summary table; and which flags the trajectory objective refuses.
 Needs its siblings `losses.py` and `models.py`."""
 
 import contextlib
 import functools
+import json
 from typing import NamedTuple
 
 import torch
@@ -531,3 +533,20 @@ def real_error_sentence(metrics):
         f"Real-image error at the last step: the policy {last['model_err_real']:.4g} against theta_k's (the "
         f"reference) {last['ref_err_real']:.4g}, a change of {rise:+.3g}{mean_text}: the error {verdict}."
     )
+
+
+def print_summary(output_dir, num_iterations, state):
+    """One row per saved iteration; real_err_rise: the policy's real-image error minus theta_k's at the last
+    step (rose: likelihood drift)."""
+    print("\niteration  steps  loss(mean)  implicit_acc(mean)  margin(mean)  margin(last)  real_err_rise  weights")
+    for k in range(num_iterations):
+        path = output_dir / f"iter_{k + 1}" / "metrics.json"
+        if path.exists():
+            m, nan = json.loads(path.read_text()), float("nan")
+            where = state.get("pushed").get(str(k + 1), str(path.parent))
+            print(
+                f"{k + 1:>9}  {m['steps']:>5}  {m['mean'].get('loss', nan):>10.4f}  "
+                f"{m['mean'].get('implicit_acc', nan):>18.3f}  {m['mean'].get('reward_margin', nan):>12.4g}  "
+                f"{(m['last_step'] or {}).get('reward_margin', nan):>12.4g}  "
+                f"{rose_or_fell(m.get('real_err_rise')):>13}  {where}"
+            )

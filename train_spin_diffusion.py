@@ -17,7 +17,6 @@ iterations whose push failed are pushed without training again.
 """
 
 import gc
-import hashlib
 import json
 import math
 import sys
@@ -95,6 +94,7 @@ from utils.spin import (
     real_latents,
     saturation_warning,
     spin_step,
+    store_settings,
     trajectory_errors,
     trajectory_flag_error,
     trajectory_inputs,
@@ -317,29 +317,7 @@ def main(args):
                 it_dir / "synthetic",
                 len(captions),
                 args.gen_shard_size,
-                settings={
-                    "captions_sha256": hashlib.sha256("\n".join(captions).encode()).hexdigest(),
-                    "seed": args.seed,
-                    "resolution": args.resolution,
-                    "precompute_reference": args.precompute_reference,
-                    "share_noise": not args.no_share_noise,
-                    **({"stores_prompt_embeds": True} if args.precompute_reference else {}),  # older stores lack them
-                    **({"gen_eta": args.gen_eta} if args.gen_eta else {}),
-                    **(
-                        {"spin_objective": "trajectory", "trajectory_steps": args.trajectory_steps}
-                        if args.spin_objective == "trajectory"
-                        else {}
-                    ),
-                    **{
-                        name: getattr(args, name)
-                        for name in (
-                            "gen_num_inference_steps",
-                            "gen_guidance_scale",
-                            "gen_scheduler",
-                            "pretrained_model_name_or_path",
-                        )
-                    },
-                },
+                settings=store_settings(args, captions),
             )
             try:  # every process checks; refuses shards made for other prompts or settings
                 store.claim(write=accelerator.is_main_process)

@@ -431,6 +431,41 @@ def trajectory_flag_error(args):
     return None
 
 
+# Flags of the flow families that shape the stored samples or the precomputed reference; recorded only when set,
+# so stores written before they existed stay valid.
+FAMILY_STORE_FLAGS = (
+    "max_sequence_length",
+    "weighting_scheme",
+    "logit_mean",
+    "logit_std",
+    "mode_scale",
+    "guidance_scale",
+)
+
+
+def store_settings(args, captions):
+    """What an iteration's synthetic samples (and precomputed reference entries) depend on: a rerun whose settings
+    differ is refused rather than silently reusing them (`SyntheticStore.claim`)."""
+    import hashlib
+
+    settings = {
+        "captions_sha256": hashlib.sha256("\n".join(captions).encode()).hexdigest(),
+        "seed": args.seed,
+        "resolution": args.resolution,
+        "precompute_reference": args.precompute_reference,
+        "share_noise": not args.no_share_noise,
+    }
+    if args.precompute_reference:
+        settings["stores_prompt_embeds"] = True  # older stores lack them
+    if args.gen_eta:
+        settings["gen_eta"] = args.gen_eta
+    if args.spin_objective == "trajectory":
+        settings |= {"spin_objective": "trajectory", "trajectory_steps": args.trajectory_steps}
+    for name in ("gen_num_inference_steps", "gen_guidance_scale", "gen_scheduler", "pretrained_model_name_or_path"):
+        settings[name] = getattr(args, name)
+    return settings | {n: getattr(args, n) for n in FAMILY_STORE_FLAGS if getattr(args, n, None) is not None}
+
+
 class SpinStep(NamedTuple):
     """The flags that choose and shape the SPIN step (`train_spin_diffusion.spin_forward`)."""
 

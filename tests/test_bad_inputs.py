@@ -73,6 +73,12 @@ CASES = [
         "cannot take --weighting_scheme: a flow-matching (SD3, Flux) setting",
     ),
     (
+        "fp8 base under gradient checkpointing on a UNet",
+        "spin",
+        ["--use_lora", "--layerwise_casting", "fp8_e4m3fn", "--gradient_checkpointing"],
+        "cannot take --layerwise_casting with --gradient_checkpointing: the UNet's checkpointed blocks recompute",
+    ),
+    (
         "model_index.json that cannot be read",
         "sft",
         ["--pretrained_model_name_or_path", "broken-index"],

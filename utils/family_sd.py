@@ -74,10 +74,17 @@ def refused(args):
 
 
 def flow_flags_set(args):
-    """The flow-matching flags set in `args`, which a DDPM family refuses."""
-    return [
-        (f"--{n}", "a flow-matching (SD3, Flux) setting") for n in FLOW_FLAGS if getattr(args, n, None) is not None
-    ]
+    """What a UNet (DDPM) family refuses: the flow-matching flags, and an fp8-stored base under gradient
+    checkpointing (the UNet's checkpointed blocks recompute on the fp8 weights, and the backward fails)."""
+    out = [(f"--{n}", "a flow-matching (SD3, Flux) setting") for n in FLOW_FLAGS if getattr(args, n, None) is not None]
+    if getattr(args, "layerwise_casting", None) and getattr(args, "gradient_checkpointing", False):
+        out.append(
+            (
+                "--layerwise_casting with --gradient_checkpointing",
+                "the UNet's checkpointed blocks recompute on the fp8-stored weights and the backward fails; drop one",
+            )
+        )
+    return out
 
 
 def load_error(name, e):

@@ -73,30 +73,26 @@ def test_spin_lora_two_iterations_and_full_one_load_with_diffusers(assets, famil
 
 
 @pytest.mark.parametrize("family", FAMILIES)
-def test_sft_lora_loads_on_its_base(assets, families, family, tmp_path):
+def test_sft_lora_and_full_load_with_diffusers(assets, families, family, tmp_path):
     from diffusers import DiffusionPipeline
 
-    out = tmp_path / "sft"
-    argv = sft_args(assets, out, "--use_lora", "--max_train_steps", "2", "--learning_rate", "1e-3")
-    argv[argv.index("--pretrained_model_name_or_path") + 1] = str(families[family])
-    argv[argv.index("--resolution") + 1] = str(RESOLUTION)
-    run_sft(*argv, *(["--max_sequence_length", "16"] if family != "sdxl" else []))
+    def sft(out, *extra):
+        argv = sft_args(assets, out, "--max_train_steps", "2", *extra)
+        argv[argv.index("--pretrained_model_name_or_path") + 1] = str(families[family])
+        argv[argv.index("--resolution") + 1] = str(RESOLUTION)
+        run_sft(*argv, *(["--max_sequence_length", "16"] if family != "sdxl" else []))
+
+    sft(tmp_path / "lora", "--use_lora", "--learning_rate", "1e-3")
+    sft(tmp_path / "full", "--learning_rate", "1e-4")
     pipe = DiffusionPipeline.from_pretrained(str(families[family]))
     plain = pixels(render(pipe))
-    pipe.load_lora_weights(str(out))
+    pipe.load_lora_weights(str(tmp_path / "lora"))
     assert abs(pixels(render(pipe)) - plain).max() > 0
+    full = DiffusionPipeline.from_pretrained(str(tmp_path / "full"))
+    assert type(full) is type(pipe) and abs(pixels(render(full)) - plain).max() > 0
 
 
-def test_sft_full_and_dpo_on_flow_models(assets, families, tmp_path):
-    from diffusers import DiffusionPipeline
-
-    sft = tmp_path / "sft-full"
-    argv = sft_args(assets, sft, "--max_train_steps", "2", "--learning_rate", "1e-4", "--max_sequence_length", "16")
-    argv[argv.index("--pretrained_model_name_or_path") + 1] = str(families["flux"])
-    argv[argv.index("--resolution") + 1] = str(RESOLUTION)
-    run_sft(*argv)
-    assert type(DiffusionPipeline.from_pretrained(str(sft))).__name__ == "FluxPipeline"
-
+def test_dpo_on_a_flow_model(assets, families, tmp_path):
     dpo = tmp_path / "dpo"
     run_spin(*family_spin_args(assets, families, "sd3", dpo, "--use_lora", "--negative_source", "dataset"))
     assert first_loss(dpo, 1) == pytest.approx(math.log(2), abs=1e-3)

@@ -1,10 +1,13 @@
 #!/usr/bin/env python
 """Images/s of SPIN's generation phase (`utils.generation.generate_opponent_samples`: latents into shards,
 no VAE decode) against a plain `StableDiffusionPipeline.__call__` loop with the same settings (decoded PIL
-images), and what decoding the latents would cost.
+images), and what decoding the latents would cost. With --samplers, each opponent sampler at its step count:
+UNet forwards per sample (counted: classifier-free guidance doubles each step's batch), per iteration of
+--iteration_prompts prompts, and images/s.
 
     python bench/bench_generate.py --preset cpu-medium --prompts 8 --steps 10
-    python bench/bench_generate.py --preset sd15 --device cuda --prompts 64 --batch 16 --dtype bf16
+    python bench/bench_generate.py --preset sd15 --device cuda --prompts 64 --batch 16 --dtype bf16 \
+        --samplers model:50,ddim:50,dpmsolver:20,dpmsolver:10,unipc:20 [--compile]
 """
 
 import argparse
@@ -58,7 +61,7 @@ def main():
     from utils.generation import SyntheticStore, generate_opponent_samples, sample_seed
 
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--preset", choices=["tiny", "cpu-medium", "sd15"], default="tiny")
+    p.add_argument("--preset", choices=["tiny", "cpu-medium", "sd15"], default="tiny")  # the SD-1.x presets
     p.add_argument("--prompts", type=int, default=8)
     p.add_argument("--batch", type=int, default=4)
     p.add_argument("--steps", type=int, default=10, help="Sampling steps per image.")
@@ -66,7 +69,15 @@ def main():
     p.add_argument("--dtype", choices=["fp32", "bf16", "fp16"], default="fp32")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--json", default=None)
+    p.add_argument(
+        "--samplers",
+        default=None,
+        help="Comma-separated SAMPLER:STEPS (SAMPLER: model, or a --gen_scheduler of train_spin_diffusion.py).",
+    )
+    p.add_argument("--iteration_prompts", type=int, default=50000, help="Prompts per iteration, for the forwards.")
+    p.add_argument("--compile", action="store_true", help="torch.compile the UNet first (--torch_compile).")
     a = p.parse_args()
+    samplers = [(n, int(k)) for n, k in (x.split(":") for x in a.samplers.split(","))] if a.samplers else []
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[a.dtype]
     result = {
         "preset": a.preset,
@@ -135,6 +146,43 @@ def main():
 
         return a.prompts / timed(loop)
 
+    def sampler_row(name, steps):
+        """One sampler: its UNet forwards per sample (rows the UNet sees / samples), per iteration, images/s."""
+        from utils.spin import sampler_from_config
+
+        own = pipe.scheduler
+        if name != "model":
+            pipe.scheduler = sampler_from_config(name, own.config)
+        rows = []
+        hook = pipe.unet.register_forward_pre_hook(lambda module, args: rows.append(args[0].shape[0]))
+        try:
+            out = SyntheticStore(Path(tempfile.mkdtemp()) / "synthetic", len(prompts), shard_size=a.batch)
+            seconds = timed(
+                lambda: generate_opponent_samples(
+                    pipe,
+                    prompts,
+                    out,
+                    seed=0,
+                    iteration=0,
+                    batch_size=a.batch,
+                    num_inference_steps=steps,
+                    guidance_scale=a.guidance_scale,
+                    resolution=resolution,
+                    progress=False,
+                )
+            )
+        finally:
+            hook.remove()
+            pipe.scheduler = own
+        per_sample = sum(rows) / len(prompts)
+        return {
+            "sampler": name,
+            "steps": steps,
+            "forwards_per_sample": per_sample,
+            "forwards_per_iteration": per_sample * a.iteration_prompts,
+            "img_s": len(prompts) / seconds,
+        }
+
     def vae_decode():
         latents = torch.cat([store.get(i)["gen_latents"][None] for i in range(min(a.batch, len(prompts)))]).to(
             a.device, dtype
@@ -142,6 +190,10 @@ def main():
         with torch.no_grad():
             return timed(lambda: pipe.vae.decode(latents / pipe.vae.config.scaling_factor)) / len(latents)
 
+    if pipe is not None and a.compile:
+        pipe.unet.compile()
+    if pipe is not None and samplers:
+        result["samplers"] = [measure(f"sampler {n}:{k}", lambda n=n, k=k: sampler_row(n, k)) for n, k in samplers]
     if pipe is not None:
         result["generation_phase_img_s"] = measure("generation phase", generation_phase)
         result["plain_pipeline_img_s"] = measure("plain pipeline", plain_pipeline)
@@ -160,6 +212,17 @@ def main():
         f"|---|---|---|---|---|\n| {a.preset} | {fmt(ours, '.2f')} | {fmt(plain, '.2f')} | "
         f"{fmt(result['ratio'], '.2f')}{'x' * bool(result['ratio'])} | {fmt(decode, '.3f')} |"
     )
+    if result.get("samplers"):
+        print(
+            f"\n| sampler | steps | UNet forwards / sample | per iteration ({a.iteration_prompts} prompts) | img/s |"
+            "\n|---|---|---|---|---|"
+        )
+        for r in result["samplers"]:
+            if r is not None:
+                print(
+                    f"| {r['sampler']} | {r['steps']} | {r['forwards_per_sample']:.0f} | "
+                    f"{r['forwards_per_iteration'] / 1e6:.2f}M | {r['img_s']:.2f} |"
+                )
     if errors:
         result["errors"] = {k: v.strip().splitlines()[-1] for k, v in errors.items()}
     if a.json:

@@ -66,6 +66,23 @@ def test_bench_step_runs_each_family(tmp_path):
         assert {r["family"] for r in results} == {f"{family}Pipeline"}
 
 
+def test_bench_generate_counts_each_samplers_forwards(tmp_path):
+    """--samplers: the UNet forwards per sample are counted, classifier-free guidance doubling each step."""
+    out = tmp_path / "gen.json"
+    cmd = [sys.executable, str(ROOT / "bench" / "bench_generate.py"), "--preset", "tiny", "--prompts", "2"]
+    cmd += ["--batch", "2", "--steps", "2", "--samplers", "ddim:6,dpmsolver:4,unipc:3", "--json", str(out)]
+    cmd += ["--iteration_prompts", "1000"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = json.loads(out.read_text())["samplers"]
+    assert [(r["sampler"], r["forwards_per_sample"], r["forwards_per_iteration"]) for r in rows] == [
+        ("ddim", 12, 12000),
+        ("dpmsolver", 8, 8000),
+        ("unipc", 6, 6000),
+    ]
+    assert all(r["img_s"] > 0 for r in rows) and "| dpmsolver | 4 | 8 | 0.01M |" in proc.stdout
+
+
 def test_bench_rejects_a_bad_case():
     proc = subprocess.run(
         [

@@ -382,20 +382,38 @@ def precompute_trajectory_reference(
 # ----------------------------------------------------------------------------- the step's settings, from the flags
 
 
+SAMPLERS = {  # --gen_scheduler: the diffusers class, its defaults under the model's config, what it always takes
+    "ddim": ("DDIMScheduler", {"clip_sample": False}, {}),
+    "ddpm": ("DDPMScheduler", {"clip_sample": False}, {}),
+    "dpmsolver": ("DPMSolverMultistepScheduler", {}, {"algorithm_type": "dpmsolver++", "solver_order": 2}),  # 2M
+    "unipc": ("UniPCMultistepScheduler", {}, {}),
+}
+
+
+def sampler_from_config(name, config, prediction_type=None):
+    """The --gen_scheduler `name` sampler built from a model's scheduler `config` (its betas, timestep spacing and
+    prediction type; `prediction_type` overrides the last). clip_sample stays off unless the config turns it on:
+    SD's latents are not clipped."""
+    import diffusers
+
+    cls_name, defaults, always = SAMPLERS[name]
+    config = {**defaults, **config, **always}
+    if prediction_type is not None:
+        config["prediction_type"] = prediction_type
+    return getattr(diffusers, cls_name).from_config(config)
+
+
 def opponent_scheduler(args):
-    """The opponent's sampler for --gen_scheduler ddim / ddpm, from the start model's scheduler config (None: the
-    model's own). clip_sample stays off unless that config turns it on: SD's latents are not clipped."""
-    from diffusers import DDIMScheduler, DDPMScheduler
+    """The opponent's sampler for --gen_scheduler ddim / ddpm / dpmsolver / unipc, from the start model's scheduler
+    config (None: the model's own)."""
+    from diffusers import DDIMScheduler
 
     if args.gen_scheduler == "model":
         return None
-    cls = DDIMScheduler if args.gen_scheduler == "ddim" else DDPMScheduler
-    config = cls.load_config(
+    config = DDIMScheduler.load_config(
         args.pretrained_model_name_or_path, subfolder="scheduler", revision=args.revision, cache_dir=args.cache_dir
     )
-    if args.prediction_type is not None:
-        config["prediction_type"] = args.prediction_type
-    return cls.from_config({"clip_sample": False, **config})
+    return sampler_from_config(args.gen_scheduler, config, args.prediction_type)
 
 
 def trajectory_flag_error(args):

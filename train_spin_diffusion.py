@@ -36,6 +36,7 @@ from utils.args import (
     add_training_args,
     make_parser,
     parse_with_config,
+    prompt_count,
     rerun_command,
     save_args,
     tracker_config,
@@ -82,6 +83,7 @@ from utils.models import (
 from utils.spin import (
     SpinStep,  # noqa: F401  (the step's settings; callers build it from the flags with spin_step)
     is_saturated,
+    iteration_prompts,
     opponent_scheduler,
     pair_conditions,
     pair_errors,
@@ -203,6 +205,13 @@ def parse_args(input_args=None):
         "--gen_shard_size", type=int, default=256, help="Samples per synthetic shard (the unit of resumption)."
     )
     g.add_argument(
+        "--gen_prompts_per_iteration",
+        type=prompt_count,
+        default=None,
+        help="Prompts an iteration generates for and trains on, drawn anew each iteration (N, or all). Default: "
+        "as many as its steps consume (max_train_steps x total batch), so no sample is generated unused.",
+    )
+    g.add_argument(
         "--push_synthetic_dataset", action="store_true", help="Also upload each iteration's samples as a dataset repo."
     )
     g.add_argument(
@@ -312,13 +321,14 @@ def main(args):
         unet, reference = load_policy_and_reference(args, k, frozen, accelerator.device)
         optimize_unet(unet, reference, channels_last=args.channels_last, compile=args.torch_compile)
 
-        store = None
-        if args.negative_source == "self":
+        store, ds_k = None, hf_dataset
+        if args.negative_source == "self":  # only the prompts this iteration's steps consume (or as asked)
+            ds_k, captions_k = iteration_subset(args, hf_dataset, captions, k, accelerator.num_processes)
             store = SyntheticStore(
                 it_dir / "synthetic",
-                len(captions),
+                len(captions_k),
                 args.gen_shard_size,
-                settings=store_settings(args, captions),
+                settings=store_settings(args, captions_k) | {"prompts": f"{len(captions_k)} of {len(captions)}"},
             )
             try:  # every process checks; refuses shards made for other prompts or settings
                 store.claim(write=accelerator.is_main_process)
@@ -330,7 +340,7 @@ def main(args):
                 extras = None
                 if args.precompute_reference:
                     real_images = TrainDataset(
-                        hf_dataset,
+                        ds_k,
                         spec,
                         text.tokenizers,
                         resolution=args.resolution,
@@ -342,7 +352,7 @@ def main(args):
                     )
                 generate_opponent_samples(
                     pipeline,
-                    captions,
+                    captions_k,
                     store,
                     seed=args.seed,
                     iteration=k,
@@ -377,7 +387,7 @@ def main(args):
             unet=unet,
             reference=reference,
             store=store,
-            data=(hf_dataset, spec),
+            data=(ds_k, spec),
             frozen=frozen,
             step=step,
         )
@@ -419,6 +429,20 @@ def main(args):
             f"{len(unpushed)} iteration(s) trained and saved but not pushed:\n{lines}\n"
             f"Rerun the same command to push them (nothing is generated or trained again):\n  {args.command}"
         )
+
+
+def iteration_subset(args, hf_dataset, captions, k, num_processes):
+    """Iteration k's rows and captions: the prompts its training consumes (max_train_steps x the total batch),
+    drawn from (seed, k) without repeats, or --gen_prompts_per_iteration of them; all when that is as many."""
+    consumed = args.max_train_steps * args.train_batch_size * args.gradient_accumulation_steps * num_processes
+    indices = iteration_prompts(len(captions), consumed, args.gen_prompts_per_iteration, args.seed, k)
+    logger.info(
+        f"iteration {k + 1}: {len(indices)} of {len(captions)} prompts get a sample (training consumes {consumed} "
+        "pairs; --gen_prompts_per_iteration N|all changes it)"
+    )
+    if len(indices) == len(captions):
+        return hf_dataset, captions
+    return hf_dataset.select(indices), [captions[i] for i in indices]
 
 
 def load_policy_and_reference(args, k, frozen, device):

@@ -13,6 +13,7 @@ import torch
 
 import train_spin_diffusion
 from helpers import max_abs_diff, mean_abs_diff, run_spin, spin_args, tensors
+from utils.data import caption_of
 from utils.families import lora_state_dict
 from utils.generation import SyntheticStore
 
@@ -452,3 +453,36 @@ def test_lora_on_an_fp8_stored_base_starts_at_log2_and_learns(assets, tmp_path, 
         assert math.isfinite(m["last_step"]["loss"])
     first, second = (tensors(out / f"iter_{k}" / "pytorch_lora_weights.safetensors") for k in (1, 2))
     assert any(not torch.equal(first[key], second[key]) for key in first)  # iteration 2 trained the adapter on
+
+
+def test_an_iteration_generates_only_the_prompts_it_trains_on(assets, tmp_path, monkeypatch):
+    """20 prompts, 3 steps of 2 pairs: each iteration draws 6 prompts of its own (none twice), generates for those
+    alone and trains on exactly those pairs; --gen_prompts_per_iteration all generates for every prompt."""
+    from utils.data import PairDataset
+
+    generated, trained = [], []
+    real_generate, real_example = train_spin_diffusion.generate_opponent_samples, PairDataset.example
+
+    def generate(pipeline, captions, store, **kw):
+        generated.append(list(captions))
+        return real_generate(pipeline, captions, store, **kw)
+
+    def example(self, index):
+        trained.append((len(generated), caption_of(self.base.ds[index][self.base.spec["caption"]])))
+        return real_example(self, index)
+
+    monkeypatch.setattr(train_spin_diffusion, "generate_opponent_samples", generate)
+    monkeypatch.setattr(PairDataset, "example", example)
+    argv = ["--use_lora", "--train_batch_size", "2", "--max_train_steps", "3", "--gen_shard_size", "4"]
+    run_spin(*spin_args(assets, tmp_path / "consumed", *argv))
+    assert [len(c) for c in generated] == [6, 6] and all(len(set(c)) == 6 for c in generated)
+    assert generated[0] != generated[1]  # drawn anew each iteration
+    for k, captions in enumerate(generated, 1):
+        assert sorted(c for it, c in trained if it == k) == sorted(captions)  # one epoch over exactly those pairs
+        store = json.loads((tmp_path / "consumed" / f"iter_{k}" / "synthetic" / "store.json").read_text())
+        assert store["prompts"] == "6 of 20"
+    generated.clear()
+    run_spin(
+        *spin_args(assets, tmp_path / "all", *argv, "--num_iterations", "1", "--gen_prompts_per_iteration", "all")
+    )
+    assert [len(c) for c in generated] == [20]  # forwards per iteration: 20 / 6 of the default's

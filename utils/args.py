@@ -448,3 +448,10 @@ def make_parser(description):
     return argparse.ArgumentParser(
         description=description, formatter_class=argparse.ArgumentDefaultsHelpFormatter, allow_abbrev=False
     )
+
+
+def prompt_count(value):
+    """--gen_prompts_per_iteration: a positive count, or all."""
+    if value == "all" or (value.isdigit() and int(value) > 0):
+        return value if value == "all" else int(value)
+    raise argparse.ArgumentTypeError(f"expected a positive number of prompts or 'all', got {value!r}")

@@ -416,6 +416,17 @@ def opponent_scheduler(args):
     return sampler_from_config(args.gen_scheduler, config, args.prediction_type)
 
 
+def iteration_prompts(n_prompts, consumed, requested, seed, iteration):
+    """The sorted indices of the prompts iteration `iteration` generates for and trains on: `requested` of them
+    ("all", a count, or None: `consumed`, the pairs its optimizer steps take), drawn from (seed, iteration), each
+    at most once; all of them when that is as many as there are."""
+    n = n_prompts if requested == "all" else min(n_prompts, consumed if requested is None else int(requested))
+    if n >= n_prompts:
+        return list(range(n_prompts))
+    g = torch.Generator().manual_seed(seed * 1_000_003 + iteration)
+    return sorted(torch.randperm(n_prompts, generator=g)[:n].tolist())
+
+
 def trajectory_flag_error(args):
     """Why the flags cannot run --spin_objective trajectory (None: they can): it needs the opponent's own stochastic
     sampling chain, and the approximate form's noising flags mean nothing to it."""

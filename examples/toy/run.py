@@ -261,6 +261,8 @@ def spin_flags(cfg, start, seed, out, *, hp, steps, iterations, every, negative=
         "64",
         "--gen_shard_size",
         "512",
+        "--gen_prompts_per_iteration",  # every fine-tuning prompt, as the study was measured and accounted
+        "all",
     ]
     if hp.get("sft_weight"):
         flags += ["--sft_weight", str(hp["sft_weight"])]

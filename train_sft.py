@@ -73,7 +73,10 @@ from utils.models import (
     vae_latent_params,
 )
 from utils.training import (
+    PREEMPTED_EXIT,
     DivergedError,
+    Preempted,
+    Preemption,
     assert_finite_weights,
     check_finite_step,
     init_run,
@@ -103,7 +106,10 @@ def parse_args(input_args=None):
     return args
 
 
-def main(args):
+def main(args, preempt=None):
+    """The run. `preempt` (utils/training.py Preemption): SIGTERM / SIGUSR1 stop it after the optimizer step under
+    way, with a checkpoint (None: signals keep their default action)."""
+    preempt = preempt or Preemption(install=False)
     output_dir = Path(args.output_dir)
     # 0. Hub identity and the model first: a bad token, repo id or model name fails in seconds.
     if args.push_to_hub:
@@ -313,10 +319,16 @@ def main(args):
             progress.update(1)
             progress.set_postfix(loss=f"{logs['loss']:.4f}", lr=f"{logs['lr']:.2e}")
             accelerator.log(logs, step=global_step)
-            if global_step % args.checkpointing_steps == 0:
+            stop = preempt.requested(accelerator) and global_step < max_train_steps  # a collective: every process
+            if global_step % args.checkpointing_steps == 0 or stop:
                 assert_finite_weights(unet, f"checkpoint-{global_step}", accelerator)
                 last_good = save_checkpoint(accelerator, output_dir, global_step, args.checkpoints_total_limit)
                 logger.info(f"saved {last_good}")
+            if stop:
+                rerun = "rerun the same command" + (
+                    "" if args.resume_from_checkpoint == "latest" else " with --resume_from_checkpoint latest"
+                )
+                preempt.stop(f"saved at step {global_step} in {last_good}", rerun)
             if args.validation_steps and global_step % args.validation_steps == 0 and accelerator.is_main_process:
                 run_validation(args, accelerator, unet, frozen=frozen, ema_unet=ema_unet, step=global_step)
             if global_step >= max_train_steps:
@@ -497,10 +509,16 @@ def run_validation(args, accelerator, unet, *, frozen, ema_unet, step):
 
 def cli(argv=None):
     """The command line: bad input, a diverged run or a failed push end with one `error:` line."""
+    preempt = Preemption()
     try:
-        main(parse_args(argv))
+        main(parse_args(argv), preempt)
+    except Preempted as e:  # saved: the status tells a requeue loop to run the command again
+        print(f"\npreempted: {e}", file=sys.stderr)  # on a line of its own, after any progress bar
+        sys.exit(PREEMPTED_EXIT)
     except (DataError, ModelError, HubError, DivergedError, CheckpointError) as e:
         sys.exit(f"error: {e}")
+    finally:
+        preempt.restore()
 
 
 if __name__ == "__main__":

@@ -102,7 +102,10 @@ from utils.spin import (
     trajectory_inputs,
 )
 from utils.training import (
+    PREEMPTED_EXIT,
     DivergedError,
+    Preempted,
+    Preemption,
     assert_finite_weights,
     check_finite_step,
     init_run,
@@ -282,7 +285,10 @@ def parse_args(input_args=None):
     return args
 
 
-def main(args):
+def main(args, preempt=None):
+    """The run. `preempt` (utils/training.py Preemption): SIGTERM / SIGUSR1 stop it at the next safe point, after
+    saving (None: signals keep their default action)."""
+    preempt = preempt or Preemption(install=False)
     output_dir = Path(args.output_dir)
     # 1. Hub identity, model, data: bad input fails here, before any model is loaded.
     hub_repo = resolve_hub_repo(args) if args.push_to_hub else None
@@ -314,6 +320,8 @@ def main(args):
         state.update(num_iterations=num_iterations)
 
     for k in todo:
+        if preempt.requested(accelerator):  # between iterations: everything before k is saved
+            preempt.stop(f"iterations {sorted(state.get('done'))} are saved; iteration {k + 1} did not start")
         it_dir = output_dir / f"iter_{k + 1}"
         if accelerator.is_main_process:
             state.update(iteration=k + 1, phase="generate")
@@ -368,9 +376,12 @@ def main(args):
                     progress=accelerator.is_local_main_process,
                     extras=extras,
                     trajectory=(step.table, step.trajectory_steps) if step.objective == "trajectory" else None,
+                    stop=lambda: preempt.signal_name is not None,  # after the shard under way
                 )
                 del pipeline, extras  # both hold theta_k's UNet
             accelerator.wait_for_everyone()
+            if preempt.requested(accelerator):
+                preempt.stop(f"iteration {k + 1}'s finished generation shards are kept in {store.dir}")
             if accelerator.is_main_process:
                 store.write_manifest()
 
@@ -390,6 +401,7 @@ def main(args):
             data=(ds_k, spec),
             frozen=frozen,
             step=step,
+            preempt=preempt,
         )
 
         result = model_for_saving(accelerator, unet)  # every process: under FSDP the shards are gathered here
@@ -592,7 +604,7 @@ def reference_extras(args, real_images, unet, *, frozen, step, accelerator):
     return extras
 
 
-def train_iteration(args, accelerator, k, *, it_dir, unet, reference, store, data, frozen, step):
+def train_iteration(args, accelerator, k, *, it_dir, unet, reference, store, data, frozen, step, preempt):
     """One iteration's training phase on `data` = (dataset, column spec). Returns the iteration's metrics (first
     step, last step, means)."""
     hf_dataset, spec = data
@@ -725,7 +737,8 @@ def train_iteration(args, accelerator, k, *, it_dir, unet, reference, store, dat
                 {f"{name}": v for name, v in logs.items()} | {"iteration": k + 1},
                 step=k * max_train_steps + global_step,
             )
-            if global_step % args.checkpointing_steps == 0:
+            stop = preempt.requested(accelerator) and global_step < max_train_steps  # a collective: every process
+            if global_step % args.checkpointing_steps == 0 or stop:
                 tally = {"sums": sums, "first": first, "logs": logs, "counted": counted, "saturated": saturated}
                 assert_finite_weights(unet, f"iteration {k + 1}, checkpoint-{global_step}", accelerator)
                 last_good = save_checkpoint(
@@ -735,6 +748,8 @@ def train_iteration(args, accelerator, k, *, it_dir, unet, reference, store, dat
                     args.checkpoints_total_limit,
                     extra_files={"spin_metrics.json": json.dumps(tally)},
                 )
+            if stop:
+                preempt.stop(f"iteration {k + 1} is saved at step {global_step} in {last_good}")
             if global_step >= max_train_steps:
                 break
     progress.close()
@@ -894,10 +909,16 @@ def push_unpushed(args, state, hub_repo, stop_at_failure=True):
 
 def cli(argv=None):
     """The command line: bad input, a diverged run or an unpushed iteration end with one `error:` line."""
+    preempt = Preemption()
     try:
-        main(parse_args(argv))
+        main(parse_args(argv), preempt)
+    except Preempted as e:  # saved: the status tells a requeue loop to run the command again
+        print(f"\npreempted: {e}", file=sys.stderr)  # on a line of its own, after any progress bar
+        sys.exit(PREEMPTED_EXIT)
     except (DataError, ModelError, HubError, DivergedError, CheckpointError) as e:
         sys.exit(f"error: {e}")
+    finally:
+        preempt.restore()
 
 
 if __name__ == "__main__":

@@ -239,6 +239,7 @@ def generate_opponent_samples(
     num_processes=1,
     autocast_dtype=None,
     to_latents=None,
+    stop=None,
     progress=True,
     extras=None,
     trajectory=None,
@@ -248,6 +249,7 @@ def generate_opponent_samples(
     finished shards are skipped. `eta` goes to the sampler (DDIM's; DDPM ignores it; None: not passed, for
     pipelines without one). `to_latents(pipeline, latents, height, width)` turns the pipeline's latent output into
     the (B, C, h, w) layout training reads (the family's `pipeline_latents`; None: it is that already).
+    `stop()`, asked after each shard is written, ends the call early (a preemption).
     `trajectory = (table, K)` (the trajectory objective) also stores, per sample, K steps of its sampling chain
     drawn from its seed (`traj_t`, `traj_x_t`, `traj_x_prev`, fp32). `extras(indices, seeds, outputs) -> {name:
     (n, ...) tensor}` adds per-sample tensors computed while the opponent is loaded (SPIN's precomputed reference
@@ -297,5 +299,7 @@ def generate_opponent_samples(
             ]
             bar.update(len(chunk))
         store.write_shard(k, {"latents": torch.cat(latents), **{n: torch.cat(ts) for n, ts in more.items()}}, rows)
+        if stop is not None and stop():  # a preemption: this shard is written, the next ones are left to the rerun
+            break
     bar.close()
     return total

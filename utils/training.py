@@ -108,6 +108,60 @@ def optimizer_step(accelerator, model, optimizer, lr_scheduler, max_grad_norm=No
     return grad_norm
 
 
+PREEMPTED_EXIT = 75  # the exit status of a run stopped by SIGTERM / SIGUSR1 after saving (EX_TEMPFAIL: "try again")
+
+
+class Preempted(RuntimeError):
+    """The run stopped on SIGTERM or SIGUSR1 at a safe point, after saving; the message says what was saved."""
+
+
+class Preemption:
+    """SIGTERM (a spot instance, `scancel`, Kubernetes) and SIGUSR1 (SLURM's `--signal=USR1@120`) only set a flag;
+    the loops look at it at safe points: after an optimizer step (so the accumulation window ends), after a
+    generation shard is written, between iterations. With several processes they agree (any process signalled
+    stops them all), so every process saves the same checkpoint and stops together."""
+
+    SIGNALS = ("SIGTERM", "SIGUSR1")
+
+    def __init__(self, install=True):
+        import signal
+        import threading
+
+        self.signal_name, self._previous = None, {}
+        if install and threading.current_thread() is threading.main_thread():  # handlers can only be set there
+            for name in self.SIGNALS:
+                number = getattr(signal, name, None)
+                if number is not None:
+                    self._previous[number] = signal.signal(number, self._handle)
+
+    def _handle(self, number, frame):
+        import signal
+
+        self.signal_name = signal.Signals(number).name
+
+    def requested(self, accelerator=None):
+        """Whether a stop was asked for here, or (with `accelerator` over several processes: a collective, so every
+        process must call it at the same point) in any process."""
+        asked = self.signal_name is not None
+        if accelerator is not None and accelerator.num_processes > 1:
+            flag = torch.tensor([float(asked)], device=accelerator.device)
+            asked = bool(accelerator.reduce(flag, "max").item())
+            if asked and self.signal_name is None:
+                self.signal_name = "another process's signal"
+        return asked
+
+    def stop(self, saved, rerun="rerun the same command"):
+        """Raise Preempted with the one line the user reads."""
+        raise Preempted(f"stopped on {self.signal_name}: {saved}; {rerun} to continue")
+
+    def restore(self):
+        """Put the previous handlers back (a test, or a script run in-process, gets them again)."""
+        import signal
+
+        for number, handler in self._previous.items():
+            signal.signal(number, handler)
+
+
 class DivergedError(RuntimeError):
     """Training produced a non-finite loss, gradient or weight: the run stops before saving or pushing it."""
 

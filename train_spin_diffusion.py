@@ -16,6 +16,7 @@ Rerunning the same command resumes: finished generation shards, checkpoints and 
 iterations whose push failed are pushed without training again.
 """
 
+import functools
 import gc
 import json
 import math
@@ -66,7 +67,16 @@ from utils.data import (
 )
 from utils.families import load_lora, model_family, refuse_flags, save_lora
 from utils.generation import SyntheticStore, generate_opponent_samples
-from utils.hub import HubError, describe, hub_user, move_tag, push_folder, validate_repo_name, write_model_card
+from utils.hub import (
+    BackgroundPushes,
+    HubError,
+    describe,
+    hub_user,
+    move_tag,
+    push_folder,
+    validate_repo_name,
+    write_model_card,
+)
 from utils.losses import spin_loss, step_generator
 from utils.models import (
     ModelError,
@@ -318,6 +328,9 @@ def main(args, preempt=None):
         step = spin_step(args)
     if accelerator.is_main_process:
         state.update(num_iterations=num_iterations)
+    pushes = BackgroundPushes() if args.push_to_hub and accelerator.is_main_process else None
+    if pushes is not None:  # a preempted run gives a push under way 30 s; an unfinished one is redone by the rerun
+        preempt.before_stop = functools.partial(pushes.wait, min(30.0, args.hub_retry_max_time))
 
     for k in todo:
         if preempt.requested(accelerator):  # between iterations: everything before k is saved
@@ -408,10 +421,9 @@ def main(args, preempt=None):
         if accelerator.is_main_process:
             state.update(phase="save")
             save_iteration(args, result, it_dir=it_dir, k=k, hub_repo=hub_repo, metrics=metrics, family=family)
-            state.update(done=sorted(set(state.get("done")) | {k + 1}), phase="push" if args.push_to_hub else "done")
-            if args.push_to_hub:  # this iteration, and any earlier one whose push failed (all of them at the end)
-                push_unpushed(args, state, hub_repo, stop_at_failure=k != todo[-1])
-            state.update(phase="done")
+            state.update(done=sorted(set(state.get("done")) | {k + 1}), phase="done")
+            if args.push_to_hub:  # in the background: this iteration, and any earlier one whose push failed
+                pushes.submit(functools.partial(push_unpushed, args, state, hub_repo, stop_at_failure=k != todo[-1]))
         vae.to(accelerator.device)
         text.to(accelerator.device)
         # Iteration k's UNet, reference copy and optimizer go before k+1 loads its own. Dropping the names is not
@@ -426,10 +438,11 @@ def main(args, preempt=None):
 
     unpushed = []
     if accelerator.is_main_process:
-        if args.push_to_hub:
-            unpushed = (
-                push_unpushed(args, state, hub_repo, stop_at_failure=False) if not todo else unpushed_iterations(state)
-            )
+        if args.push_to_hub and not todo:  # a rerun that only pushes
+            push_unpushed(args, state, hub_repo, stop_at_failure=False)
+        elif args.push_to_hub and not pushes.wait(args.hub_retry_max_time):  # what is left, within one budget
+            logger.error(f"pushes still under way after --hub_retry_max_time {args.hub_retry_max_time:g} s: given up")
+        unpushed = unpushed_iterations(state) if args.push_to_hub else []
         print_summary(output_dir, num_iterations, state)
     accelerator.end_training()
     if unpushed:

@@ -3,6 +3,7 @@ still fail leave every iteration trained and saved, the run exits with the list 
 of the same command pushes them without generating or training."""
 
 import json
+import time
 
 import pytest
 
@@ -132,9 +133,41 @@ def test_spin_trains_every_iteration_when_all_writes_fail_then_a_rerun_only_push
         assert all((saved[k][key] == after[key]).all() for key in after)
 
 
+def test_an_outage_costs_one_retry_budget_per_run_not_per_iteration(assets, tmp_path, hub_server):
+    """C3: with every write failing, a 2-iteration run takes at most about one --hub_retry_max_time longer than the
+    same run without the outage: iteration 1's retries run in the background while iteration 2 trains, and the
+    end waits one budget for what is left (pushing in line would cost one budget per iteration and more)."""
+    import train_spin_diffusion
+
+    budget = 8.0
+
+    def timed_run(out, repo):
+        argv = spin_args(assets, out, "--use_lora", "--max_train_steps", "2", "--push_to_hub", "--hub_model_id")
+        argv += [repo, "--hub_token", TEST_TOKEN, "--hub_retry_max_time", str(budget)]
+        reset_accelerate()
+        start = time.monotonic()
+        try:
+            train_spin_diffusion.cli(argv)
+            code = 0
+        except SystemExit as e:
+            code = e.code
+        return time.monotonic() - start, code
+
+    with hub_online():
+        clear, code = timed_run(tmp_path / "clear", "test-user/outage-clear")
+        assert code == 0
+        hub_server.inject(None, WRITE_ENDPOINTS, status=503, times=None)
+        try:
+            down, message = timed_run(tmp_path / "down", "test-user/outage-down")
+        finally:
+            hub_server.clear_faults()
+    assert str(message).startswith("error: 2 iteration(s) trained and saved but not pushed")
+    assert down - clear < 1.25 * budget, (down, clear)  # measured: +7.5 s; pushing in line: +17.3 s
+
+
 def test_spin_push_recovering_midway_is_retried_after_the_next_iteration(assets, tmp_path, hub_server):
-    """Iteration 1's push fails; the Hub recovers while iteration 2 trains; iterations 1 and 2 are on the Hub
-    before iteration 3 starts, not only at the end."""
+    """Iteration 1's push fails; the Hub recovers while iteration 2 trains; the push submitted after iteration 2
+    brings iterations 1 and 2 to the Hub while iteration 3 runs, not only at the end."""
     import train_spin_diffusion
 
     name, out = "test-user/spin-recovers", tmp_path / "out"
@@ -142,6 +175,11 @@ def test_spin_push_recovering_midway_is_retried_after_the_next_iteration(assets,
     real, on_hub_before = train_spin_diffusion.train_iteration, {}
 
     def train_then_recover(args, accelerator, k, *rest, **kw):
+        if k == 2:  # the pushes run in the background: give the one submitted after iteration 2 time to land
+            for _ in range(200):
+                if all(hub_server.repo_exists(f"{name}-iter{i}") for i in (1, 2)):
+                    break
+                time.sleep(0.05)
         on_hub_before[k] = [hub_server.repo_exists(f"{name}-iter{i}") for i in (1, 2)]
         if k == 1:  # the Hub comes back during iteration 2
             hub_server.clear_faults()

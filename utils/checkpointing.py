@@ -214,10 +214,13 @@ def resume_position(global_step, gradient_accumulation_steps, batches_per_epoch=
 
 class RunState:
     """A small JSON file recording a multi-phase run's progress (e.g. SPIN's iteration and phase, which
-    iterations are saved and which are pushed). Written atomically; only the main process should write."""
+    iterations are saved and which are pushed). Written atomically, one update at a time (the main thread and the
+    background pushes both write); only the main process should write."""
 
     def __init__(self, path):
-        self.path = Path(path)
+        import threading
+
+        self.path, self._lock = Path(path), threading.Lock()  # the background pushes update it too
         self.data = {"done": [], "pushed": {}}
         if self.path.exists():
             try:
@@ -232,10 +235,11 @@ class RunState:
         return self.data.get(key, default)
 
     def update(self, **fields):
-        self.data.update(fields)
-        tmp = self.path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(self.data, indent=2, sort_keys=True) + "\n")
-        os.replace(tmp, self.path)
+        with self._lock:
+            self.data = self.data | fields
+            tmp = self.path.with_suffix(".tmp")
+            tmp.write_text(json.dumps(self.data, indent=2, sort_keys=True) + "\n")
+            os.replace(tmp, self.path)
 
 
 def record_settings(path, settings, write=True):

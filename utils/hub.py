@@ -272,3 +272,42 @@ def resolve_file(location, default_filename=None, revision=None, token=None):
     if not filename:
         raise FileNotFoundError(f"{location}: not a local file; as a Hub repo it needs ':filename'")
     return Path(hf_hub_download(repo_id, filename, revision=revision, token=token))
+
+
+class BackgroundPushes:
+    """Pushes run one at a time, in the order they were submitted, on a daemon thread, so that the next iteration
+    generates and trains while the previous one uploads (a Hub outage costs retries, not GPU time). One worker:
+    never two pushes to one repo at once, and commits land in order. A job handles its own errors (it records
+    them); `wait` bounds how long the end of a run waits for what is left."""
+
+    def __init__(self):
+        import queue
+        import threading
+
+        self._jobs, self._idle = queue.Queue(), threading.Event()
+        self._idle.set()
+        self._pending = 0
+        self._lock = threading.Lock()
+        threading.Thread(target=self._work, name="hub-pushes", daemon=True).start()
+
+    def submit(self, job):
+        with self._lock:
+            self._pending += 1
+            self._idle.clear()
+        self._jobs.put(job)
+
+    def _work(self):
+        while True:
+            job = self._jobs.get()
+            try:
+                job()
+            except Exception as e:  # a job records its own failures; anything else must not kill the worker
+                logger.error(f"background push failed: {describe(e)}")
+            with self._lock:
+                self._pending -= 1
+                if self._pending == 0:
+                    self._idle.set()
+
+    def wait(self, timeout):
+        """Whether every submitted push finished within `timeout` seconds."""
+        return self._idle.wait(timeout)

@@ -128,6 +128,7 @@ class Preemption:
         import threading
 
         self.signal_name, self._previous = None, {}
+        self.before_stop = None  # e.g. give a push under way a little time
         if install and threading.current_thread() is threading.main_thread():  # handlers can only be set there
             for name in self.SIGNALS:
                 number = getattr(signal, name, None)
@@ -151,7 +152,9 @@ class Preemption:
         return asked
 
     def stop(self, saved, rerun="rerun the same command"):
-        """Raise Preempted with the one line the user reads."""
+        """Raise Preempted with the one line the user reads (after `before_stop`, if set)."""
+        if self.before_stop is not None:
+            self.before_stop()
         raise Preempted(f"stopped on {self.signal_name}: {saved}; {rerun} to continue")
 
     def restore(self):

@@ -21,7 +21,6 @@ import gc
 import json
 import math
 import sys
-import time
 from pathlib import Path
 
 import torch
@@ -70,10 +69,9 @@ from utils.generation import SyntheticStore, generate_opponent_samples
 from utils.hub import (
     BackgroundPushes,
     HubError,
-    describe,
     hub_user,
-    move_tag,
-    push_folder,
+    push_unpushed,
+    unpushed_iterations,
     validate_repo_name,
     write_model_card,
 )
@@ -867,57 +865,6 @@ def resolve_hub_repo(args):
     longest = f"{repo}-iter{last}" + ("-synthetic" if args.push_synthetic_dataset else "")
     validate_repo_name(longest if args.hub_versioning == "repos" else repo)
     return repo
-
-
-def push_iteration(args, hub_repo, k, it_dir):
-    """Push iteration k+1 (weights, card, metrics; its samples with --push_synthetic_dataset). Returns where it
-    went. Each write is retried (utils/hub.py); the error of the last attempt is raised."""
-    deadline = time.monotonic() + args.hub_retry_max_time  # one budget for all of this iteration's writes
-    kw = dict(token=args.hub_token, private=args.hub_private_repo, deadline=deadline)
-    message = f"SPIN-Diffusion iteration {k + 1}"
-    if args.hub_versioning == "repos":
-        where = push_folder(it_dir, f"{hub_repo}-iter{k + 1}", commit_message=message, **kw)
-    else:
-        repo = push_folder(it_dir, hub_repo, commit_message=message, **kw)
-        move_tag(repo, f"iter{k + 1}", token=args.hub_token, deadline=deadline)  # a rerun moves it
-        where = f"{repo}@iter{k + 1}"
-    if args.push_synthetic_dataset and (it_dir / "synthetic").is_dir():
-        push_folder(
-            it_dir / "synthetic",
-            f"{hub_repo}-iter{k + 1}-synthetic",
-            repo_type="dataset",
-            ignore_patterns=["*.tmp", "*.corrupt"],
-            **kw,
-        )
-    return where
-
-
-def unpushed_iterations(state):
-    return [it for it in sorted(state.get("done")) if str(it) not in state.get("pushed")]
-
-
-def push_unpushed(args, state, hub_repo, stop_at_failure=True):
-    """Push every saved iteration that is not on the Hub yet, oldest first. A push that still fails after its
-    retries is logged and recorded in spin_state.json (`push_errors`), and the run goes on: the iteration stays
-    saved, and the push is tried again after the next iteration and by a rerun. Between iterations the first
-    failure ends the attempt, so the other processes wait at most about --hub_retry_max_time (well under
-    --ddp_timeout). Returns the unpushed iterations."""
-    for it in unpushed_iterations(state):
-        try:
-            where = push_iteration(args, hub_repo, it - 1, Path(args.output_dir) / f"iter_{it}")
-        except Exception as e:
-            state.update(push_errors=state.get("push_errors", {}) | {str(it): describe(e)})
-            logger.error(
-                f"iteration {it}: push failed ({describe(e)}); it stays saved in {args.output_dir}/iter_{it}/ "
-                f"and the push is retried after the next iteration and by rerunning the same command"
-            )
-            if stop_at_failure or args.hub_versioning == "revisions":  # revisions: keep commits in iteration order
-                break
-            continue
-        errors = {key: v for key, v in state.get("push_errors", {}).items() if key != str(it)}
-        state.update(pushed=state.get("pushed") | {str(it): where}, push_errors=errors)
-        logger.info(f"iteration {it} pushed to {where}")
-    return unpushed_iterations(state)
 
 
 def cli(argv=None):

@@ -13,6 +13,7 @@ import pytest
 
 import train_sft
 import train_spin_diffusion
+import utils.hub
 from helpers import reset_accelerate, run_sft, run_spin, sft_args, spin_args, tensors
 from hub_server import TEST_TOKEN, hub_online
 from utils.generation import SyntheticStore
@@ -79,13 +80,13 @@ def test_signal_stops_saves_and_the_rerun_ends_as_uninterrupted(
             m.setattr(SyntheticStore, "write_shard", write_shard)
         else:  # while iteration 1 is pushed
             argv += ["--push_to_hub", "--hub_model_id", "test-user/preempted", "--hub_token", TEST_TOKEN]
-            real = train_spin_diffusion.push_folder
+            real = utils.hub.push_folder
 
             def push(*a, **k):
                 signal_self()
                 return real(*a, **k)
 
-            m.setattr(train_spin_diffusion, "push_folder", push)
+            m.setattr(utils.hub, "push_folder", push)
         with hub_online():
             code, err = run_cli(train_spin_diffusion.cli, argv, capsys)
     lines = [line for line in err.splitlines() if line.startswith("preempted: ")]

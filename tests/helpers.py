@@ -81,7 +81,8 @@ def mean_abs_diff(a, b):
 
 
 def spin_args(assets, output_dir, *extra):
-    """A fast train_spin_diffusion.py command line on the tiny assets (20 prompts, 2 sampling steps)."""
+    """A fast train_spin_diffusion.py command line on the tiny assets (20 prompts, 2 sampling steps, every prompt
+    sampled in every iteration: --gen_prompts_per_iteration all; `consumed_only` drops that)."""
     return [
         "--pretrained_model_name_or_path",
         str(assets["pipeline"]),
@@ -111,8 +112,16 @@ def spin_args(assets, output_dir, *extra):
         "8",
         "--report_to",
         "none",
+        "--gen_prompts_per_iteration",
+        "all",
         *map(str, extra),
     ]
+
+
+def consumed_only(argv):
+    """`argv` without spin_args' --gen_prompts_per_iteration all: iterations sample only what they train on."""
+    i = argv.index("--gen_prompts_per_iteration")
+    return argv[:i] + argv[i + 2 :]
 
 
 def run_spin(*argv):

@@ -133,6 +133,18 @@ def test_quick_protocol_writes_results_plots_and_a_labelled_grid(tmp_path):
     width, height = Image.open(out / "grid.png").size
     assert width == 260 + 128 * n_models  # prompt labels on the left, one column per model
     assert height > 128 * 6  # a header row with the model names above the 6 prompt rows
+    # the sampler check (issue 19, C1) on this study: both parts run and report what they promise
+    import sampler_check
+
+    argv = ["--study", str(out), "--seeds", "0", "1", "--preset", "quick", "--prompts", "8"]
+    sampler_check.main(argv + ["--output_dir", str(tmp_path / "samplers")])
+    check = json.loads((tmp_path / "samplers" / "sampler_check.json").read_text())
+    samples, spin = check["opponent_samples"], check["spin_iteration"]
+    assert samples["ddim50-a"]["forwards_per_sample"] == 2.5 * samples["dpm20"]["forwards_per_sample"]
+    assert samples["fd_null_95"] >= 0
+    assert all(isinstance(samples[k]["same_distribution"], bool) for k in ("dpm20", "dpm10"))
+    low, high = spin["dpm20_minus_ddim50"][1]
+    assert low <= spin["dpm20_minus_ddim50"][0] <= high and spin["equal_within_ci"] == (low <= 0 <= high)
 
 
 def test_stage1_rule_stops_where_validation_flattens():

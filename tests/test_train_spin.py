@@ -12,7 +12,7 @@ import pytest
 import torch
 
 import train_spin_diffusion
-from helpers import max_abs_diff, mean_abs_diff, run_spin, spin_args, tensors
+from helpers import consumed_only, max_abs_diff, mean_abs_diff, run_spin, spin_args, tensors
 from utils.data import caption_of
 from utils.families import lora_state_dict
 from utils.generation import SyntheticStore
@@ -474,7 +474,7 @@ def test_an_iteration_generates_only_the_prompts_it_trains_on(assets, tmp_path, 
     monkeypatch.setattr(train_spin_diffusion, "generate_opponent_samples", generate)
     monkeypatch.setattr(PairDataset, "example", example)
     argv = ["--use_lora", "--train_batch_size", "2", "--max_train_steps", "3", "--gen_shard_size", "4"]
-    run_spin(*spin_args(assets, tmp_path / "consumed", *argv))
+    run_spin(*consumed_only(spin_args(assets, tmp_path / "consumed", *argv)))
     assert [len(c) for c in generated] == [6, 6] and all(len(set(c)) == 6 for c in generated)
     assert generated[0] != generated[1]  # drawn anew each iteration
     for k, captions in enumerate(generated, 1):

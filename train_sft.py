@@ -24,6 +24,7 @@ from diffusers.optimization import get_scheduler
 from tqdm.auto import tqdm
 
 from utils.args import (
+    HELP_GROUPS,
     add_data_args,
     add_hub_args,
     add_model_args,
@@ -31,6 +32,7 @@ from utils.args import (
     make_parser,
     parse_with_config,
     public_args,
+    regroup,
     rerun_command,
     tracker_config,
     validate_training_args,
@@ -100,6 +102,8 @@ def parse_args(input_args=None):
         default=4,
         help="Images in the final sample grid when no --validation_prompts are given (training captions are used).",
     )
+    for title, dests in HELP_GROUPS.items():
+        regroup(parser, title, dests)
     args = parse_with_config(parser, input_args)
     args = validate_training_args(parser, args)
     args.command = rerun_command("train_sft.py", sys.argv[1:] if input_args is None else input_args)

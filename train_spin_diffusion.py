@@ -21,6 +21,7 @@ import gc
 import json
 import math
 import sys
+import time
 from pathlib import Path
 
 import torch
@@ -30,13 +31,16 @@ from diffusers.optimization import get_scheduler
 from tqdm.auto import tqdm
 
 from utils.args import (
+    HELP_GROUPS,
     add_data_args,
     add_hub_args,
     add_model_args,
     add_training_args,
+    hide_flags,
     make_parser,
     parse_with_config,
     prompt_count,
+    regroup,
     rerun_command,
     save_args,
     tracker_config,
@@ -65,7 +69,7 @@ from utils.data import (
     tokenize,
 )
 from utils.families import load_lora, model_family, refuse_flags, save_lora
-from utils.generation import SyntheticStore, generate_opponent_samples
+from utils.generation import SyntheticStore, generate_opponent_samples, iteration_grid, log_images
 from utils.hub import (
     BackgroundPushes,
     HubError,
@@ -91,6 +95,7 @@ from utils.models import (
 from utils.spin import (
     SpinStep,  # noqa: F401  (the step's settings; callers build it from the flags with spin_step)
     is_saturated,
+    iteration_line,
     iteration_prompts,
     opponent_scheduler,
     pair_conditions,
@@ -231,6 +236,21 @@ def parse_args(input_args=None):
         default="repos",
         help="repos: iteration N goes to {hub_model_id}-iterN. revisions: one repo, iteration N tagged iterN.",
     )
+    g.add_argument(
+        "--num_validation_images",
+        type=int,
+        default=4,
+        help="Without --validation_prompts: this many training captions make each iteration's sample grid.",
+    )
+    gen = [a.dest for a in parser._actions if a.dest.startswith("gen_") and a.dest != "gen_prompts_per_iteration"]
+    regroup(parser, "generation (the opponent's samples)", gen + ["gen_prompts_per_iteration", "trajectory_steps"])
+    for title, dests in HELP_GROUPS.items():
+        regroup(parser, title, [d for d in dests if d != "validation_steps"])
+    hide_flags(parser, "streaming", "cache_latents", "validation_steps", "proportion_empty_prompts")  # refused here
+    next(a for a in parser._actions if a.dest == "validation_prompts").help = (
+        "Prompts rendered after each iteration, beside every iteration before it (theta_0 first): the grid in the "
+        "iteration's folder, model card and tracker. Default: --num_validation_images training captions."
+    )
     # SPIN.md's per-iteration recipe (from the released models' cards): lr 2e-5, linear, 200 warmup, 500 steps.
     parser.set_defaults(learning_rate=2e-5, lr_scheduler="linear", lr_warmup_steps=200, max_train_steps=500)
     args = parse_with_config(parser, input_args)
@@ -275,11 +295,10 @@ def parse_args(input_args=None):
             "train_spin_diffusion.py resumes by itself from output_dir (iteration, phase, newest checkpoint): "
             "rerun the same command, optionally with --resume_from_checkpoint latest"
         )
-    if args.cache_latents or args.validation_prompts or args.validation_steps or args.proportion_empty_prompts:
+    if args.cache_latents or args.validation_steps or args.proportion_empty_prompts:
         parser.error(
-            "--cache_latents / --validation_prompts / --validation_steps / --proportion_empty_prompts are "
-            "train_sft.py "
-            "flags; SPIN stores its own latents and logs per-iteration metrics (evaluate.py renders samples)"
+            "--cache_latents / --validation_steps / --proportion_empty_prompts are train_sft.py flags; SPIN stores "
+            "its own latents and renders --validation_prompts after each iteration"
         )
     if args.push_synthetic_dataset and not args.push_to_hub:
         parser.error("--push_synthetic_dataset needs --push_to_hub")
@@ -340,6 +359,7 @@ def main(args, preempt=None):
         unet, reference = load_policy_and_reference(args, k, frozen, accelerator.device)
         optimize_unet(unet, reference, channels_last=args.channels_last, compile=args.torch_compile)
 
+        started = time.monotonic()
         store, ds_k = None, hf_dataset
         if args.negative_source == "self":  # only the prompts this iteration's steps consume (or as asked)
             ds_k, captions_k = iteration_subset(args, hf_dataset, captions, k, accelerator.num_processes)
@@ -401,6 +421,7 @@ def main(args, preempt=None):
         if args.precompute_reference:  # latents and text embeddings are stored: VAE and text encoder wait on the CPU
             vae.to("cpu")
             text.to("cpu")
+        generated = time.monotonic()
         metrics = train_iteration(
             args,
             accelerator,
@@ -418,10 +439,26 @@ def main(args, preempt=None):
         result = model_for_saving(accelerator, unet)  # every process: under FSDP the shards are gathered here
         if accelerator.is_main_process:
             state.update(phase="save")
-            save_iteration(args, result, it_dir=it_dir, k=k, hub_repo=hub_repo, metrics=metrics, family=family)
+            prompts = args.validation_prompts or captions[: args.num_validation_images]
+            save_iteration(
+                args,
+                result,
+                it_dir=it_dir,
+                k=k,
+                hub_repo=hub_repo,
+                metrics=metrics,
+                family=family,
+                prompts=prompts,
+                accelerator=accelerator,
+                dtype=dtype,
+            )
             state.update(done=sorted(set(state.get("done")) | {k + 1}), phase="done")
             if args.push_to_hub:  # in the background: this iteration, and any earlier one whose push failed
                 pushes.submit(functools.partial(push_unpushed, args, state, hub_repo, stop_at_failure=k != todo[-1]))
+            times = (generated - started, time.monotonic() - generated)
+            logger.info(
+                iteration_line(k + 1, metrics, times, it_dir, pushing=args.push_to_hub), main_process_only=True
+            )
         vae.to(accelerator.device)
         text.to(accelerator.device)
         # Iteration k's UNet, reference copy and optimizer go before k+1 loads its own. Dropping the names is not
@@ -778,8 +815,9 @@ def train_iteration(args, accelerator, k, *, it_dir, unet, reference, store, dat
     return metrics
 
 
-def save_iteration(args, unet, *, it_dir, k, hub_repo, metrics, family):
-    """theta_{k+1} into iter_{k+1}/: LoRA weights (on the base model) or a full pipeline, card, args, metrics."""
+def save_iteration(args, unet, *, it_dir, k, hub_repo, metrics, family, prompts, accelerator, dtype):
+    """theta_{k+1} into iter_{k+1}/: LoRA weights (on the base model) or a full pipeline, the sample grid of every
+    iteration so far on `prompts`, card, args, metrics."""
     assert_finite_weights(unet, f"iteration {k + 1}")  # a diverged model is never saved as a result
     it_dir.mkdir(parents=True, exist_ok=True)
     if args.use_lora:
@@ -795,6 +833,19 @@ def save_iteration(args, unet, *, it_dir, k, hub_repo, metrics, family):
         ).save_pretrained(it_dir, safe_serialization=True)
     save_args(args, it_dir / "training_args.json")
     (it_dir / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
+    grid, images = iteration_grid(
+        args.output_dir,
+        k + 1,
+        prompts,
+        functools.partial(iteration_pipeline, args, family),
+        seed=args.seed,
+        num_inference_steps=args.validation_num_inference_steps,
+        guidance_scale=args.gen_guidance_scale,
+        resolution=args.resolution,
+        device=accelerator.device,
+        autocast_dtype=dtype if dtype != torch.float32 else None,
+    )
+    log_images(accelerator, [grid], [f"iterations 0-{k + 1}"], k + 1, tag="iterations")
     method = "Diffusion-DPO" if args.negative_source == "dataset" else "SPIN-Diffusion"
     # Full fine-tunes chain: iteration k+1's base_model is iteration k's repo, so the Hub shows the lineage. A LoRA
     # applies to the start model whatever the iteration, so its base_model stays the start model (lineage in the text).
@@ -850,8 +901,19 @@ def save_iteration(args, unet, *, it_dir, k, hub_repo, metrics, family):
             )
         },
         metrics=metrics["mean"],
-        image=None,
+        image="validation_grid.png",
     )
+
+
+def iteration_pipeline(args, family, j):
+    """Iteration j's pipeline (0: the start model): a LoRA iteration is its adapter on the start model."""
+    start = dict(revision=args.revision, cache_dir=args.cache_dir)
+    if j > 0 and not args.use_lora:
+        return family.load_pipeline(str(Path(args.output_dir) / f"iter_{j}"), args.prediction_type)
+    pipeline = family.load_pipeline(args.pretrained_model_name_or_path, args.prediction_type, **start)
+    if j > 0:
+        pipeline.load_lora_weights(str(Path(args.output_dir) / f"iter_{j}"))
+    return pipeline
 
 
 def resolve_hub_repo(args):

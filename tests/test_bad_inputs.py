@@ -1,5 +1,5 @@
 """Bad input ends in seconds with one `error:` line that names the flag, file or repo, before any sample is
-generated or any step trained, and without a traceback. Each row of the README's "Bad input" table is a case
+generated or any step trained, and without a traceback. Each row of docs/long-runs.md's "Bad input" table is a case
 here; `test_readme_table_matches_the_cases` keeps the two in step."""
 
 import re
@@ -377,14 +377,14 @@ def test_entry_points_print_error_lines_without_tracebacks(assets, tmp_path):
 
 
 def readme_rows():
-    text = (ROOT / "README.md").read_text()
+    text = (ROOT / "docs" / "long-runs.md").read_text()
     table = text.split("<!-- bad-inputs -->")[1]
     rows = [line for line in table.splitlines() if line.startswith("| ") and not line.startswith("| case")]
     return [[cell.strip() for cell in row.strip("|").split(" | ")] for row in rows]
 
 
 def test_readme_table_matches_the_cases():
-    """Every README row is a case tested above, with the same message, and every case has its row."""
+    """Every row of the docs table is a case tested above, with the same message, and every case has its row."""
     rows = {row[0]: row for row in readme_rows()}
     assert set(rows) == {c[0] for c in CASES}
     for case, _, _, fragment in CASES:
@@ -392,8 +392,8 @@ def test_readme_table_matches_the_cases():
 
 
 def refused_rows():
-    """The README's "Refused flag combinations" table: (flags, scripts, message fragment) per row."""
-    text = (ROOT / "README.md").read_text().split("<!-- refused -->")[1]
+    """docs/long-runs.md's "Refused flag combinations" table: (flags, scripts, message fragment) per row."""
+    text = (ROOT / "docs" / "long-runs.md").read_text().split("<!-- refused -->")[1]
     rows = []
     for line in text.strip().splitlines()[2:]:
         cells = [c.strip() for c in line.strip("|").split("|")]

@@ -455,3 +455,37 @@ def prompt_count(value):
     if value == "all" or (value.isdigit() and int(value) > 0):
         return value if value == "all" else int(value)
     raise argparse.ArgumentTypeError(f"expected a positive number of prompts or 'all', got {value!r}")
+
+
+def hide_flags(parser, *dests):
+    """Keep flags a script refuses parseable (so the refusal can say which script takes them) but out of its
+    --help, which lists only what the script accepts."""
+    for action in parser._actions:
+        if action.dest in dests:
+            action.help = argparse.SUPPRESS
+
+
+def regroup(parser, title, dests):
+    """Move the flags `dests` into the --help group `title` (created at the end), in the order given."""
+    group = parser.add_argument_group(title)
+    by_dest = {a.dest: a for a in parser._actions}
+    for dest in dests:
+        action = by_dest[dest]
+        for other in parser._action_groups:
+            if action in other._group_actions:
+                other._group_actions.remove(action)
+        group._group_actions.append(action)
+    return group
+
+
+HELP_GROUPS = {  # the --help groups both scripts share beyond model, data, training and the script's own
+    "checkpoints": ("checkpointing_steps", "checkpoints_total_limit", "resume_from_checkpoint"),
+    "logging and validation": (
+        "logging_dir",
+        "report_to",
+        "validation_prompts",
+        "validation_steps",
+        "num_validation_images",
+        "validation_num_inference_steps",
+    ),
+}

@@ -303,3 +303,41 @@ def generate_opponent_samples(
             break
     bar.close()
     return total
+
+
+def iteration_grid(
+    output_dir, k, prompts, load, *, seed, num_inference_steps, guidance_scale, resolution, device, autocast_dtype=None
+):
+    """SPIN's Fig. 2 for a run: the validation prompts rendered by theta_0 (once, into
+    `output_dir/validation_theta0/`) and by iteration k (into `iter_k/validation/`), the same seed per prompt, then
+    the grid of every iteration so far (theta_0 first, one column each; one row per prompt) written to
+    `iter_k/validation_grid.png`. `load(j)` gives iteration j's pipeline (0: the start model). A column already on
+    disk is not rendered again. Returns (the grid, iteration k's images)."""
+    output_dir = Path(output_dir)
+    columns = []
+    for j in (0, k) if k > 0 else (0,):
+        folder = output_dir / ("validation_theta0" if j == 0 else f"iter_{j}/validation")
+        files = [folder / f"{i:03d}.png" for i in range(len(prompts))]
+        if not all(f.exists() for f in files):
+            pipeline = load(j).to(device)
+            pipeline.set_progress_bar_config(disable=True)
+            folder.mkdir(parents=True, exist_ok=True)
+            images = render(
+                pipeline,
+                prompts,
+                seed=seed,
+                num_inference_steps=num_inference_steps,
+                guidance_scale=guidance_scale,
+                resolution=resolution,
+                autocast_dtype=autocast_dtype,
+            )
+            for image, f in zip(images, files):
+                image.save(f)
+            del pipeline
+    for j in range(k + 1):
+        folder = output_dir / ("validation_theta0" if j == 0 else f"iter_{j}/validation")
+        columns.append([Image.open(folder / f"{i:03d}.png").convert("RGB") for i in range(len(prompts))])
+    rows = [[column[i] for column in columns] for i in range(len(prompts))]
+    grid = labelled_grid(rows, prompts, ["theta_0"] + [f"iteration {j}" for j in range(1, k + 1)])
+    grid.save(output_dir / f"iter_{k}" / "validation_grid.png")
+    return grid, columns[-1]

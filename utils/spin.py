@@ -614,3 +614,21 @@ def print_summary(output_dir, num_iterations, state):
                 f"{(m['last_step'] or {}).get('reward_margin', nan):>12.4g}  "
                 f"{rose_or_fell(m.get('real_err_rise')):>13}  {where}"
             )
+
+
+def iteration_line(k, metrics, seconds, where, pushing):
+    """The one line a person reads at the end of iteration k: time for generation and training, the loss,
+    implicit accuracy and margin from the first step to the last, whether the real-image error rose, where the
+    iteration is saved and whether it is being pushed."""
+    first, last = metrics.get("first_step") or {}, metrics.get("last_step") or {}
+    nan = float("nan")
+
+    def change(name, spec):
+        return f"{format(first.get(name, nan), spec)} -> {format(last.get(name, nan), spec)}"
+
+    push = "pushing in the background" if pushing else "not pushed (no --push_to_hub)"
+    return (
+        f"iteration {k}: generation {seconds[0]:.0f} s, training {seconds[1]:.0f} s; loss {change('loss', '.4f')}, "
+        f"implicit accuracy {change('implicit_acc', '.2f')}, margin {change('reward_margin', '.3g')}; real-image "
+        f"error {rose_or_fell(metrics.get('real_err_rise'))}; saved in {where}; {push}"
+    )

@@ -114,6 +114,10 @@ def spin_args(assets, output_dir, *extra):
         "none",
         "--gen_prompts_per_iteration",
         "all",
+        "--validation_num_inference_steps",  # each iteration's sample grid: small, as the rest of the run
+        "2",
+        "--num_validation_images",
+        "2",
         *map(str, extra),
     ]
 

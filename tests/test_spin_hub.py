@@ -47,6 +47,9 @@ def test_full_iterations_as_repos_with_lineage(assets, tmp_path, hub_server):
             repo = f"{name}-iter{k}"
             files = hub_server.files(repo)
             assert {"model_index.json", "unet/diffusion_pytorch_model.safetensors", "metrics.json"} <= set(files)
+            card = hub_server.read_file(repo, "README.md").decode()  # the card shows the grid the repo holds
+            assert "validation_grid.png" in files and "![samples](validation_grid.png)" in card
+            assert "| implicit_acc |" in card  # and the iteration's metrics table
             assert not [f for f in files if "checkpoint-" in f or "synthetic" in f]
             # the lineage: iteration 2 is based on iteration 1's repo, iteration 1 on the start model
             assert card_meta(hub_server, repo)["base_model"] == (

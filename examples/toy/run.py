@@ -263,6 +263,8 @@ def spin_flags(cfg, start, seed, out, *, hp, steps, iterations, every, negative=
         "512",
         "--gen_prompts_per_iteration",  # every fine-tuning prompt, as the study was measured and accounted
         "all",
+        "--validation_num_inference_steps",  # each iteration's sample grid, at the evaluation's sampler steps
+        str(cfg["eval_steps"]),
     ]
     if hp.get("sft_weight"):
         flags += ["--sft_weight", str(hp["sft_weight"])]

@@ -69,14 +69,19 @@ from utils.data import (
     tokenize,
 )
 from utils.families import load_lora, model_family, refuse_flags, save_lora
-from utils.generation import SyntheticStore, generate_opponent_samples, iteration_grid, log_images
+from utils.generation import (
+    SyntheticStore,
+    generate_opponent_samples,
+    iteration_grid,
+    iteration_pipeline,
+    log_images,
+)
 from utils.hub import (
     BackgroundPushes,
     HubError,
-    hub_user,
     push_unpushed,
+    resolve_hub_repo,
     unpushed_iterations,
-    validate_repo_name,
     write_model_card,
 )
 from utils.losses import spin_loss, step_generator
@@ -128,6 +133,11 @@ from utils.training import (
 )
 
 logger = get_logger(__name__)
+# the flags an iteration's model card lists
+CARD_FLAGS = """beta sft_weight learning_rate lr_scheduler lr_warmup_steps max_train_steps train_batch_size
+gradient_accumulation_steps resolution mixed_precision use_lora rank negative_source gen_num_inference_steps
+gen_guidance_scale gen_scheduler gen_eta gen_prompts_per_iteration spin_objective trajectory_steps prediction_type
+seed""".split()
 LOGGED = ("loss", "spin_loss", "implicit_acc", "reward_margin")
 LOGGED += ("model_err_real", "model_err_gen", "ref_err_real", "ref_err_gen")
 
@@ -874,59 +884,10 @@ def save_iteration(args, unet, *, it_dir, k, hub_repo, metrics, family, prompts,
         tags=["spin-diffusion" if args.negative_source == "self" else "diffusion-dpo", f"iteration-{k + 1}"]
         + (["lora"] if args.use_lora else [])
         + (["spin-trajectory-objective"] if args.spin_objective == "trajectory" else []),
-        hyperparameters={
-            name: getattr(args, name)
-            for name in (
-                "beta",
-                "sft_weight",
-                "learning_rate",
-                "lr_scheduler",
-                "lr_warmup_steps",
-                "max_train_steps",
-                "train_batch_size",
-                "gradient_accumulation_steps",
-                "resolution",
-                "mixed_precision",
-                "use_lora",
-                "rank",
-                "negative_source",
-                "gen_num_inference_steps",
-                "gen_guidance_scale",
-                "gen_scheduler",
-                "gen_eta",
-                "spin_objective",
-                "trajectory_steps",
-                "prediction_type",
-                "seed",
-            )
-        },
+        hyperparameters={name: getattr(args, name) for name in CARD_FLAGS},
         metrics=metrics["mean"],
         image="validation_grid.png",
     )
-
-
-def iteration_pipeline(args, family, j):
-    """Iteration j's pipeline (0: the start model): a LoRA iteration is its adapter on the start model."""
-    start = dict(revision=args.revision, cache_dir=args.cache_dir)
-    if j > 0 and not args.use_lora:
-        return family.load_pipeline(str(Path(args.output_dir) / f"iter_{j}"), args.prediction_type)
-    pipeline = family.load_pipeline(args.pretrained_model_name_or_path, args.prediction_type, **start)
-    if j > 0:
-        pipeline.load_lora_weights(str(Path(args.output_dir) / f"iter_{j}"))
-    return pipeline
-
-
-def resolve_hub_repo(args):
-    """The full repo id base (namespace/name) for pushes. Checks the token and the names of every repo the run
-    will create now, not after hours of training (HubError)."""
-    name = args.hub_model_id or Path(args.output_dir).resolve().name
-    validate_repo_name(name)
-    user = hub_user(args.hub_token, args.hub_retry_max_time, repo_id=name)  # no or refused token, foreign namespace
-    repo = name if "/" in name else f"{user}/{name}"
-    last = 1 if args.negative_source == "dataset" else args.num_iterations
-    longest = f"{repo}-iter{last}" + ("-synthetic" if args.push_synthetic_dataset else "")
-    validate_repo_name(longest if args.hub_versioning == "repos" else repo)
-    return repo
 
 
 def cli(argv=None):

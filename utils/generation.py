@@ -341,3 +341,14 @@ def iteration_grid(
     grid = labelled_grid(rows, prompts, ["theta_0"] + [f"iteration {j}" for j in range(1, k + 1)])
     grid.save(output_dir / f"iter_{k}" / "validation_grid.png")
     return grid, columns[-1]
+
+
+def iteration_pipeline(args, family, j):
+    """Iteration j's pipeline (0: the start model): a LoRA iteration is its adapter on the start model."""
+    start = dict(revision=args.revision, cache_dir=args.cache_dir)
+    if j > 0 and not args.use_lora:
+        return family.load_pipeline(str(Path(args.output_dir) / f"iter_{j}"), args.prediction_type)
+    pipeline = family.load_pipeline(args.pretrained_model_name_or_path, args.prediction_type, **start)
+    if j > 0:
+        pipeline.load_lora_weights(str(Path(args.output_dir) / f"iter_{j}"))
+    return pipeline

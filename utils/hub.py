@@ -365,3 +365,16 @@ def push_unpushed(args, state, hub_repo, stop_at_failure=True):
         state.update(pushed=state.get("pushed") | {str(it): where}, push_errors=errors)
         logger.info(f"iteration {it} pushed to {where}")
     return unpushed_iterations(state)
+
+
+def resolve_hub_repo(args):
+    """The full repo id base (namespace/name) for pushes. Checks the token and the names of every repo the run
+    will create now, not after hours of training (HubError)."""
+    name = args.hub_model_id or Path(args.output_dir).resolve().name
+    validate_repo_name(name)
+    user = hub_user(args.hub_token, args.hub_retry_max_time, repo_id=name)  # no or refused token, foreign namespace
+    repo = name if "/" in name else f"{user}/{name}"
+    last = 1 if args.negative_source == "dataset" else args.num_iterations
+    longest = f"{repo}-iter{last}" + ("-synthetic" if args.push_synthetic_dataset else "")
+    validate_repo_name(longest if args.hub_versioning == "repos" else repo)
+    return repo

@@ -20,14 +20,22 @@ def test_readme_is_short_and_describes_spin_before_any_error_table():
     assert 0 <= text.find("train_spin_diffusion.py") < first_error_table
 
 
+def heading_anchors(path):
+    """The anchors GitHub gives a file's headings: lower case, punctuation dropped, spaces to hyphens."""
+    text = re.sub(r"```.*?```", "", path.read_text(), flags=re.S)
+    headings = re.findall(r"^#+ (.+)$", text, flags=re.M)
+    return {re.sub(r"[^\w\- ]", "", h.strip().lower()).replace(" ", "-") for h in headings}
+
+
 def test_every_relative_link_resolves():
     missing = []
     for path in markdown_files():
         for target in re.findall(r"\]\(([^)\s]+)\)", path.read_text()):
             if re.match(r"https?://|mailto:", target):
                 continue
-            file = target.split("#")[0]
-            if file and not (path.parent / file).exists():
+            file, _, anchor = target.partition("#")
+            linked = (path.parent / file) if file else path
+            if not linked.exists() or (anchor and anchor not in heading_anchors(linked)):
                 missing.append(f"{path.relative_to(ROOT)}: {target}")
     assert not missing, missing
     assert len(markdown_files()) >= 9  # the docs/ map's files

@@ -302,11 +302,12 @@ def main(args, preempt=None):
             global_step += 1
             if ema_unet is not None:
                 ema_unet.step(unet.parameters())
-            # the loss averaged over the accumulation window and the processes: one sync per optimizer step
-            logs = {
-                "loss": accelerator.reduce(window_loss / window_batches, "mean").item(),
-                "lr": lr_scheduler.get_last_lr()[0],
-            }
+            # the loss averaged over the accumulation window and the processes, with the stop flag along (above 0:
+            # some process was signalled), so one sync per optimizer step
+            mean_loss = window_loss.reshape(1) / window_batches
+            loss_value, flag = accelerator.reduce(torch.cat([mean_loss, preempt.flag(mean_loss)]), "mean").tolist()
+            stop = preempt.agreed(flag) and global_step < max_train_steps
+            logs = {"loss": loss_value, "lr": lr_scheduler.get_last_lr()[0]}
             window_loss, window_batches = 0.0, 0
             if grad_norm is not None:
                 logs["grad_norm"] = float(grad_norm)
@@ -323,7 +324,6 @@ def main(args, preempt=None):
             progress.update(1)
             progress.set_postfix(loss=f"{logs['loss']:.4f}", lr=f"{logs['lr']:.2e}")
             accelerator.log(logs, step=global_step)
-            stop = preempt.requested(accelerator) and global_step < max_train_steps  # a collective: every process
             if global_step % args.checkpointing_steps == 0 or stop:
                 assert_finite_weights(unet, f"checkpoint-{global_step}", accelerator)
                 last_good = save_checkpoint(accelerator, output_dir, global_step, args.checkpoints_total_limit)

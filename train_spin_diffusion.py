@@ -1,8 +1,9 @@
 #!/usr/bin/env python
-"""SPIN-Diffusion: self-play fine-tuning of a Stable Diffusion UNet (Yuan et al., NeurIPS 2024).
+"""SPIN-Diffusion: self-play fine-tuning of a text-to-image diffusion model (Yuan et al., NeurIPS 2024): SD-1.x/2.x,
+SDXL, SD3.x or Flux.1, full or LoRA.
 
 Per iteration k = 0 .. K-1, with theta_k the model of the previous iteration (the start model for k = 0):
-  1. generation: theta_k draws one latent per training prompt (the opponent's samples);
+  1. generation: theta_k draws one latent per prompt the iteration trains on (the opponent's samples);
   2. training: the policy starts from theta_k and learns to make the real image more likely and theta_k's
      sample less likely, relative to the frozen reference theta_k (utils/losses.py: spin_loss);
   3. save theta_{k+1} to output_dir/iter_{k+1}/ and push it to the Hub as its own repo (or revision).
@@ -31,16 +32,12 @@ from diffusers.optimization import get_scheduler
 from tqdm.auto import tqdm
 
 from utils.args import (
-    HELP_GROUPS,
     add_data_args,
     add_hub_args,
     add_model_args,
     add_training_args,
-    hide_flags,
     make_parser,
     parse_with_config,
-    prompt_count,
-    regroup,
     rerun_command,
     save_args,
     tracker_config,
@@ -63,10 +60,8 @@ from utils.data import (
     TrainDataset,
     caption_of,
     collate,
-    generated_size,
     load_training_dataset,
     set_epoch,
-    tokenize,
 )
 from utils.families import load_lora, model_family, refuse_flags, save_lora
 from utils.generation import (
@@ -82,7 +77,7 @@ from utils.hub import (
     push_unpushed,
     resolve_hub_repo,
     unpushed_iterations,
-    write_model_card,
+    write_iteration_card,
 )
 from utils.losses import spin_loss, step_generator
 from utils.models import (
@@ -98,27 +93,25 @@ from utils.models import (
     trainable_parameters,
 )
 from utils.spin import (
+    IterationTally,
     SpinStep,  # noqa: F401  (the step's settings; callers build it from the flags with spin_step)
-    is_saturated,
     iteration_line,
     iteration_prompts,
     opponent_scheduler,
     pair_conditions,
     pair_errors,
     pair_inputs,
-    precompute_reference,
-    precompute_trajectory_reference,
     print_summary,
-    real_error_drift,
     real_error_sentence,
     real_latents,
+    reference_extras,
     saturation_warning,
     spin_step,
     store_settings,
     trajectory_errors,
-    trajectory_flag_error,
     trajectory_inputs,
 )
+from utils.spin_args import add_spin_args, check_spin_args
 from utils.training import (
     PREEMPTED_EXIT,
     DivergedError,
@@ -133,11 +126,6 @@ from utils.training import (
 )
 
 logger = get_logger(__name__)
-# the flags an iteration's model card lists
-CARD_FLAGS = """beta sft_weight learning_rate lr_scheduler lr_warmup_steps max_train_steps train_batch_size
-gradient_accumulation_steps resolution mixed_precision use_lora rank negative_source gen_num_inference_steps
-gen_guidance_scale gen_scheduler gen_eta gen_prompts_per_iteration spin_objective trajectory_steps prediction_type
-seed""".split()
 LOGGED = ("loss", "spin_loss", "implicit_acc", "reward_margin")
 LOGGED += ("model_err_real", "model_err_gen", "ref_err_real", "ref_err_gen")
 
@@ -148,175 +136,9 @@ def parse_args(input_args=None):
     add_data_args(parser)
     add_training_args(parser)
     add_hub_args(parser)
-    g = parser.add_argument_group("SPIN")
-    g.add_argument("--num_iterations", type=int, default=3, help="Self-play iterations K (the paper releases 3).")
-    g.add_argument(
-        "--beta",
-        type=float,
-        default=5000.0,
-        help="Loss strength, Diffusion-DPO convention (beta/2 inside the sigmoid), on the family's own per-sample "
-        "error. Default 5000 is unconfirmed for SPIN; 2000-5000 are plausible for SD and SDXL. Flow models (SD3, "
-        "Flux) have velocity errors of another scale: start lower (their example configs say 1000; peers use "
-        "100-5000 on SD3).",
-    )
-    g.add_argument(
-        "--sft_weight",
-        type=float,
-        default=0.0,
-        help="lambda: add lambda x the policy's denoising error on the real images (the SFT loss) to the SPIN loss, "
-        "against likelihood drift (the margin growing while the real images get less likely too). 0: the paper.",
-    )
-    g.add_argument(
-        "--no_share_noise", action="store_true", help="Draw separate noise for the generated latent (default: shared)."
-    )
-    g.add_argument(
-        "--negative_source",
-        choices=["self", "dataset"],
-        default="self",
-        help="self: SPIN (the previous iterate's samples). dataset: the Pick-a-Pic loser with the start model as "
-        "reference, one iteration (Diffusion-DPO).",
-    )
-    g.add_argument(
-        "--precompute_reference",
-        action="store_true",
-        help="Draw each pair's t and noise during generation and compute the reference errors there, with theta_k "
-        "already loaded; the real latents and text embeddings are stored too. Training then runs no reference, "
-        "VAE or text encoder (both wait on the CPU). Fixes each pair's t, noise and real latent (center crop, "
-        "no flip) for the iteration. Disk: ~180 KB per prompt per iteration for SD-1.5 in bf16.",
-    )
-    g.add_argument(
-        "--offload_reference",
-        action="store_true",
-        help="Full fine-tuning: keep the frozen reference UNet on the CPU between uses.",
-    )
-    g.add_argument("--gen_num_inference_steps", type=int, default=50)
-    g.add_argument(
-        "--gen_guidance_scale",
-        type=float,
-        default=None,
-        help="The opponent's guidance. Default: its pipeline's (SD 7.5, SDXL 5, SD3 7; Flux.1 3.5, its embedding).",
-    )
-    g.add_argument(
-        "--gen_scheduler",
-        choices=["model", "ddim", "ddpm", "dpmsolver", "unipc"],
-        default="model",
-        help="Sampler for the opponent, built from the model's scheduler config: its own, DDIM, DDPM, "
-        "DPM-Solver++ 2M or UniPC (the last two match 50 DDIM steps in about 20; see the README's measurement).",
-    )
-    g.add_argument(
-        "--gen_eta",
-        type=float,
-        default=None,
-        help="DDIM's eta for the opponent: 0 (the default) is deterministic, 1 is DDPM-like noise. DDPM ignores it; "
-        "flow models refuse it.",
-    )
-    g.add_argument(
-        "--spin_objective",
-        choices=["approximate", "trajectory"],
-        default="approximate",
-        help="approximate: forward-noise the opponent's final sample at a random t (SPIN.md's loss). trajectory: "
-        "the exact objective, the per-step likelihood ratio on K stored steps of the opponent's own "
-        "stochastic sampling chain against forward-posterior steps of the real image; needs --gen_scheduler "
-        "ddpm, or ddim with --gen_eta > 0. Which one produced the paper's numbers is unconfirmed.",
-    )
-    g.add_argument(
-        "--trajectory_steps",
-        type=int,
-        default=1,
-        help="--spin_objective trajectory: chain steps stored and trained per sample (K). Storage: 2K fp32 "
-        "latents per sample, K x 128 KiB for SD-1.5 at 512 px.",
-    )
-    g.add_argument("--gen_batch_size", type=int, default=8)
-    g.add_argument(
-        "--gen_shard_size", type=int, default=256, help="Samples per synthetic shard (the unit of resumption)."
-    )
-    g.add_argument(
-        "--gen_prompts_per_iteration",
-        type=prompt_count,
-        default=None,
-        help="Prompts an iteration generates for and trains on, drawn anew each iteration (N, or all). Default: "
-        "as many as its steps consume (max_train_steps x total batch), so no sample is generated unused.",
-    )
-    g.add_argument(
-        "--push_synthetic_dataset", action="store_true", help="Also upload each iteration's samples as a dataset repo."
-    )
-    g.add_argument(
-        "--hub_versioning",
-        choices=["repos", "revisions"],
-        default="repos",
-        help="repos: iteration N goes to {hub_model_id}-iterN. revisions: one repo, iteration N tagged iterN.",
-    )
-    g.add_argument(
-        "--num_validation_images",
-        type=int,
-        default=4,
-        help="Without --validation_prompts: this many training captions make each iteration's sample grid.",
-    )
-    gen = [a.dest for a in parser._actions if a.dest.startswith("gen_") and a.dest != "gen_prompts_per_iteration"]
-    regroup(parser, "generation (the opponent's samples)", gen + ["gen_prompts_per_iteration", "trajectory_steps"])
-    for title, dests in HELP_GROUPS.items():
-        regroup(parser, title, [d for d in dests if d != "validation_steps"])
-    hide_flags(parser, "streaming", "cache_latents", "validation_steps", "proportion_empty_prompts")  # refused here
-    next(a for a in parser._actions if a.dest == "validation_prompts").help = (
-        "Prompts rendered after each iteration, beside every iteration before it (theta_0 first): the grid in the "
-        "iteration's folder, model card and tracker. Default: --num_validation_images training captions."
-    )
-    # SPIN.md's per-iteration recipe (from the released models' cards): lr 2e-5, linear, 200 warmup, 500 steps.
-    parser.set_defaults(learning_rate=2e-5, lr_scheduler="linear", lr_warmup_steps=200, max_train_steps=500)
+    add_spin_args(parser)
     args = parse_with_config(parser, input_args)
-    if args.streaming:
-        parser.error(
-            "--streaming is not supported by SPIN: every training prompt gets a generated sample; "
-            "use --max_train_samples to train on a subset"
-        )
-    for name in (
-        "num_iterations",
-        "beta",
-        "gen_batch_size",
-        "gen_shard_size",
-        "gen_num_inference_steps",
-        "trajectory_steps",
-    ):
-        if not getattr(args, name) > 0:
-            parser.error(f"--{name} must be positive, got {getattr(args, name)}")
-    if args.sft_weight < 0:
-        parser.error(f"--sft_weight must be >= 0, got {args.sft_weight}")
-    if args.gen_guidance_scale is not None and args.gen_guidance_scale < 0:
-        parser.error(f"--gen_guidance_scale must be >= 0, got {args.gen_guidance_scale}")
-    if args.gen_eta is not None and args.gen_eta < 0:
-        parser.error(f"--gen_eta must be >= 0, got {args.gen_eta}")
-    if args.spin_objective == "trajectory" and trajectory_flag_error(args):
-        parser.error(trajectory_flag_error(args))
-    if args.precompute_reference and args.negative_source == "dataset":
-        parser.error("--precompute_reference works with --negative_source self (it runs during the generation phase)")
-    if args.precompute_reference and (args.noise_offset or args.random_flip):
-        parser.error(
-            "--precompute_reference fixes each pair's noise and real latent: drop --noise_offset / --random_flip"
-        )
-    if args.offload_reference and (args.use_lora or args.precompute_reference):
-        why = (
-            "with --use_lora the reference is the policy UNet with theta_k's adapter switched in"
-            if args.use_lora
-            else "with --precompute_reference training holds no reference"
-        )
-        parser.error(f"--offload_reference offloads a full fine-tune's frozen reference copy; {why}: drop it")
-    if args.resume_from_checkpoint not in (None, "latest"):
-        parser.error(
-            "train_spin_diffusion.py resumes by itself from output_dir (iteration, phase, newest checkpoint): "
-            "rerun the same command, optionally with --resume_from_checkpoint latest"
-        )
-    if args.cache_latents or args.validation_steps or args.proportion_empty_prompts:
-        parser.error(
-            "--cache_latents / --validation_steps / --proportion_empty_prompts are train_sft.py flags; SPIN stores "
-            "its own latents and renders --validation_prompts after each iteration"
-        )
-    if args.push_synthetic_dataset and not args.push_to_hub:
-        parser.error("--push_synthetic_dataset needs --push_to_hub")
-    if args.push_to_hub and args.hub_retry_max_time >= args.ddp_timeout / 2:
-        parser.error(
-            f"--hub_retry_max_time {args.hub_retry_max_time:g} must stay well under --ddp_timeout "
-            f"{args.ddp_timeout} (the other processes wait while the main one pushes): at most half of it"
-        )
+    check_spin_args(parser, args)
     args = validate_training_args(parser, args)
     args.command = rerun_command("train_spin_diffusion.py", sys.argv[1:] if input_args is None else input_args)
     return args
@@ -622,46 +444,6 @@ def spin_forward(unet, reference, batch, generator, *, frozen, step, autocast):
     return spin_loss(m_real, m_gen, r_real, r_gen, step.beta, sft_weight=step.sft_weight)
 
 
-def reference_extras(args, real_images, unet, *, frozen, step, accelerator):
-    """For --precompute_reference: per generated chunk, the real latents, the noise seeds (and t), theta_k's
-    errors and the text embeddings, for the objective in use."""
-
-    def extras(indices, seeds, outputs):
-        rows = [real_images.ds[i] for i in indices]
-        decoded = [real_images.pixels(real_images.image_value(row), i) for row, i in zip(rows, indices)]
-        valid = torch.tensor([d is not None for d in decoded])  # an undecodable real image: replaced at training time
-        blank = (torch.zeros(3, args.resolution, args.resolution), generated_size(args.resolution))
-        pixels, sizes = (torch.stack(column) for column in zip(*(d if d is not None else blank for d in decoded)))
-        captions = [caption_of(row[real_images.spec["caption"]]) for row in rows]
-        batch = tokenize(real_images.tokenizer, captions) | {
-            "image_size": sizes,
-            "negative_image_size": torch.stack([generated_size(args.resolution)] * len(rows)),
-        }
-        common = dict(
-            vae=frozen.vae,
-            text=frozen.text,
-            objective=frozen.objective,
-            dtype=frozen.dtype,
-            autocast=accelerator.autocast,
-        )
-        if step.objective == "trajectory":
-            trajectory = {name: t.to(accelerator.device) for name, t in outputs.items() if name.startswith("traj_")}
-            out = precompute_trajectory_reference(unet, pixels, trajectory, batch, seeds, table=step.table, **common)
-        else:
-            out = precompute_reference(
-                unet,
-                pixels,
-                outputs["latents"].to(accelerator.device),
-                batch,
-                seeds,
-                share_noise=step.share_noise,
-                **common,
-            )
-        return out | {"valid": valid, "image_size": sizes}
-
-    return extras
-
-
 def train_iteration(args, accelerator, k, *, it_dir, unet, reference, store, data, frozen, step, preempt):
     """One iteration's training phase on `data` = (dataset, column spec). Returns the iteration's metrics (first
     step, last step, means)."""
@@ -728,12 +510,7 @@ def train_iteration(args, accelerator, k, *, it_dir, unet, reference, store, dat
         )
         logger.info(f"iteration {k + 1}: resumed from {checkpoint} at step {global_step}")
 
-    # The iteration's running metrics travel with its checkpoints, so a resumed iteration reports all its steps.
-    tally = {"sums": {}, "first": None, "logs": {}, "counted": 0, "saturated": 0}
-    if checkpoint is not None and (checkpoint / "spin_metrics.json").exists():
-        tally = json.loads((checkpoint / "spin_metrics.json").read_text())
-    sums, first, logs, counted, skipped_images = tally["sums"], tally["first"], tally["logs"], tally["counted"], 0
-    saturated = tally.get("saturated", 0)  # steps with a saturated margin (utils/spin.py: is_saturated)
+    tally, skipped_images = IterationTally(checkpoint), 0  # running metrics: saved with checkpoints, resumed
     window, window_batches, overflows = 0.0, 0, 0
     progress = tqdm(
         range(max_train_steps),
@@ -768,8 +545,10 @@ def train_iteration(args, accelerator, k, *, it_dir, unet, reference, store, dat
             global_step += 1
             if ema_unet is not None:
                 ema_unet.step(unet.parameters())
-            # averaged over the accumulation window and the processes: one sync per optimizer step
-            values = accelerator.reduce(window / window_batches, "mean").tolist()
+            # averaged over the accumulation window and the processes, with the stop flag along (above 0: some
+            # process was signalled), so one sync per optimizer step
+            values = accelerator.reduce(torch.cat([window / window_batches, preempt.flag(window)]), "mean").tolist()
+            stop = preempt.agreed(values.pop()) and global_step < max_train_steps
             window, window_batches = 0.0, 0
             logs = dict(zip(LOGGED, values)) | {"lr": lr_scheduler.get_last_lr()[0], "skipped_images": skipped_images}
             if grad_norm is not None:
@@ -783,28 +562,21 @@ def train_iteration(args, accelerator, k, *, it_dir, unet, reference, store, dat
                 skipped=overflow,
                 skipped_in_a_row=overflows,
             )
-            if not overflow:  # the iteration's first step and means count the steps that updated the weights
-                first = first or dict(logs, step=global_step)
-                counted, saturated = counted + 1, saturated + is_saturated(logs)
-                for name, v in logs.items():
-                    if name != "skipped_images":
-                        sums[name] = sums.get(name, 0.0) + v
+            tally.add(logs, global_step, counted=not overflow)  # means count the steps that updated the weights
             progress.update(1)
             progress.set_postfix(loss=f"{logs['loss']:.4f}", acc=f"{logs['implicit_acc']:.2f}", lr=f"{logs['lr']:.2e}")
             accelerator.log(
                 {f"{name}": v for name, v in logs.items()} | {"iteration": k + 1},
                 step=k * max_train_steps + global_step,
             )
-            stop = preempt.requested(accelerator) and global_step < max_train_steps  # a collective: every process
             if global_step % args.checkpointing_steps == 0 or stop:
-                tally = {"sums": sums, "first": first, "logs": logs, "counted": counted, "saturated": saturated}
                 assert_finite_weights(unet, f"iteration {k + 1}, checkpoint-{global_step}", accelerator)
                 last_good = save_checkpoint(
                     accelerator,
                     it_dir,
                     global_step,
                     args.checkpoints_total_limit,
-                    extra_files={"spin_metrics.json": json.dumps(tally)},
+                    extra_files=tally.files(),
                 )
             if stop:
                 preempt.stop(f"iteration {k + 1} is saved at step {global_step} in {last_good}")
@@ -815,10 +587,7 @@ def train_iteration(args, accelerator, k, *, it_dir, unet, reference, store, dat
         ema_unet.copy_to(accelerator.unwrap_model(unet).parameters())
     for h in hooks:
         h.remove()
-    mean = {name: v / max(counted, 1) for name, v in sums.items()}
-    metrics = {"iteration": k + 1, "spin_objective": args.spin_objective, "steps": global_step, "first_step": first}
-    metrics |= {"last_step": logs, "mean": mean, "saturated_steps": saturated, "counted_steps": counted}
-    metrics |= real_error_drift(logs, mean)  # real_err_rise(_mean): the policy's real-image error against theta_k's
+    metrics = tally.metrics(k, args.spin_objective, global_step)
     warning = saturation_warning(metrics, args.beta, args.learning_rate)
     if warning:
         logger.warning(warning)
@@ -856,38 +625,8 @@ def save_iteration(args, unet, *, it_dir, k, hub_repo, metrics, family, prompts,
         autocast_dtype=dtype if dtype != torch.float32 else None,
     )
     log_images(accelerator, [grid], [f"iterations 0-{k + 1}"], k + 1, tag="iterations")
-    method = "Diffusion-DPO" if args.negative_source == "dataset" else "SPIN-Diffusion"
-    # Full fine-tunes chain: iteration k+1's base_model is iteration k's repo, so the Hub shows the lineage. A LoRA
-    # applies to the start model whatever the iteration, so its base_model stays the start model (lineage in the text).
-    previous = (
-        f"{hub_repo}-iter{k}"
-        if hub_repo and args.hub_versioning == "repos" and k > 0
-        else args.pretrained_model_name_or_path
-    )
-    base_model = args.pretrained_model_name_or_path if args.use_lora else previous
-    pipeline_class = family.PIPELINE_CLASSES[0]
-    load = (
-        f"`pipe = {pipeline_class}.from_pretrained('{args.pretrained_model_name_or_path}')` then "
-        f"`pipe.load_lora_weights(...)`: the adapter is relative to the start model"
-        if args.use_lora
-        else f"`{pipeline_class}.from_pretrained(...)`"
-    )
-    write_model_card(
-        it_dir,
-        base_model=base_model,
-        dataset=args.dataset_name,
-        title=f"{method} iteration {k + 1}",
-        description=f"Iteration {k + 1} of {method} (Yuan et al., NeurIPS 2024) "
-        f"from `{args.pretrained_model_name_or_path}`, "
-        f"trained with `train_spin_diffusion.py`. Previous iteration: `{previous}`. Load with {load}.\n\n"
-        + real_error_sentence(metrics),
-        tags=["spin-diffusion" if args.negative_source == "self" else "diffusion-dpo", f"iteration-{k + 1}"]
-        + (["lora"] if args.use_lora else [])
-        + (["spin-trajectory-objective"] if args.spin_objective == "trajectory" else []),
-        hyperparameters={name: getattr(args, name) for name in CARD_FLAGS},
-        metrics=metrics["mean"],
-        image="validation_grid.png",
-    )
+    note = real_error_sentence(metrics)  # whether the real images got less likely
+    write_iteration_card(args, it_dir, k, hub_repo, metrics, family.PIPELINE_CLASSES[0], note)
 
 
 def cli(argv=None):

@@ -218,9 +218,12 @@ def test_sdxl_size_conditioning_follows_each_image_and_the_generation_size():
     assert seen["text_embeds"].shape == (4, 4)
 
 
-def test_sdxl_vae_runs_in_fp32_unless_a_fixed_one_is_given(families):
-    """Under bf16 the text encoders and a replacement VAE run in bf16; SDXL's own VAE stays in fp32."""
+def test_sdxl_vae_runs_in_fp32_unless_a_fixed_one_is_given(families, tmp_path):
+    """Under bf16 the text encoders and a replacement VAE run in bf16; SDXL's own VAE stays in fp32. The replacement
+    (other weights than the pipeline's) is the VAE that gets used."""
     import argparse
+
+    import make_tiny_assets
 
     from utils import family_sdxl
     from utils.training import load_frozen_components
@@ -239,5 +242,11 @@ def test_sdxl_vae_runs_in_fp32_unless_a_fixed_one_is_given(families):
     )
     frozen = load_frozen_components(args, Accelerator(), family_sdxl)
     assert frozen.vae.dtype == torch.float32 and frozen.text.text_encoder_2.dtype == torch.bfloat16
-    args.pretrained_vae_model_name_or_path = str(families["sdxl"] / "vae")
-    assert load_frozen_components(args, Accelerator(), family_sdxl).vae.dtype == torch.bfloat16
+    fixed = make_tiny_assets.tiny_vae(32, seed=123, scaling_factor=0.13025)
+    fixed.save_pretrained(tmp_path / "fixed-vae")
+    args.pretrained_vae_model_name_or_path = str(tmp_path / "fixed-vae")
+    replaced = load_frozen_components(args, Accelerator(), family_sdxl).vae
+    assert replaced.dtype == torch.bfloat16
+    own, new = frozen.vae.state_dict(), replaced.state_dict()
+    assert any(not torch.equal(own[name].to(torch.bfloat16), new[name]) for name in own)
+    assert all(torch.equal(fixed.state_dict()[name].to(torch.bfloat16), new[name]) for name in new)

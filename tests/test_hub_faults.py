@@ -4,6 +4,7 @@ of the same command pushes them without generating or training."""
 
 import json
 import time
+from unittest import mock
 
 import pytest
 
@@ -139,7 +140,7 @@ def test_an_outage_costs_one_retry_budget_per_run_not_per_iteration(assets, tmp_
     end waits one budget for what is left (pushing in line would cost one budget per iteration and more)."""
     import train_spin_diffusion
 
-    budget = 8.0
+    budget, pause = 8.0, 3.0
 
     def timed_run(out, repo):
         argv = spin_args(assets, out, "--use_lora", "--max_train_steps", "2", "--push_to_hub", "--hub_model_id")
@@ -156,13 +157,32 @@ def test_an_outage_costs_one_retry_budget_per_run_not_per_iteration(assets, tmp_
     with hub_online():
         clear, code = timed_run(tmp_path / "clear", "test-user/outage-clear")
         assert code == 0
-        hub_server.inject(None, WRITE_ENDPOINTS, status=503, times=None)
+        outage = hub_server.inject(None, WRITE_ENDPOINTS, status=503, times=None)
+        load, train, during = train_spin_diffusion.load_policy_and_reference, train_spin_diffusion.train_iteration, {}
+
+        def load_counting(args, k, *rest):  # iteration 2 starts: iteration 1's push was submitted just before
+            if k == 1:
+                during["start"] = len(outage.hits)
+            return load(args, k, *rest)
+
+        def train_counting(args, accelerator, k, *rest, **kw):
+            metrics = train(args, accelerator, k, *rest, **kw)
+            if k == 1:  # a tiny iteration is quicker than the first retry's 2 s backoff: train a little longer
+                time.sleep(pause)
+                during["end"] = len(outage.hits)
+            return metrics
+
         try:
-            down, message = timed_run(tmp_path / "down", "test-user/outage-down")
+            with (
+                mock.patch.object(train_spin_diffusion, "load_policy_and_reference", load_counting),
+                mock.patch.object(train_spin_diffusion, "train_iteration", train_counting),
+            ):
+                down, message = timed_run(tmp_path / "down", "test-user/outage-down")
         finally:
             hub_server.clear_faults()
     assert str(message).startswith("error: 2 iteration(s) trained and saved but not pushed")
-    assert down - clear < 1.25 * budget, (down, clear)  # measured: +7.5 s; pushing in line: +17.3 s
+    assert during["end"] > during["start"], during  # iteration 1's push retried while iteration 2 ran
+    assert down - pause - clear < 1.25 * budget, (down, clear)  # measured: +7.5 s; pushing in line: +17.3 s
 
 
 def test_spin_push_recovering_midway_is_retried_after_the_next_iteration(assets, tmp_path, hub_server):

@@ -19,7 +19,7 @@ from .data import tokenizer_ids
 from .family_sd import given_parts
 from .family_sd3 import ddpm_flags_set
 from .flow import objective_from_args
-from .models import ModelError
+from .models import loading
 
 PIPELINE_CLASSES = ("FluxPipeline",)
 DESCRIPTION = "Flux.1, flow matching with CLIP and T5 over packed latents"
@@ -121,13 +121,6 @@ def objective(scheduler, args=None):
     )
 
 
-def load_error(name, e):
-    return ModelError(
-        f"--pretrained_model_name_or_path {name}: could not load its Flux components "
-        f"({type(e).__name__}: {str(e).strip().splitlines()[0][:300]})"
-    )
-
-
 def load_components(
     name,
     *,
@@ -144,7 +137,7 @@ def load_components(
     from transformers import CLIPTextModel, CLIPTokenizer, T5EncoderModel, T5TokenizerFast
 
     kw = dict(revision=revision, cache_dir=cache_dir)
-    try:
+    with loading(name, "Flux"):
         tokenizers = Tokenizers(
             CLIPTokenizer.from_pretrained(name, subfolder="tokenizer", **kw),
             T5TokenizerFast.from_pretrained(name, subfolder="tokenizer_2", **kw),
@@ -154,22 +147,16 @@ def load_components(
         text_encoder_2 = T5EncoderModel.from_pretrained(name, subfolder="text_encoder_2", variant=variant, **kw)
         vae = AutoencoderKL.from_pretrained(name, subfolder="vae", variant=variant, **kw)
         scheduler = FlowMatchEulerDiscreteScheduler.from_pretrained(name, subfolder="scheduler", **kw)
-    except (OSError, ValueError) as e:
-        raise load_error(name, e) from e
     transformer = load_denoiser(name, variant=variant, **kw) if with_unet else None
     return Prompts(tokenizers, text_encoder, text_encoder_2), vae, transformer, scheduler
 
 
-def load_denoiser(name, subfolder=DENOISER, revision=None, variant=None, cache_dir=None, **kwargs):
+def load_denoiser(name, subfolder=DENOISER, **kwargs):
     """The FluxTransformer2DModel of a pipeline folder or Hub repo (`subfolder` None: at its root)."""
     from diffusers import FluxTransformer2DModel
 
-    try:
-        return FluxTransformer2DModel.from_pretrained(
-            name, subfolder=subfolder, revision=revision, variant=variant, cache_dir=cache_dir, **kwargs
-        )
-    except (OSError, ValueError) as e:
-        raise load_error(name, e) from e
+    with loading(name, "Flux"):
+        return FluxTransformer2DModel.from_pretrained(name, subfolder=subfolder, **kwargs)
 
 
 def load_pipeline(name, prediction_type=None, *, denoiser=None, text=None, vae=None, **kwargs):

@@ -20,7 +20,7 @@ import torch
 
 from .data import tokenizer_ids
 from .losses import DDPMObjective
-from .models import ModelError
+from .models import loading
 
 PIPELINE_CLASSES = ("StableDiffusionPipeline",)
 DESCRIPTION = "SD-1.x and SD-2.x, epsilon or v-prediction"
@@ -87,13 +87,6 @@ def flow_flags_set(args):
     return out
 
 
-def load_error(name, e):
-    return ModelError(
-        f"--pretrained_model_name_or_path {name}: could not load its Stable Diffusion components "
-        f"({type(e).__name__}: {str(e).strip().splitlines()[0][:300]})"
-    )
-
-
 def load_components(
     name,
     *,
@@ -111,30 +104,24 @@ def load_components(
     from transformers import CLIPTextModel, CLIPTokenizer
 
     kw = dict(revision=revision, cache_dir=cache_dir)
-    try:
+    with loading(name, "Stable Diffusion"):
         tokenizer = CLIPTokenizer.from_pretrained(name, subfolder="tokenizer", **kw)
         text_encoder = CLIPTextModel.from_pretrained(name, subfolder="text_encoder", variant=variant, **kw)
         vae = AutoencoderKL.from_pretrained(name, subfolder="vae", variant=variant, **kw)
         scheduler = DDPMScheduler.from_pretrained(name, subfolder="scheduler", **kw)
-    except (OSError, ValueError) as e:
-        raise load_error(name, e) from e
     unet = load_denoiser(name, variant=variant, **kw) if with_unet else None
     if prediction_type is not None:
         scheduler.register_to_config(prediction_type=prediction_type)
     return Prompts(tokenizer, text_encoder), vae, unet, scheduler
 
 
-def load_denoiser(name, subfolder=DENOISER, revision=None, variant=None, cache_dir=None, **kwargs):
+def load_denoiser(name, subfolder=DENOISER, **kwargs):
     """The UNet of a pipeline folder or Hub repo (`subfolder` None: at its root); ModelError naming it when its
     files cannot be found or read. `kwargs` go to `from_pretrained` (torch_dtype, token)."""
     from diffusers import UNet2DConditionModel
 
-    try:
-        return UNet2DConditionModel.from_pretrained(
-            name, subfolder=subfolder, revision=revision, variant=variant, cache_dir=cache_dir, **kwargs
-        )
-    except (OSError, ValueError) as e:
-        raise load_error(name, e) from e
+    with loading(name, "Stable Diffusion"):
+        return UNet2DConditionModel.from_pretrained(name, subfolder=subfolder, **kwargs)
 
 
 def load_pipeline(name, prediction_type=None, *, denoiser=None, text=None, vae=None, **kwargs):

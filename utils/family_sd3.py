@@ -17,7 +17,7 @@ import torch
 from .data import tokenizer_ids
 from .family_sd import given_parts
 from .flow import objective_from_args
-from .models import ModelError
+from .models import loading
 
 PIPELINE_CLASSES = ("StableDiffusion3Pipeline",)
 DESCRIPTION = "SD3.x, flow matching with CLIP-L, CLIP-G and T5"
@@ -119,13 +119,6 @@ def objective(scheduler, args=None):
     return objective_from_args(scheduler, forward, args)
 
 
-def load_error(name, e):
-    return ModelError(
-        f"--pretrained_model_name_or_path {name}: could not load its SD3 components "
-        f"({type(e).__name__}: {str(e).strip().splitlines()[0][:300]})"
-    )
-
-
 def load_components(
     name,
     *,
@@ -142,7 +135,7 @@ def load_components(
     from transformers import CLIPTextModelWithProjection, CLIPTokenizer, T5EncoderModel, T5TokenizerFast
 
     kw = dict(revision=revision, cache_dir=cache_dir)
-    try:
+    with loading(name, "SD3"):
         tokenizers = Tokenizers(
             CLIPTokenizer.from_pretrained(name, subfolder="tokenizer", **kw),
             CLIPTokenizer.from_pretrained(name, subfolder="tokenizer_2", **kw),
@@ -156,22 +149,16 @@ def load_components(
         ]
         vae = AutoencoderKL.from_pretrained(name, subfolder="vae", variant=variant, **kw)
         scheduler = FlowMatchEulerDiscreteScheduler.from_pretrained(name, subfolder="scheduler", **kw)
-    except (OSError, ValueError) as e:
-        raise load_error(name, e) from e
     transformer = load_denoiser(name, variant=variant, **kw) if with_unet else None
     return Prompts(tokenizers, *encoders), vae, transformer, scheduler
 
 
-def load_denoiser(name, subfolder=DENOISER, revision=None, variant=None, cache_dir=None, **kwargs):
+def load_denoiser(name, subfolder=DENOISER, **kwargs):
     """The SD3Transformer2DModel of a pipeline folder or Hub repo (`subfolder` None: at its root)."""
     from diffusers import SD3Transformer2DModel
 
-    try:
-        return SD3Transformer2DModel.from_pretrained(
-            name, subfolder=subfolder, revision=revision, variant=variant, cache_dir=cache_dir, **kwargs
-        )
-    except (OSError, ValueError) as e:
-        raise load_error(name, e) from e
+    with loading(name, "SD3"):
+        return SD3Transformer2DModel.from_pretrained(name, subfolder=subfolder, **kwargs)
 
 
 def load_pipeline(name, prediction_type=None, *, denoiser=None, text=None, vae=None, **kwargs):

@@ -16,7 +16,7 @@ import torch
 from .data import tokenizer_ids
 from .family_sd import flow_flags_set, given_parts, pipeline_latents  # noqa: F401  (pipeline_latents: SD's)
 from .losses import DDPMObjective
-from .models import ModelError
+from .models import loading
 
 PIPELINE_CLASSES = ("StableDiffusionXLPipeline",)
 DESCRIPTION = "SDXL, two CLIP text encoders and size/crop conditioning"
@@ -91,13 +91,6 @@ def refused(args):
     return out
 
 
-def load_error(name, e):
-    return ModelError(
-        f"--pretrained_model_name_or_path {name}: could not load its SDXL components "
-        f"({type(e).__name__}: {str(e).strip().splitlines()[0][:300]})"
-    )
-
-
 def load_components(
     name,
     *,
@@ -114,7 +107,7 @@ def load_components(
     from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
     kw = dict(revision=revision, cache_dir=cache_dir)
-    try:
+    with loading(name, "SDXL"):
         tokenizers = Tokenizers(
             CLIPTokenizer.from_pretrained(name, subfolder="tokenizer", **kw),
             CLIPTokenizer.from_pretrained(name, subfolder="tokenizer_2", **kw),
@@ -125,24 +118,18 @@ def load_components(
         )
         vae = AutoencoderKL.from_pretrained(name, subfolder="vae", variant=variant, **kw)
         scheduler = DDPMScheduler.from_pretrained(name, subfolder="scheduler", **kw)
-    except (OSError, ValueError) as e:
-        raise load_error(name, e) from e
     unet = load_denoiser(name, variant=variant, **kw) if with_unet else None
     if prediction_type is not None:
         scheduler.register_to_config(prediction_type=prediction_type)
     return Prompts(tokenizers, text_encoder, text_encoder_2), vae, unet, scheduler
 
 
-def load_denoiser(name, subfolder=DENOISER, revision=None, variant=None, cache_dir=None, **kwargs):
+def load_denoiser(name, subfolder=DENOISER, **kwargs):
     """The UNet of a pipeline folder or Hub repo (`subfolder` None: at its root)."""
     from diffusers import UNet2DConditionModel
 
-    try:
-        return UNet2DConditionModel.from_pretrained(
-            name, subfolder=subfolder, revision=revision, variant=variant, cache_dir=cache_dir, **kwargs
-        )
-    except (OSError, ValueError) as e:
-        raise load_error(name, e) from e
+    with loading(name, "SDXL"):
+        return UNet2DConditionModel.from_pretrained(name, subfolder=subfolder, **kwargs)
 
 
 def load_pipeline(name, prediction_type=None, *, denoiser=None, text=None, vae=None, **kwargs):

@@ -3,7 +3,8 @@ the argument, else HF_TOKEN or the cached login; the token is never written anyw
 
 Every write (repo creation, upload, tags) goes through `with_retries`: bounded exponential backoff on 429, 5xx
 and dropped connections, honouring `Retry-After`, never retrying 401/403/404 (they need the user, not time).
-SPIN pushes each iteration in the background (`BackgroundPushes`, `push_unpushed`).
+SPIN pushes each iteration in the background (`BackgroundPushes`, `push_unpushed`) with its card
+(`write_iteration_card`).
 Needs no sibling module: it can be copied on its own.
 """
 
@@ -315,6 +316,49 @@ class BackgroundPushes:
 
 
 # ----------------------------------------------------------------------------- SPIN's pushes, one per iteration
+
+
+# the flags a SPIN iteration's model card lists
+CARD_FLAGS = """beta sft_weight learning_rate lr_scheduler lr_warmup_steps max_train_steps train_batch_size
+gradient_accumulation_steps resolution mixed_precision use_lora rank negative_source gen_num_inference_steps
+gen_guidance_scale gen_scheduler gen_eta gen_prompts_per_iteration spin_objective trajectory_steps prediction_type
+seed""".split()
+
+
+def write_iteration_card(args, it_dir, k, hub_repo, metrics, pipeline_class, note=""):
+    """Iteration k+1's model card (train_spin_diffusion.py): method, lineage (a full fine-tune's base_model is the
+    previous iteration's repo), how to load it, `note` (what the metrics say), the flags, the mean metrics and the
+    sample grid `validation_grid.png`."""
+    method = "Diffusion-DPO" if args.negative_source == "dataset" else "SPIN-Diffusion"
+    # Full fine-tunes chain: iteration k+1's base_model is iteration k's repo, so the Hub shows the lineage. A LoRA
+    # applies to the start model whatever the iteration, so its base_model stays the start model (lineage in the text).
+    previous = (
+        f"{hub_repo}-iter{k}"
+        if hub_repo and args.hub_versioning == "repos" and k > 0
+        else args.pretrained_model_name_or_path
+    )
+    base_model = args.pretrained_model_name_or_path if args.use_lora else previous
+    load = (
+        f"`pipe = {pipeline_class}.from_pretrained('{args.pretrained_model_name_or_path}')` then "
+        f"`pipe.load_lora_weights(...)`: the adapter is relative to the start model"
+        if args.use_lora
+        else f"`{pipeline_class}.from_pretrained(...)`"
+    )
+    write_model_card(
+        it_dir,
+        base_model=base_model,
+        dataset=args.dataset_name,
+        title=f"{method} iteration {k + 1}",
+        description=f"Iteration {k + 1} of {method} (Yuan et al., NeurIPS 2024) "
+        f"from `{args.pretrained_model_name_or_path}`, "
+        f"trained with `train_spin_diffusion.py`. Previous iteration: `{previous}`. Load with {load}.\n\n" + note,
+        tags=["spin-diffusion" if args.negative_source == "self" else "diffusion-dpo", f"iteration-{k + 1}"]
+        + (["lora"] if args.use_lora else [])
+        + (["spin-trajectory-objective"] if args.spin_objective == "trajectory" else []),
+        hyperparameters={name: getattr(args, name) for name in CARD_FLAGS},
+        metrics=metrics["mean"],
+        image="validation_grid.png",
+    )
 
 
 def push_iteration(args, hub_repo, k, it_dir):

@@ -6,6 +6,7 @@ Only the denoiser (UNet or transformer) is trained; the VAE and text encoders ar
 Needs no sibling module: it can be copied on its own.
 """
 
+import contextlib
 import json
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -41,6 +42,19 @@ class FrozenComponents(NamedTuple):
 class ModelError(ValueError):
     """A model that cannot be used as given (missing folder or repo, unloadable files, LoRA targets that match
     nothing), reported with the flag that names it."""
+
+
+@contextlib.contextmanager
+def loading(name, what):
+    """Turns a missing or unreadable file while loading model `name` into a ModelError that names it and says
+    which components (`what`: "SDXL", ...) could not be read, with the first line of the cause."""
+    try:
+        yield
+    except (OSError, ValueError) as e:
+        raise ModelError(
+            f"--pretrained_model_name_or_path {name}: could not load its {what} components "
+            f"({type(e).__name__}: {str(e).strip().splitlines()[0][:300]})"
+        ) from e
 
 
 def check_model_source(name, revision=None, token=None, flag="--pretrained_model_name_or_path"):

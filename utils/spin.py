@@ -5,15 +5,17 @@
 and the reference errors precomputed while the opponent theta_k is in memory (so training needs no reference);
 and what an iteration's metrics say about it: a saturated margin, the likelihood drift on the real images, the
 run's summary table; and which flags the trajectory objective refuses.
-Needs its siblings `losses.py` and `models.py`."""
+Needs its siblings `data.py`, `losses.py` and `models.py`."""
 
 import contextlib
 import functools
 import json
+from pathlib import Path
 from typing import NamedTuple
 
 import torch
 
+from .data import caption_of, generated_size, tokenize
 from .losses import (
     forward_posterior_pair,
     per_sample_mse,
@@ -189,6 +191,46 @@ class TrajectoryTable:
         """(a, b, sigma, weight) as fp32 tensors shaped like `timesteps`."""
         values = torch.tensor([self.rows[int(t)] for t in timesteps.flatten().tolist()], dtype=torch.float64)
         return [values[:, i].reshape(timesteps.shape).to(device, torch.float32) for i in range(4)]
+
+
+def reference_extras(args, real_images, unet, *, frozen, step, accelerator):
+    """For --precompute_reference: per generated chunk, the real latents, the noise seeds (and t), theta_k's
+    errors and the text embeddings, for the objective in use."""
+
+    def extras(indices, seeds, outputs):
+        rows = [real_images.ds[i] for i in indices]
+        decoded = [real_images.pixels(real_images.image_value(row), i) for row, i in zip(rows, indices)]
+        valid = torch.tensor([d is not None for d in decoded])  # an undecodable real image: replaced at training time
+        blank = (torch.zeros(3, args.resolution, args.resolution), generated_size(args.resolution))
+        pixels, sizes = (torch.stack(column) for column in zip(*(d if d is not None else blank for d in decoded)))
+        captions = [caption_of(row[real_images.spec["caption"]]) for row in rows]
+        batch = tokenize(real_images.tokenizer, captions) | {
+            "image_size": sizes,
+            "negative_image_size": torch.stack([generated_size(args.resolution)] * len(rows)),
+        }
+        common = dict(
+            vae=frozen.vae,
+            text=frozen.text,
+            objective=frozen.objective,
+            dtype=frozen.dtype,
+            autocast=accelerator.autocast,
+        )
+        if step.objective == "trajectory":
+            trajectory = {name: t.to(accelerator.device) for name, t in outputs.items() if name.startswith("traj_")}
+            out = precompute_trajectory_reference(unet, pixels, trajectory, batch, seeds, table=step.table, **common)
+        else:
+            out = precompute_reference(
+                unet,
+                pixels,
+                outputs["latents"].to(accelerator.device),
+                batch,
+                seeds,
+                share_noise=step.share_noise,
+                **common,
+            )
+        return out | {"valid": valid, "image_size": sizes}
+
+    return extras
 
 
 def sampler_prev_has_noise(sampler, t, eta):
@@ -548,6 +590,45 @@ def is_saturated(logs):
     < 0.01. The loss is the preference term (`spin_loss`; the total without --sft_weight): the SFT term keeps the
     total above 0.01 whatever the margin does."""
     return logs["implicit_acc"] > SATURATED_ACC and logs.get("spin_loss", logs["loss"]) < SATURATED_LOSS
+
+
+class IterationTally:
+    """An iteration's running metrics: the first counted optimizer step's logs, the sums behind the means, the
+    last step's logs, the steps counted (an fp16 step the scaler skipped left the weights unchanged: not counted)
+    and those with a saturated margin. Saved with each checkpoint (`FILE`), so a resumed iteration reports all of
+    its steps."""
+
+    FILE = "spin_metrics.json"
+
+    def __init__(self, checkpoint=None):
+        data = {"sums": {}, "first": None, "logs": {}, "counted": 0, "saturated": 0}
+        if checkpoint is not None and (Path(checkpoint) / self.FILE).exists():
+            data |= json.loads((Path(checkpoint) / self.FILE).read_text())
+        self.sums, self.first, self.logs = data["sums"], data["first"], data["logs"]
+        self.counted, self.saturated = data["counted"], data["saturated"]
+
+    def add(self, logs, step, counted=True):
+        self.logs = logs
+        if counted:
+            self.first = self.first or dict(logs, step=step)
+            self.counted, self.saturated = self.counted + 1, self.saturated + is_saturated(logs)
+            for name, v in logs.items():
+                if name != "skipped_images":
+                    self.sums[name] = self.sums.get(name, 0.0) + v
+
+    def files(self):
+        """The checkpoint's extra file."""
+        data = {"sums": self.sums, "first": self.first, "logs": self.logs, "counted": self.counted}
+        return {self.FILE: json.dumps(data | {"saturated": self.saturated})}
+
+    def metrics(self, k, objective, steps):
+        """Iteration k+1's metrics.json: first, last and mean step, saturation counts and the real-image drift."""
+        mean = {name: v / max(self.counted, 1) for name, v in self.sums.items()}
+        metrics = {"iteration": k + 1, "spin_objective": objective, "steps": steps, "first_step": self.first}
+        metrics |= {"last_step": self.logs, "mean": mean, "saturated_steps": self.saturated}
+        metrics["counted_steps"] = self.counted
+        # real_err_rise(_mean): the policy's real-image error against theta_k's
+        return metrics | real_error_drift(self.logs, mean)
 
 
 def saturation_warning(metrics, beta, learning_rate):

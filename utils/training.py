@@ -143,13 +143,20 @@ class Preemption:
     def requested(self, accelerator=None):
         """Whether a stop was asked for here, or (with `accelerator` over several processes: a collective, so every
         process must call it at the same point) in any process."""
-        asked = self.signal_name is not None
-        if accelerator is not None and accelerator.num_processes > 1:
-            flag = torch.tensor([float(asked)], device=accelerator.device)
-            asked = bool(accelerator.reduce(flag, "max").item())
-            if asked and self.signal_name is None:
-                self.signal_name = "another process's signal"
-        return asked
+        if accelerator is None or accelerator.num_processes == 1:
+            return self.signal_name is not None
+        return self.agreed(accelerator.reduce(self.flag(torch.zeros(1, device=accelerator.device)), "max").item())
+
+    def flag(self, like):
+        """This process's stop flag (1: signalled) as a 1-element tensor of `like`'s dtype and device, to ride
+        along an all-reduce (mean or max) the loop does anyway; `agreed` reads the reduced value."""
+        return torch.tensor([float(self.signal_name is not None)], dtype=like.dtype, device=like.device)
+
+    def agreed(self, reduced):
+        """Whether any process was signalled, from the reduced flag (above 0 when one was)."""
+        if reduced > 0 and self.signal_name is None:
+            self.signal_name = "another process's signal"
+        return reduced > 0
 
     def stop(self, saved, rerun="rerun the same command"):
         """Raise Preempted with the one line the user reads (after `before_stop`, if set)."""

@@ -86,9 +86,21 @@ def parse_args(input_args=None):
     g.add_argument("--max_prompts", type=int, default=None)
     g = p.add_argument_group("generation")
     g.add_argument("--num_inference_steps", type=int, default=50)
-    g.add_argument("--guidance_scale", type=float, default=7.5)
+    g.add_argument(
+        "--guidance_scale",
+        type=float,
+        default=None,
+        help="Default: each model's pipeline's own (SD 7.5, as the paper evaluates; SDXL 5; SD3 7; Flux.1 3.5, its "
+        "guidance embedding). Give it to render every model at one value.",
+    )
     g.add_argument("--num_images_per_prompt", type=int, default=1)
-    g.add_argument("--resolution", type=int, default=512)
+    g.add_argument(
+        "--resolution",
+        type=int,
+        default=None,
+        help="Image side. Default: each model's own (its denoiser's sample size: 512 for SD-1.5, 768 for SD-2.1, "
+        "1024 for SDXL, SD3.5 and Flux.1).",
+    )
     g.add_argument(
         "--seed", type=int, default=0, help="Image j of prompt i uses seed f(seed, i, j), the same for every model."
     )
@@ -162,17 +174,20 @@ def parse_args(input_args=None):
     args.baseline = args.baseline or names[0]
     if args.baseline not in names:
         p.error(f"--baseline {args.baseline} is not among the models {names}")
+    if args.resolution is not None and args.resolution < 1:
+        p.error("--resolution must be >= 1")
+    if args.guidance_scale is not None and args.guidance_scale < 0:
+        p.error(f"--guidance_scale must be >= 0, got {args.guidance_scale}")
     for name in (
         "num_inference_steps",
         "num_images_per_prompt",
-        "resolution",
         "batch_size",
         "score_batch_size",
         "grid_prompts",
     ):
         if getattr(args, name) < 1:
             p.error(f"--{name} must be >= 1")
-    if args.resolution % 8:
+    if args.resolution is not None and args.resolution % 8:
         p.error(f"--resolution must be a multiple of 8, got {args.resolution}")
     if args.mixed_precision == "fp16" and not torch.cuda.is_available():
         p.error("--mixed_precision fp16 needs a GPU; use bf16 or no")
@@ -219,12 +234,15 @@ def main(args):
         )
     }
     settings["prompts_sha256"] = hashlib.sha256("\n".join(prompts).encode()).hexdigest()
+    # each family renders at its own pipeline's guidance unless --guidance_scale sets one for all
+    guidance = {s.name: s.family.GUIDANCE_SCALE if args.guidance_scale is None else args.guidance_scale for s in specs}
     for spec in specs:  # images on disk are reused only if they were made by this model with these settings
         folder = out / "images" / spec.name
         check_or_write_settings(
             folder,
             dict(
                 settings,
+                guidance_scale=guidance[spec.name],
                 model=spec.location,
                 revision=spec.revision,
                 base_model=args.base_model if spec.kind != "pipeline" else None,
@@ -259,8 +277,8 @@ def main(args):
                 images = pipe(
                     [prompts[i] for i, _ in jobs],
                     num_inference_steps=args.num_inference_steps,
-                    guidance_scale=args.guidance_scale,
-                    height=args.resolution,
+                    guidance_scale=guidance[spec.name],
+                    height=args.resolution,  # None: the pipeline's own size
                     width=args.resolution,
                     generator=gens,
                 ).images
@@ -339,7 +357,11 @@ def main(args):
         "prompts": args.prompts,
         "num_prompts": len(prompts),
         "num_images_per_prompt": n_img,
-        "models": {s.name: dict(vars(s), family=family_name(s.family)) for s in specs},
+        "models": {
+            s.name: dict(vars(s), family=family_name(s.family), guidance_scale=guidance[s.name])
+            | {"resolution": Image.open(image_path(out / "images" / s.name, 0, 0)).size}
+            for s in specs
+        },
         "metrics": args.metrics,
         "per_image_metrics": per_image,
         "distribution_metrics": distribution,

@@ -155,6 +155,9 @@ def test_evaluate_scores_a_model_of_each_family(assets, families, tmp_path):
     assert {name: m["family"] for name, m in saved["models"].items()} == {f: f for f in FAMILIES} | {
         "flux-lora": "flux"
     }
+    # without --guidance_scale each renders at its own pipeline's: the paper's 7.5 would be Flux's embedding value
+    guidance = {name: m["guidance_scale"] for name, m in saved["models"].items()}
+    assert guidance == {"sdxl": 5.0, "sd3": 7.0, "flux": 3.5, "flux-lora": 3.5}
     for family in (*FAMILIES, "flux-lora"):
         assert all(math.isfinite(p["scores"][family]["pickscore"]) for p in saved["per_prompt"])
 

@@ -122,3 +122,21 @@ def test_saturated_margin_warns_once_and_the_count_survives_a_resume(assets, tmp
         f"the SPIN margin saturated in iteration 1 ({m['saturated_steps']} of 8 steps with implicit accuracy "
         "> 0.99 and loss < 0.01) at --beta 1e+06 and --learning_rate 0.001"
     ) in warnings[0]
+
+
+def test_the_iteration_grid_leaves_training_unchanged(assets, tmp_path):
+    """Each iteration's grid (here other prompts, more of them, more steps) changes nothing the run trains: both
+    iterations' LoRA weights are the same bit for bit. The toy study's numbers were measured before iterations had
+    grids; this keeps them reproducible with the grids on."""
+    from helpers import tensors
+
+    small, large = tmp_path / "small", tmp_path / "large"
+    run_spin(*spin_args(assets, small, "--use_lora"))
+    grid = ["--validation_prompts", "a red fox", "a blue car", "a cat", "--validation_num_inference_steps", "3"]
+    run_spin(*spin_args(assets, large, "--use_lora", *grid))  # the last flag wins over spin_args' 2 steps
+    for k in (1, 2):
+        a, b = (tensors(out / f"iter_{k}" / "pytorch_lora_weights.safetensors") for out in (small, large))
+        assert a.keys() == b.keys() and all((a[name] == b[name]).all() for name in a)
+    assert (large / "iter_2" / "validation" / "002.png").exists() and not (
+        small / "iter_2" / "validation" / "002.png"
+    ).exists()

@@ -34,6 +34,7 @@ from utils.evaluation import (
     load_pipeline,
     load_prompts,
     markdown_report,
+    native_resolution,
     plot_radar,
     plot_win_rates,
     resolve_model,
@@ -199,7 +200,7 @@ def main(args):
     out = Path(args.output_dir)
     # 1. Everything that can be wrong is checked before generating anything.
     specs = [resolve_model(m, args.hub_token) for m in args.model]
-    needs_base = [s.name for s in specs if s.kind != "pipeline"]
+    needs_base, base = [s.name for s in specs if s.kind != "pipeline"], None
     if needs_base:
         base = resolve_model(f"base={args.base_model}", args.hub_token)
         for s in specs:  # a UNet or a LoRA is sampled in its base model's pipeline
@@ -234,8 +235,9 @@ def main(args):
         )
     }
     settings["prompts_sha256"] = hashlib.sha256("\n".join(prompts).encode()).hexdigest()
-    # each family renders at its own pipeline's guidance unless --guidance_scale sets one for all
+    # each model renders at its own pipeline's guidance and size unless --guidance_scale / --resolution set one
     guidance = {s.name: s.family.GUIDANCE_SCALE if args.guidance_scale is None else args.guidance_scale for s in specs}
+    size = {s.name: args.resolution or native_resolution(s, base, args.hub_token) for s in specs}
     for spec in specs:  # images on disk are reused only if they were made by this model with these settings
         folder = out / "images" / spec.name
         check_or_write_settings(
@@ -243,6 +245,7 @@ def main(args):
             dict(
                 settings,
                 guidance_scale=guidance[spec.name],
+                resolution=size[spec.name],
                 model=spec.location,
                 revision=spec.revision,
                 base_model=args.base_model if spec.kind != "pipeline" else None,
@@ -278,8 +281,8 @@ def main(args):
                     [prompts[i] for i, _ in jobs],
                     num_inference_steps=args.num_inference_steps,
                     guidance_scale=guidance[spec.name],
-                    height=args.resolution,  # None: the pipeline's own size
-                    width=args.resolution,
+                    height=size[spec.name],
+                    width=size[spec.name],
                     generator=gens,
                 ).images
             for (i, j), image in zip(jobs, images):  # written whole, then renamed: a kill never leaves half a PNG
@@ -358,14 +361,14 @@ def main(args):
         "num_prompts": len(prompts),
         "num_images_per_prompt": n_img,
         "models": {
-            s.name: dict(vars(s), family=family_name(s.family), guidance_scale=guidance[s.name])
-            | {"resolution": Image.open(image_path(out / "images" / s.name, 0, 0)).size}
+            s.name: dict(vars(s), family=family_name(s.family))
+            | {"guidance_scale": guidance[s.name], "resolution": size[s.name]}
             for s in specs
         },
         "metrics": args.metrics,
         "per_image_metrics": per_image,
         "distribution_metrics": distribution,
-        "generation": {
+        "generation": {  # guidance_scale / resolution null: each model's own, in "models"
             k: getattr(args, k)
             for k in ("num_inference_steps", "guidance_scale", "resolution", "seed", "mixed_precision")
         },

@@ -1,5 +1,6 @@
-"""Run train_spin_diffusion.py's command line with a preemption rehearsed (tests only): with PREEMPT_AT_STEP=N > 0,
-the process of rank 0 sends itself SIGTERM after its N-th optimizer step, as a cluster would during training.
+"""Run train_spin_diffusion.py's command line (train_sft.py's with PREEMPT_SCRIPT=sft) with a preemption rehearsed
+(tests only): with PREEMPT_AT_STEP=N > 0, the process of rank 0 sends itself SIGTERM after its N-th optimizer step,
+as a cluster would during training.
 
     PREEMPT_AT_STEP=6 torchrun --nproc_per_node 2 tests/preempt_at.py ARGS...
 """
@@ -11,10 +12,12 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+import train_sft  # noqa: E402
 import train_spin_diffusion  # noqa: E402
 
+script = train_sft if os.environ.get("PREEMPT_SCRIPT") == "sft" else train_spin_diffusion
 AT = int(os.environ.get("PREEMPT_AT_STEP", "0"))
-_real, _calls = train_spin_diffusion.optimizer_step, []
+_real, _calls = script.optimizer_step, []
 
 
 def _step(*args, **kwargs):
@@ -25,5 +28,5 @@ def _step(*args, **kwargs):
     return result
 
 
-train_spin_diffusion.optimizer_step = _step
-train_spin_diffusion.cli(sys.argv[1:])
+script.optimizer_step = _step
+script.cli(sys.argv[1:])

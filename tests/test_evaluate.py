@@ -87,7 +87,7 @@ def test_two_models_six_prompts_all_metrics(assets, tmp_path, monkeypatch):
     assert {"baseline", "models", "metrics", "per_prompt", "summary"} <= set(saved)
     metrics = ["pickscore", "hpsv2", "imagereward", "aesthetic"]
     assert saved["baseline"] == "base" and saved["metrics"] == metrics and set(saved["models"]) == {"base", "sft"}
-    assert {(m["resolution"][0], m["guidance_scale"]) for m in saved["models"].values()} == {(32, 7.5)}
+    assert {(m["resolution"], m["guidance_scale"]) for m in saved["models"].values()} == {(32, 7.5)}
     assert [p["prompt"] for p in saved["per_prompt"]] == prompts.read_text().split("\n")[:6]
     assert len({p["seed"] for p in saved["per_prompt"]}) == 6
     for model in ("base", "sft"):

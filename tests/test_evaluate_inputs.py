@@ -1,6 +1,7 @@
 """evaluate.py: model specs of every kind load (pipeline, UNet-only + base, LoRA + base, Hub repo @revision),
 and bad input stops with a clear message before any generation."""
 
+import json
 import shutil
 
 import pytest
@@ -205,3 +206,36 @@ def test_named_prompt_sets_from_the_hub(tmp_path, hub_server, monkeypatch):
                 path_in_repo=f"data/{split}-00000-of-00001.parquet",
             )
         assert load_prompts("pickapic_test_unique") == ["c1", "c2"]
+
+
+def test_each_model_renders_at_its_own_size_and_guidance_unless_one_is_given(assets, lora_out, tmp_path, monkeypatch):
+    """Without --resolution / --guidance_scale the pipeline gets the model's own (the tiny SD UNet: 32 px, SD: 7.5;
+    a LoRA: its base's); given, they apply to every model. A default run and one that names the same values reuse
+    each other's images; another guidance is refused."""
+    calls = []
+
+    class Rendered(Exception):
+        pass
+
+    class Pipeline:
+        def __call__(self, prompts, **kw):
+            calls.append((kw["height"], kw["width"], kw["guidance_scale"]))
+            raise Rendered  # the values are what this test is after: no scoring
+
+    monkeypatch.setattr(evaluate, "load_pipeline", lambda *a, **k: Pipeline())
+
+    def run(out, *extra):
+        argv = eval_args(assets, tmp_path, "--output_dir", str(out), *extra)
+        del argv[argv.index("--resolution") : argv.index("--resolution") + 2]
+        with pytest.raises(Rendered):
+            evaluate.main(evaluate.parse_args(argv))
+        return calls[-1]
+
+    lora = ["--model", f"l={lora_out}", "--base_model", str(assets["pipeline"]), "--baseline", "a"]
+    assert run(tmp_path / "own", *lora) == (32, 32, 7.5)
+    recorded = json.loads((tmp_path / "own" / "images" / "l" / "generation.json").read_text())
+    assert (recorded["resolution"], recorded["guidance_scale"]) == (32, 7.5)  # the LoRA's, from its base
+    assert run(tmp_path / "own", "--resolution", "32", "--guidance_scale", "7.5") == (32, 32, 7.5)
+    with pytest.raises(EvalError, match="guidance_scale differ"):
+        run(tmp_path / "own", "--guidance_scale", "3")
+    assert run(tmp_path / "given", "--resolution", "48", "--guidance_scale", "3") == (48, 48, 3.0)

@@ -161,3 +161,35 @@ def test_two_processes_stop_together_and_resume(assets, tmp_path):
     proc = two_process_run(assets, stopped)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert_equal_weights(tensors(stopped / LORA), tensors(straight / LORA))
+
+
+def test_two_sft_processes_stop_together_at_one_checkpoint(assets, tmp_path):
+    """train_sft.py's stop flag rides its loss all-reduce: rank 0 is signalled after step 2, rank 1 stops with it,
+    after the same step, and the checkpoint written there is complete. (The rerun's equality is the one-process
+    test's.)"""
+    out = tmp_path / "sft"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29548"]
+    cmd += [str(ROOT / "tests" / "preempt_at.py"), *sft_args(assets, out, "--use_lora", "--max_train_steps", "4")]
+    cmd += ["--train_batch_size", "2", "--checkpointing_steps", "100"]
+    env = dict(os.environ, ACCELERATE_USE_CPU="1", OMP_NUM_THREADS="1", PREEMPT_AT_STEP="2", PREEMPT_SCRIPT="sft")
+    proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode != 0 and "preempted: stopped on SIGTERM: saved at step 2" in proc.stderr, proc.stderr[
+        -3000:
+    ]
+    assert "preempted: stopped on another process's signal: saved at step 2" in proc.stderr
+    assert [p.name for p in out.glob("checkpoint-*")] == ["checkpoint-2"]
+
+
+def test_the_stop_flag_rides_any_mean_or_max_reduce():
+    import torch
+
+    from utils.training import Preemption
+
+    quiet, signalled = Preemption(install=False), Preemption(install=False)
+    signalled.signal_name = "SIGTERM"
+    like = torch.zeros(3, dtype=torch.bfloat16)
+    assert quiet.flag(like).tolist() == [0.0] and signalled.flag(like).tolist() == [1.0]
+    assert quiet.flag(like).dtype == torch.bfloat16
+    assert not quiet.agreed(0.0) and quiet.signal_name is None
+    assert quiet.agreed(0.5) and quiet.signal_name == "another process's signal"  # the mean over 2: one signalled
+    assert signalled.agreed(1.0) and signalled.signal_name == "SIGTERM"

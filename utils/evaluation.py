@@ -124,6 +124,39 @@ def load_pipeline(spec, base_model, dtype, device, token=None):
     return pipe.to(device)
 
 
+def read_config(location, filename, revision=None, token=None):
+    """A JSON config file of a local folder or a Hub repo."""
+    path = Path(location).expanduser()
+    if not path.is_dir():
+        from huggingface_hub import hf_hub_download
+
+        return json.loads(Path(hf_hub_download(location, filename, revision=revision, token=token)).read_text())
+    return json.loads((path / filename).read_text())
+
+
+def native_resolution(spec, base=None, token=None):
+    """The image side `spec` renders at without --resolution, as its pipeline picks it: the family's default latent
+    side (else the denoiser config's sample_size) times the VAE's scale (2 per down block). A UNet or a LoRA renders
+    in its `base`'s pipeline (a ModelSpec), a UNet with its own sample_size."""
+    home = spec if spec.kind == "pipeline" else base
+    own = f"{spec.unet_subfolder}/config.json" if spec.unet_subfolder else "config.json"
+    try:
+        vae = read_config(home.location, "vae/config.json", home.revision, token)
+        denoiser = (
+            read_config(spec.location, own, spec.revision, token)
+            if spec.kind == "unet"
+            else read_config(home.location, f"{spec.family.DENOISER}/config.json", home.revision, token)
+        )
+    except Exception as e:
+        raise EvalError(
+            f"--model {spec.name}: cannot read its configs to find the size it renders at ({type(e).__name__}: "
+            f"{e}); give --resolution"
+        ) from e
+    sample = spec.family.DEFAULT_SAMPLE_SIZE or denoiser.get("sample_size") or 128
+    sample = sample[0] if isinstance(sample, (list, tuple)) else sample
+    return int(sample) * 2 ** (len(vae.get("block_out_channels", (0,) * 4)) - 1)
+
+
 # ----------------------------------------------------------------------------- prompts
 
 

@@ -29,6 +29,8 @@ LORA_TARGETS = "to_k,to_q,to_v,to_out.0,add_k_proj,add_q_proj,add_v_proj,to_add_
 VAE_UPCAST = False
 MAX_SEQUENCE_LENGTH = 512  # Flux.1-dev's pipeline default
 GUIDANCE_SCALE = 3.5  # the guidance embedding's value in training (as diffusers' Flux scripts) and sampling
+# the latent side its pipeline renders at by default, times the VAE's scale (FluxPipeline's own 128)
+DEFAULT_SAMPLE_SIZE = 128
 
 
 def refused(args):

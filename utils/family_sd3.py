@@ -25,6 +25,8 @@ DENOISER, DENOISER_CLASSES = "transformer", ("SD3Transformer2DModel",)
 LORA_PIPELINE, LORA_FORMAT = "StableDiffusion3Pipeline", "peft"
 LORA_TARGETS = "to_k,to_q,to_v,to_out.0,add_k_proj,add_q_proj,add_v_proj,to_add_out"
 GUIDANCE_SCALE = 7.0  # the opponent's default --gen_guidance_scale (the pipeline's own)
+# the latent side its pipeline renders at by default, times the VAE's scale (None: the denoiser's sample_size)
+DEFAULT_SAMPLE_SIZE = None
 VAE_UPCAST = False
 MAX_SEQUENCE_LENGTH = 256  # the pipeline's default
 DDPM_FLAGS = (  # (flag, what it is, the value that means "not set")

@@ -32,14 +32,16 @@ def make_grid(images, cols=None):
 
 def labelled_grid(rows, row_labels, col_labels, min_cell=128, label_width=260):
     """A grid with a header row naming the columns (models) and a left column giving each row's text (prompt).
-    `rows` is a list of lists of PIL images; small images are enlarged (nearest neighbour) to `min_cell` px."""
+    `rows` is a list of lists of PIL images. A cell has the smallest image's size (larger ones are scaled down
+    smoothly: models of other native sizes share one grid); small images are enlarged (nearest neighbour) to
+    `min_cell` px."""
     import textwrap
 
     from PIL import ImageDraw, ImageFont
 
     if not rows or not rows[0]:
         raise ValueError("labelled_grid needs at least one image")
-    w, h = rows[0][0].size
+    w, h = min((img.size for images in rows for img in images), key=lambda size: size[0] * size[1])
     scale = max(1, -(-min_cell // max(w, h)))
     cw, ch = w * scale, h * scale
     font = ImageFont.load_default()
@@ -56,7 +58,8 @@ def labelled_grid(rows, row_labels, col_labels, min_cell=128, label_width=260):
         for k, text in enumerate(textwrap.wrap(str(label), max(8, label_width // 7))[: max(1, ch // line)]):
             draw.text((4, top + 4 + k * line), text, fill="black", font=font)
         for j, img in enumerate(images):
-            grid.paste(img.convert("RGB").resize((cw, ch), Image.NEAREST), (label_width + j * cw, top))
+            resample = Image.NEAREST if img.size[0] <= cw else Image.LANCZOS
+            grid.paste(img.convert("RGB").resize((cw, ch), resample), (label_width + j * cw, top))
     return grid
 
 

@@ -53,7 +53,7 @@ def loading(name, what):
     except (OSError, ValueError) as e:
         raise ModelError(
             f"--pretrained_model_name_or_path {name}: could not load its {what} components "
-            f"({type(e).__name__}: {str(e).strip().splitlines()[0][:300]})"
+            f"({type(e).__name__}: {(str(e).strip().splitlines() or ['no message'])[0][:300]})"
         ) from e
 
 

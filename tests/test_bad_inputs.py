@@ -161,6 +161,12 @@ CASES = [
         "--negative_source dataset needs a Pick-a-Pic-shaped dataset",
     ),
     (
+        "image paths that resolve nowhere",
+        "sft",
+        ["--dataset_name", "paths.csv", "--image_column", "image", "--caption_column", "text"],
+        "paths.csv: none of the first 2 images decodes; the first, 'pics/0.png': FileNotFoundError",
+    ),
+    (
         "labels that are not numbers",
         "sft",
         ["--dataset_name", "yes-labels.parquet"],
@@ -251,6 +257,7 @@ def workdir(assets, tmp_path, monkeypatch):
     (tmp_path / "broken-index").mkdir()
     (tmp_path / "broken-index" / "model_index.json").write_text('{"_class_name": ')
     (tmp_path / "data.xyz").write_text("?")
+    (tmp_path / "paths.csv").write_text("text,image\na fox,pics/0.png\na car,pics/1.png\n")
     (tmp_path / "typo.yaml").write_text("learnin_rate: 1e-4\n")
     (tmp_path / "broken").mkdir()
     (tmp_path / "broken" / "spin_state.json").write_text('{"done": [1')

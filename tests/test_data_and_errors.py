@@ -183,3 +183,24 @@ def test_proportion_empty_prompts_drops_captions_reproducibly(assets):
     assert not any(bool((plain[i]["input_ids"] == empty).all()) for i in range(len(plain)))
     with pytest.raises(SystemExit):
         data_args(assets, "--proportion_empty_prompts", "1.0")
+
+
+def test_image_paths_relative_to_the_dataset_file_and_16_bit_images(assets, tmp_path, monkeypatch):
+    """A CSV whose image column holds paths relative to its own folder trains from any working folder; a path that
+    resolves nowhere stops before any model loads, naming it; a 16-bit grayscale PNG keeps its gray."""
+    import numpy as np
+    from PIL import Image
+
+    data = tmp_path / "data"
+    (data / "images").mkdir(parents=True)
+    Image.fromarray(np.full((40, 48), 32768, dtype=np.uint16)).save(data / "images" / "gray16.png")
+    Image.new("RGB", (40, 48), (200, 10, 10)).save(data / "images" / "red.png")
+    (data / "rel.csv").write_text("text,image\na gray square,images/gray16.png\na red square,images/red.png\n")
+    (data / "missing.csv").write_text("text,image\na fox,pics/0.png\na car,pics/1.png\n")
+    monkeypatch.chdir(tmp_path / "data" / "images")  # neither the dataset's folder nor the paths' base
+    flags = ["--image_column", "image", "--caption_column", "text"]
+    ds, spec = load_training_dataset(data_args(assets, *flags, dataset=str(data / "rel.csv")))
+    gray, red = (np.asarray(load_image(row["image"], root=spec["root"])) for row in ds)
+    assert abs(int(gray[0, 0, 0]) - 127) <= 1 and tuple(red[0, 0]) == (200, 10, 10)
+    with pytest.raises(DataError, match=r"none of the first 2 images decodes; the first, 'pics/0.png'"):
+        load_training_dataset(data_args(assets, *flags, dataset=str(data / "missing.csv")))

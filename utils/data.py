@@ -276,6 +276,9 @@ def load_training_dataset(args, num_processes=1, process_index=0):
         label_0_column=args.label_0_column,
         dataset_name=args.dataset_name,
     )
+    local = Path(args.dataset_name).expanduser()
+    if local.exists():  # relative image paths in a local file are looked for beside it too
+        spec["root"] = str(local if local.is_dir() else local.parent)
     keep = [spec[k] for k in ("caption", "image", "image_0", "image_1", "label_0") if k in spec]
     ds = ds.select_columns(keep)
     for key in (
@@ -304,6 +307,7 @@ def load_training_dataset(args, num_processes=1, process_index=0):
                 else "loading"
             )
             raise DataError(f"{args.dataset_name} split {args.dataset_split!r}: no examples left after {why}")
+        check_images_decode(ds.take(IMAGE_PROBE_ROWS), spec, args.dataset_name)
         if num_processes > 1:
             ds = datasets.distributed.split_dataset_by_node(ds, rank=process_index, world_size=num_processes)
         return ds, spec
@@ -317,26 +321,63 @@ def load_training_dataset(args, num_processes=1, process_index=0):
             f"{'dropping ties' if spec['kind'] == 'pickapic' else 'loading'}"
             f"{' and keeping unique prompts' if args.unique_prompts else ''}"
         )
+    check_images_decode(ds.select(range(min(IMAGE_PROBE_ROWS, len(ds)))), spec, args.dataset_name)
     return ds, spec
 
 
 # ----------------------------------------------------------------------------- images
 
 
-def load_image(value):
-    """PIL RGB image from raw bytes, a datasets Image dict ({bytes, path}), a PIL image or a path."""
+def load_image(value, root=None):
+    """PIL RGB image from raw bytes, a datasets Image dict ({bytes, path}), a PIL image or a path (a relative one
+    that is not found from the current folder is looked for under `root`, the local dataset's folder). 16-bit
+    grayscale is scaled to 8 bits, not clipped."""
     if isinstance(value, dict):
         value = value.get("bytes") or value.get("path")
     if isinstance(value, (bytes, bytearray, memoryview)):
         img = Image.open(io.BytesIO(bytes(value)))
     elif isinstance(value, (str, Path)):
-        img = Image.open(value)
+        path = Path(value).expanduser()
+        if root is not None and not path.is_absolute() and not path.exists():
+            path = Path(root) / path
+        img = Image.open(path)
     elif isinstance(value, Image.Image):
         img = value
     else:
         raise ValueError(f"not an image: {type(value).__name__}")
     img.load()
+    if img.mode.startswith("I"):  # 16-bit (I;16*) or 32-bit integer grayscale, as 16-bit PNGs open
+        img = Image.fromarray((np.asarray(img, dtype=np.float64) / 257.0).clip(0, 255).astype(np.uint8))
     return img.convert("RGB")
+
+
+IMAGE_PROBE_ROWS = 8  # rows whose image is decoded before any model loads
+
+
+def check_images_decode(rows, spec, dataset_name):
+    """Before any model loads: the first rows' real images must decode. When none of them does, the data cannot
+    be used as given (paths that resolve nowhere, a column of something else): stop, naming the first failure.
+    A few bad images among good ones are skipped and counted during training instead."""
+    failures = []
+    for row in rows:
+        value = winner_and_loser(row, spec)[0] if spec["kind"] == "pickapic" else row[spec["image"]]
+        try:
+            load_image(value, root=spec.get("root"))
+            return
+        except Exception as e:
+            failures.append((value, e))
+    if failures:
+        value, e = failures[0]
+        shown = value if isinstance(value, (str, Path)) else type(value).__name__
+        hint = (
+            f" (a relative path is read from the current folder, then from {spec['root']})"
+            if isinstance(value, (str, Path)) and spec.get("root")
+            else ""
+        )
+        raise DataError(
+            f"{dataset_name}: none of the first {len(failures)} images decodes; the first, {shown!r}: "
+            f"{type(e).__name__}: {str(e).strip()[:200]}{hint}"
+        )
 
 
 def preprocess_image(img, resolution, center_crop=True, flip=False, rng=None):
@@ -474,7 +515,7 @@ class TrainDataset(torch.utils.data.Dataset):
         rng = sample_rng(self.seed, self.epoch, index)
         flip = self.random_flip and rng.random() < 0.5
         try:
-            img = load_image(value)
+            img = load_image(value, root=self.spec.get("root"))
         except Exception:
             return None
         return preprocess_with_size(img, self.resolution, self.center_crop, flip, rng)
@@ -673,7 +714,7 @@ class LatentCache:
                 imgs = []
                 for i, row in zip(chunk, rows):
                     try:
-                        imgs.append(load_image(dataset.image_value(row)))
+                        imgs.append(load_image(dataset.image_value(row), root=dataset.spec.get("root")))
                         valid.append(True)
                     except Exception:
                         imgs.append(None)

@@ -37,6 +37,7 @@ from utils.evaluation import (
     native_resolution,
     plot_radar,
     plot_win_rates,
+    read_config,
     resolve_model,
     summarize,
 )
@@ -59,7 +60,10 @@ def parse_args(input_args=None):
         help="Repeatable. SPEC: Hub repo id or local folder, optionally @revision: a pipeline, a UNet or a LoRA.",
     )
     g.add_argument(
-        "--base_model", default="runwayml/stable-diffusion-v1-5", help="Base pipeline for UNet-only and LoRA models."
+        "--base_model",
+        default=None,
+        help="Base pipeline for UNet-only and LoRA models. Default: the one their training_args.json names (this "
+        "project's outputs), else runwayml/stable-diffusion-v1-5 (the authors' UNet-only iterations).",
     )
     g.add_argument(
         "--baseline", default=None, help="NAME of the model win rates are computed against (default: the first)."
@@ -202,9 +206,16 @@ def main(args):
     specs = [resolve_model(m, args.hub_token) for m in args.model]
     needs_base, base = [s.name for s in specs if s.kind != "pipeline"], None
     if needs_base:
+        args.base_model = args.base_model or trained_base([s for s in specs if s.kind != "pipeline"], args.hub_token)
         base = resolve_model(f"base={args.base_model}", args.hub_token)
         for s in specs:  # a UNet or a LoRA is sampled in its base model's pipeline
             s.family = s.family or base.family
+    for s in specs:
+        if args.resolution and args.resolution % s.family.RESOLUTION_MULTIPLE:
+            raise EvalError(
+                f"--resolution {args.resolution}: --model {s.name} ({s.family.PIPELINE_CLASSES[0]}) renders images in "
+                f"{s.family.RESOLUTION_MULTIPLE} px steps"
+            )
     prompts = load_prompts(
         args.prompts,
         prompt_column=args.prompt_column,
@@ -405,6 +416,25 @@ def main(args):
 
 def image_path(folder, i, j):
     return folder / f"{i:05d}_{j}.png"
+
+
+def trained_base(specs, token=None):
+    """The base model of UNet-only and LoRA `specs` when --base_model is not given: the one their
+    training_args.json names (every one that has it must agree), else SD-1.5 (the authors' iterations)."""
+    named = {}
+    for spec in specs:
+        try:
+            named[spec.name] = read_config(spec.location, "training_args.json", spec.revision, token)[
+                "pretrained_model_name_or_path"
+            ]
+        except Exception:  # none there (the authors' UNet repos) or unreadable: no say
+            continue
+    if len(set(named.values())) > 1:
+        raise EvalError(f"the models were trained on different bases ({named}): evaluate them in separate runs")
+    if named:
+        print(f"--base_model {next(iter(named.values()))} (from the training_args.json of {', '.join(named)})")
+        return next(iter(named.values()))
+    return "runwayml/stable-diffusion-v1-5"
 
 
 def check_or_write_settings(folder, settings, write=True):

@@ -342,6 +342,10 @@ def load_policy_and_reference(args, k, frozen, device):
     LoRA iterations are adapters relative to the base model: iteration k's adapter initialises the
     trainable one and is kept frozen as the reference on the same UNet."""
     previous = Path(args.output_dir) / f"iter_{k}"
+    is_lora = (previous / "pytorch_lora_weights.safetensors").exists()
+    if k > 0 and is_lora != args.use_lora:  # a rerun that extends a run must build what it saved
+        held, flag = ("a LoRA adapter", "with --use_lora") if is_lora else ("a full model", "without --use_lora")
+        raise ModelError(f"{previous} holds {held}: this --output_dir was trained {flag}; rerun {flag}")
     if not args.use_lora:
         source = (str(previous), None) if k > 0 else (args.pretrained_model_name_or_path, args.revision)
         unet = frozen.family.load_denoiser(

@@ -161,6 +161,12 @@ CASES = [
         "--negative_source dataset needs a Pick-a-Pic-shaped dataset",
     ),
     (
+        "a size a Flux.1 model cannot tile",
+        "spin",
+        ["--pretrained_model_name_or_path", "flux-model", "--resolution", "40"],
+        "cannot take --resolution 40: its images tile in 16 px steps; use e.g. 32",
+    ),
+    (
         "image paths that resolve nowhere",
         "sft",
         ["--dataset_name", "paths.csv", "--image_column", "image", "--caption_column", "text"],
@@ -229,6 +235,18 @@ CASES = [
         "--config typo.yaml: unknown keys ['learnin_rate']",
     ),
     (
+        "config value that is not one of the flag's choices",
+        "spin",
+        ["--config", "choice.yaml"],
+        "--config choice.yaml: spin_objective: invalid choice 'trajectry' (choose from approximate, trajectory)",
+    ),
+    (
+        "validation rendered in no steps",
+        "sft",
+        ["--validation_num_inference_steps", "0"],
+        "--validation_num_inference_steps must be >= 1, got 0",
+    ),
+    (
         "Hub retry time the other processes cannot wait for",
         "spin",
         ["--push_to_hub", "--hub_retry_max_time", "5000"],
@@ -259,6 +277,7 @@ def workdir(assets, tmp_path, monkeypatch):
     (tmp_path / "data.xyz").write_text("?")
     (tmp_path / "paths.csv").write_text("text,image\na fox,pics/0.png\na car,pics/1.png\n")
     (tmp_path / "typo.yaml").write_text("learnin_rate: 1e-4\n")
+    (tmp_path / "choice.yaml").write_text("spin_objective: trajectry\n")
     (tmp_path / "broken").mkdir()
     (tmp_path / "broken" / "spin_state.json").write_text('{"done": [1')
     table = pq.read_table(assets["pickapic"])

@@ -204,3 +204,9 @@ def test_image_paths_relative_to_the_dataset_file_and_16_bit_images(assets, tmp_
     assert abs(int(gray[0, 0, 0]) - 127) <= 1 and tuple(red[0, 0]) == (200, 10, 10)
     with pytest.raises(DataError, match=r"none of the first 2 images decodes; the first, 'pics/0.png'"):
         load_training_dataset(data_args(assets, *flags, dataset=str(data / "missing.csv")))
+
+
+def test_unique_prompts_reads_a_list_of_captions_as_training_does():
+    from utils.data import first_per_prompt
+
+    assert first_per_prompt([["a fox", "a red fox"], ["a fox"], "a car", None, "", ("a car",)]) == [0, 2, 3]

@@ -239,3 +239,37 @@ def test_each_model_renders_at_its_own_size_and_guidance_unless_one_is_given(ass
     with pytest.raises(EvalError, match="guidance_scale differ"):
         run(tmp_path / "own", "--guidance_scale", "3")
     assert run(tmp_path / "given", "--resolution", "48", "--guidance_scale", "3") == (48, 48, 3.0)
+
+
+def test_a_lora_renders_on_the_base_it_was_trained_on(assets, lora_out, tmp_path, no_generation, capsys):
+    """Without --base_model a LoRA's base is the one its training_args.json names; on another family's base it
+    stops with one error naming the model; a LoRA file is answered with its folder."""
+    from evaluate import trained_base
+    from utils.evaluation import resolve_model
+
+    assert trained_base([resolve_model(f"l={lora_out}")]) == str(assets["pipeline"])
+    unnamed = tmp_path / "unnamed"
+    shutil.copytree(lora_out, unnamed, ignore=shutil.ignore_patterns("training_args.json"))
+    assert trained_base([resolve_model(f"u={unnamed}")]) == "runwayml/stable-diffusion-v1-5"
+    with pytest.raises(EvalError, match="a file; give the folder that holds it"):
+        resolve_model(f"f={lora_out / 'pytorch_lora_weights.safetensors'}")
+
+
+def test_lora_on_a_base_of_another_shape_is_one_error(assets, lora_out, tmp_path):
+    import make_tiny_families
+
+    other = make_tiny_families.BUILDERS["sdxl"](tmp_path / "sdxl")
+    spec = resolve_model(f"l={lora_out}")
+    spec.family = resolve_model(f"b={other}").family
+    with pytest.raises(EvalError, match=r"--model l: its LoRA does not fit --base_model .*sdxl"):
+        load_pipeline(spec, str(other), torch.float32, "cpu")
+
+
+def test_prompt_files_in_other_encodings(tmp_path):
+    bom = tmp_path / "bom.txt"
+    bom.write_bytes("\ufeffa red fox\na caf\u00e9\n".encode())
+    assert load_prompts(str(bom)) == ["a red fox", "a caf\u00e9"]
+    latin = tmp_path / "latin.txt"
+    latin.write_bytes("un caf\u00e9\n".encode("latin-1"))
+    with pytest.raises(EvalError, match=r"latin.txt: not UTF-8 text \(byte 0xe9 at offset 6\); save it as UTF-8"):
+        load_prompts(str(latin))

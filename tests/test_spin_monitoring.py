@@ -140,3 +140,30 @@ def test_the_iteration_grid_leaves_training_unchanged(assets, tmp_path):
     assert (large / "iter_2" / "validation" / "002.png").exists() and not (
         small / "iter_2" / "validation" / "002.png"
     ).exists()
+
+
+def test_extending_a_run_with_other_grid_flags_renders_the_grid_it_asks_for(assets, tmp_path):
+    """A finished 1-iteration run extended to 2 with three other --validation_prompts: every column (theta_0 and
+    iteration 1 too) is rendered again for them, and the grid labels them."""
+    out = tmp_path / "out"
+    run_spin(*spin_args(assets, out, "--use_lora", "--num_iterations", "1", "--num_validation_images", "2"))
+    prompts = ["a purple elephant", "a green bicycle", "a red fox"]
+    run_spin(*spin_args(assets, out, "--use_lora", "--validation_prompts", *prompts))
+    for folder in (out / "validation_theta0", out / "iter_1" / "validation", out / "iter_2" / "validation"):
+        assert sorted(p.name for p in folder.glob("*.png")) == ["000.png", "001.png", "002.png"]
+        assert json.loads((folder / "settings.json").read_text())["prompts"] == prompts
+
+
+def test_a_rerun_must_build_the_adapter_it_saved(assets, tmp_path, capsys):
+    """Extending a LoRA run with another --rank, or without --use_lora, stops with one error line naming the flag,
+    before anything is generated."""
+    out = tmp_path / "out"
+    run_spin(*spin_args(assets, out, "--use_lora", "--num_iterations", "1"))
+    for extra, message in (
+        (["--use_lora", "--rank", "8"], "have rank 4, the adapter this run builds has rank 8: rerun with the --rank"),
+        ([], "iter_1 holds a LoRA adapter: this --output_dir was trained with --use_lora; rerun with --use_lora"),
+    ):
+        with pytest.raises(SystemExit) as e:
+            train_spin_diffusion.cli(spin_args(assets, out, *extra))
+        assert message in str(e.value) and str(e.value).startswith("error: ")
+        assert not (out / "iter_2" / "synthetic").exists()

@@ -319,8 +319,39 @@ def parse_with_config(parser, input_args=None):
         unknown = sorted(set(config) - known - {"config"})
         if unknown:
             parser.error(f"--config {pre.config}: unknown keys {unknown}")
-        parser.set_defaults(**config)
+        by_dest = {a.dest: a for a in parser._actions}
+        parser.set_defaults(**{k: config_value(parser, pre.config, by_dest[k], v) for k, v in config.items()})
     return parser.parse_args(input_args)
+
+
+def config_value(parser, path, action, value):
+    """A --config file's value for `action`, checked and converted as the same flag on the command line would be
+    (type, choices, one value or a list, true/false); parser.error naming the key otherwise."""
+    key = action.dest
+    if action.nargs == 0:  # store_true
+        if not isinstance(value, bool):
+            parser.error(f"--config {path}: {key} takes true or false, got {value!r}")
+        return value
+    if value is None:
+        return None
+    many = action.nargs in ("+", "*") or isinstance(action.nargs, int)
+    if many and not isinstance(value, list):
+        value = [value]  # `validation_prompts: a red fox` is one prompt, not one per character
+    if not many and isinstance(value, (list, dict)):
+        parser.error(f"--config {path}: {key} takes one value, got {value!r}")
+
+    def convert(item):
+        try:
+            item = action.type(item if isinstance(item, str) else str(item)) if action.type else item
+        except (ValueError, TypeError, argparse.ArgumentTypeError) as e:
+            parser.error(f"--config {path}: {key}: invalid value {item!r} ({e})")
+        if action.choices is not None and item not in action.choices:
+            parser.error(
+                f"--config {path}: {key}: invalid choice {item!r} (choose from {', '.join(map(str, action.choices))})"
+            )
+        return item
+
+    return [convert(item) for item in value] if many else convert(value)
 
 
 def validate_training_args(parser, args):
@@ -357,6 +388,8 @@ def validate_training_args(parser, args):
         "resolution",
         "rank",
         "checkpointing_steps",
+        "num_validation_images",
+        "validation_num_inference_steps",
     ):
         if getattr(args, name) < 1:
             parser.error(f"--{name} must be >= 1, got {getattr(args, name)}")

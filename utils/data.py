@@ -246,9 +246,9 @@ def winner_and_loser(example, spec):
 
 
 def first_per_prompt(captions):
-    """Indices of the first occurrence of each caption."""
+    """Indices of the first occurrence of each caption (as training reads it: the first of a list)."""
     seen, keep = set(), []
-    for i, c in enumerate(captions):
+    for i, c in enumerate(map(caption_of, captions)):
         if c not in seen:
             seen.add(c)
             keep.append(i)

@@ -57,6 +57,8 @@ def list_files(location, revision=None, token=None):
     path = Path(location).expanduser()
     if path.is_dir():
         return [str(p.relative_to(path)) for p in path.rglob("*") if p.is_file()]
+    if path.is_file():
+        raise EvalError(f"{location}: a file; give the folder that holds it (a LoRA: its folder)")
     if path.exists() or location.startswith((".", "/", "~")) or location.count("/") > 1:
         raise EvalError(f"{location}: no such folder")
     from huggingface_hub import list_repo_files
@@ -119,7 +121,14 @@ def load_pipeline(spec, base_model, dtype, device, token=None):
         pipe = family.load_pipeline(base_model, denoiser=unet, torch_dtype=dtype, token=token)
     else:
         pipe = family.load_pipeline(base_model, torch_dtype=dtype, token=token)
-        pipe.load_lora_weights(spec.location, revision=spec.revision, token=token)
+        try:
+            pipe.load_lora_weights(spec.location, revision=spec.revision, token=token)
+        except (RuntimeError, ValueError, KeyError) as e:  # shapes or keys of another model
+            why = (str(e).strip().splitlines() or [type(e).__name__])[-1].strip()[:200]
+            raise EvalError(
+                f"--model {spec.name}: its LoRA does not fit --base_model {base_model} ({why}); give the base it "
+                "was trained on"
+            ) from e
     pipe.set_progress_bar_config(disable=True)
     return pipe.to(device)
 
@@ -181,7 +190,14 @@ def load_prompts(
     path = Path(source).expanduser()
     if path.is_file():
         if path.suffix.lower() == ".txt":
-            prompts = [line.strip() for line in path.read_text().splitlines() if line.strip()]
+            try:  # utf-8-sig: a byte-order mark (Windows editors) is not part of the first prompt
+                text = path.read_text(encoding="utf-8-sig")
+            except UnicodeDecodeError as e:
+                raise EvalError(
+                    f"--prompts {source}: not UTF-8 text (byte {e.object[e.start]:#x} at offset {e.start}); save it "
+                    "as UTF-8"
+                ) from None
+            prompts = [line.strip() for line in text.splitlines() if line.strip()]
         else:
             prompts = _column_prompts(path, prompt_column)
     elif source == "hpsv2":

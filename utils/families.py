@@ -88,6 +88,10 @@ def refuse_flags(family, args, shown=None):
     """ModelError, one line, when `args` set flags the model's family cannot honour (the family's `refused`):
     before any weights load."""
     problems = family.refused(args)
+    multiple = family.RESOLUTION_MULTIPLE
+    if getattr(args, "resolution", None) and args.resolution % multiple:
+        fit = max(multiple, multiple * round(args.resolution / multiple))
+        problems.append((f"--resolution {args.resolution}", f"its images tile in {multiple} px steps; use e.g. {fit}"))
     if problems:
         what = "; ".join(f"{flag}: {why}" for flag, why in problems)
         model = shown or args.pretrained_model_name_or_path
@@ -140,7 +144,22 @@ def load_lora(unet, path, adapter_name="default"):
     state_dict = state_dict[0] if isinstance(state_dict, tuple) else state_dict  # SD's returns (weights, alphas)
     prefix = family.DENOISER + "."
     own = {k.removeprefix(prefix): v for k, v in state_dict.items() if k.startswith(prefix)}
-    result = set_peft_model_state_dict(unet, convert_unet_state_dict_to_peft(own), adapter_name=adapter_name)
+    peft_state = convert_unet_state_dict_to_peft(own)
+    ranks = {v.shape[0] for k, v in peft_state.items() if "lora_A" in k and v.ndim >= 2}
+    built = getattr(unet, "peft_config", {}).get(adapter_name)
+    if built is not None and ranks and ranks != {built.r}:
+        raise ModelError(
+            f"LoRA weights at {path} have rank {sorted(ranks)[0]}, the adapter this run builds has rank {built.r}: "
+            "rerun with the --rank (and --lora_alpha, --lora_target_modules) that made them"
+        )
+    try:
+        result = set_peft_model_state_dict(unet, peft_state, adapter_name=adapter_name)
+    except RuntimeError as e:  # other shapes: other target modules or another model
+        first = str(e).strip().splitlines()[-1].strip()[:200]
+        raise ModelError(f"LoRA weights at {path} do not fit this model's adapter ({first})") from e
     unexpected = getattr(result, "unexpected_keys", None)
     if unexpected:
-        raise ValueError(f"LoRA weights at {path} do not match the adapter: unexpected keys {unexpected[:5]}")
+        raise ModelError(
+            f"LoRA weights at {path} do not match the adapter this run builds: unexpected keys {unexpected[:5]} "
+            "(made with other --lora_target_modules, or for another model)"
+        )

@@ -30,6 +30,7 @@ VAE_UPCAST = False
 MAX_SEQUENCE_LENGTH = 512  # Flux.1-dev's pipeline default
 GUIDANCE_SCALE = 3.5  # the guidance embedding's value in training (as diffusers' Flux scripts) and sampling
 # the latent side its pipeline renders at by default, times the VAE's scale (FluxPipeline's own 128)
+RESOLUTION_MULTIPLE = 16  # image sides it can tile: the VAE's 8x, then 2x2 patches
 DEFAULT_SAMPLE_SIZE = 128
 
 

@@ -29,6 +29,7 @@ LORA_PIPELINE, LORA_FORMAT = "StableDiffusionPipeline", "diffusers"
 LORA_TARGETS = "to_k,to_q,to_v,to_out.0"
 GUIDANCE_SCALE = 7.5  # the opponent's default --gen_guidance_scale (the pipeline's own)
 # the latent side its pipeline renders at by default, times the VAE's scale (None: the denoiser's sample_size)
+RESOLUTION_MULTIPLE = 8  # image sides it can tile: the VAE's 8x
 DEFAULT_SAMPLE_SIZE = None
 VAE_UPCAST = False  # the VAE runs in the compute dtype
 FLOW_FLAGS = ("weighting_scheme", "logit_mean", "logit_std", "mode_scale", "max_sequence_length", "guidance_scale")

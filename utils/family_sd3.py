@@ -26,6 +26,7 @@ LORA_PIPELINE, LORA_FORMAT = "StableDiffusion3Pipeline", "peft"
 LORA_TARGETS = "to_k,to_q,to_v,to_out.0,add_k_proj,add_q_proj,add_v_proj,to_add_out"
 GUIDANCE_SCALE = 7.0  # the opponent's default --gen_guidance_scale (the pipeline's own)
 # the latent side its pipeline renders at by default, times the VAE's scale (None: the denoiser's sample_size)
+RESOLUTION_MULTIPLE = 16  # image sides it can tile: the VAE's 8x, then 2x2 patches
 DEFAULT_SAMPLE_SIZE = None
 VAE_UPCAST = False
 MAX_SEQUENCE_LENGTH = 256  # the pipeline's default

@@ -6,6 +6,7 @@ import contextlib
 import json
 import logging
 import os
+import shutil
 from pathlib import Path
 
 import torch
@@ -311,35 +312,45 @@ def generate_opponent_samples(
 def iteration_grid(
     output_dir, k, prompts, load, *, seed, num_inference_steps, guidance_scale, resolution, device, autocast_dtype=None
 ):
-    """SPIN's Fig. 2 for a run: the validation prompts rendered by theta_0 (once, into
-    `output_dir/validation_theta0/`) and by iteration k (into `iter_k/validation/`), the same seed per prompt, then
-    the grid of every iteration so far (theta_0 first, one column each; one row per prompt) written to
-    `iter_k/validation_grid.png`. `load(j)` gives iteration j's pipeline (0: the start model). A column already on
-    disk is not rendered again. Returns (the grid, iteration k's images)."""
+    """SPIN's Fig. 2 for a run: the validation prompts rendered by theta_0 (into `output_dir/validation_theta0/`) and
+    by each iteration j (into `iter_j/validation/`), the same seed per prompt, then the grid of every iteration so
+    far (theta_0 first, one column each; one row per prompt) written to `iter_k/validation_grid.png`. `load(j)` gives
+    iteration j's pipeline (0: the start model). A column on disk is reused when it was rendered with the same
+    prompts and settings (its `settings.json`), else rendered again: a rerun that extends a run with other
+    validation flags gets a grid of what it asked for. Returns (the grid, iteration k's images)."""
     output_dir = Path(output_dir)
-    columns = []
-    for j in (0, k) if k > 0 else (0,):
-        folder = output_dir / ("validation_theta0" if j == 0 else f"iter_{j}/validation")
+    wanted = {
+        "prompts": list(prompts),
+        "seed": seed,
+        "num_inference_steps": num_inference_steps,
+        "guidance_scale": guidance_scale,
+        "resolution": resolution,
+    }
+    folders = [output_dir / ("validation_theta0" if j == 0 else f"iter_{j}/validation") for j in range(k + 1)]
+    for j, folder in enumerate(folders):
         files = [folder / f"{i:03d}.png" for i in range(len(prompts))]
-        if not all(f.exists() for f in files):
-            pipeline = load(j).to(device)
-            pipeline.set_progress_bar_config(disable=True)
-            folder.mkdir(parents=True, exist_ok=True)
-            images = render(
-                pipeline,
-                prompts,
-                seed=seed,
-                num_inference_steps=num_inference_steps,
-                guidance_scale=guidance_scale,
-                resolution=resolution,
-                autocast_dtype=autocast_dtype,
-            )
-            for image, f in zip(images, files):
-                image.save(f)
-            del pipeline
-    for j in range(k + 1):
-        folder = output_dir / ("validation_theta0" if j == 0 else f"iter_{j}/validation")
-        columns.append([Image.open(folder / f"{i:03d}.png").convert("RGB") for i in range(len(prompts))])
+        settings = folder / "settings.json"
+        if all(f.exists() for f in files) and settings.exists() and not record_settings(settings, wanted):
+            continue
+        pipeline = load(j).to(device)
+        pipeline.set_progress_bar_config(disable=True)
+        images = render(
+            pipeline,
+            prompts,
+            seed=seed,
+            num_inference_steps=num_inference_steps,
+            guidance_scale=guidance_scale,
+            resolution=resolution,
+            autocast_dtype=autocast_dtype,
+        )
+        del pipeline
+        if folder.exists():
+            shutil.rmtree(folder)  # a column of other prompts or settings
+        folder.mkdir(parents=True)
+        for image, f in zip(images, files):
+            image.save(f)
+        record_settings(settings, wanted)
+    columns = [[Image.open(folder / f"{i:03d}.png").convert("RGB") for i in range(len(prompts))] for folder in folders]
     rows = [[column[i] for column in columns] for i in range(len(prompts))]
     grid = labelled_grid(rows, prompts, ["theta_0"] + [f"iteration {j}" for j in range(1, k + 1)])
     grid.save(output_dir / f"iter_{k}" / "validation_grid.png")

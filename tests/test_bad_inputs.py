@@ -450,3 +450,16 @@ def test_refused_combinations_in_the_readme_are_refused(assets, tmp_path, capsys
         parse(argv + flags.split())
     assert exit_.value.code == 2
     assert fragment in capsys.readouterr().err
+
+
+def test_a_tracker_that_is_not_installed_is_named_at_the_start(assets, tmp_path, monkeypatch, capsys):
+    """--report_to wandb without wandb: one error line at parse time (accelerate would only warn, and log nothing)."""
+    import importlib.util
+
+    import train_sft
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "wandb" else real(name, *a))
+    with pytest.raises(SystemExit):
+        train_sft.parse_args(sft_args(assets, tmp_path / "out", "--report_to", "wandb"))
+    assert "--report_to wandb: the wandb package is not installed (pip install wandb)" in capsys.readouterr().err

@@ -7,6 +7,7 @@ Needs no sibling module: it can be copied on its own.
 """
 
 import argparse
+import importlib.util
 import json
 import os
 import re
@@ -393,6 +394,13 @@ def validate_training_args(parser, args):
     ):
         if getattr(args, name) < 1:
             parser.error(f"--{name} must be >= 1, got {getattr(args, name)}")
+    tracker_packages = {"tensorboard": ("tensorboard", "tensorboardX"), "wandb": ("wandb",), "comet_ml": ("comet_ml",)}
+    tracker_packages |= {"mlflow": ("mlflow",), "clearml": ("clearml",), "aim": ("aim",), "dvclive": ("dvclive",)}
+    if args.report_to in tracker_packages and not any(map(importlib.util.find_spec, tracker_packages[args.report_to])):
+        parser.error(
+            f"--report_to {args.report_to}: the {tracker_packages[args.report_to][0]} package is not installed "
+            f"(pip install {tracker_packages[args.report_to][0]}), or pass --report_to none"
+        )
     for name in ("max_train_steps", "max_train_samples", "validation_steps"):
         if getattr(args, name) is not None and getattr(args, name) < 1:
             parser.error(f"--{name} must be >= 1, got {getattr(args, name)}")

@@ -119,8 +119,13 @@ def load_raw_dataset(
     except DataError:
         raise
     except Exception as e:  # datasets raises many types; the user needs the name and the reason
+        root = e
+        while root.__cause__ is not None or root.__context__ is not None:  # "an error occurred" hides the cause
+            root = root.__cause__ or root.__context__
+        cause = f" (caused by {type(root).__name__}: {str(root).strip()[:200]})" if root is not e else ""
+        cause += "; save the file as UTF-8" if "utf" in cause.lower() else ""
         raise DataError(
-            f"{flag} {name} (split {split!r}) could not be loaded: {type(e).__name__}: {str(e).rstrip('.')}."
+            f"{flag} {name} (split {split!r}) could not be loaded: {type(e).__name__}: {str(e).rstrip('.')}{cause}."
             f"{removed_dataset_note(name, flag, hint)}"
         ) from e
 

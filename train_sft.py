@@ -100,7 +100,8 @@ def parse_args(input_args=None):
         "--num_validation_images",
         type=int,
         default=4,
-        help="Images in the final sample grid when no --validation_prompts are given (training captions are used).",
+        help="Images in the final sample grid when no --validation_prompts are given (training captions are used; "
+        "0: no grid).",
     )
     for title, dests in HELP_GROUPS.items():
         regroup(parser, title, dests)

@@ -616,19 +616,20 @@ def save_iteration(args, unet, *, it_dir, k, hub_repo, metrics, family, prompts,
         ).save_pretrained(it_dir, safe_serialization=True)
     save_args(args, it_dir / "training_args.json")
     (it_dir / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
-    grid, images = iteration_grid(
-        args.output_dir,
-        k + 1,
-        prompts,
-        functools.partial(iteration_pipeline, args, family),
-        seed=args.seed,
-        num_inference_steps=args.validation_num_inference_steps,
-        guidance_scale=args.gen_guidance_scale,
-        resolution=args.resolution,
-        device=accelerator.device,
-        autocast_dtype=dtype if dtype != torch.float32 else None,
-    )
-    log_images(accelerator, [grid], [f"iterations 0-{k + 1}"], k + 1, tag="iterations")
+    if prompts:  # none with --num_validation_images 0 and no --validation_prompts: no grid
+        grid, images = iteration_grid(
+            args.output_dir,
+            k + 1,
+            prompts,
+            functools.partial(iteration_pipeline, args, family),
+            seed=args.seed,
+            num_inference_steps=args.validation_num_inference_steps,
+            guidance_scale=args.gen_guidance_scale,
+            resolution=args.resolution,
+            device=accelerator.device,
+            autocast_dtype=dtype if dtype != torch.float32 else None,
+        )
+        log_images(accelerator, [grid], [f"iterations 0-{k + 1}"], k + 1, tag="iterations")
     note = real_error_sentence(metrics)  # whether the real images got less likely
     write_iteration_card(args, it_dir, k, hub_repo, metrics, family.PIPELINE_CLASSES[0], note)
 

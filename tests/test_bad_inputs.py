@@ -161,6 +161,13 @@ CASES = [
         "--negative_source dataset needs a Pick-a-Pic-shaped dataset",
     ),
     (
+        "a single-file checkpoint as the model",
+        "spin",
+        ["--pretrained_model_name_or_path", "model.safetensors"],
+        "--pretrained_model_name_or_path model.safetensors: a single file; the scripts load a diffusers pipeline",
+    ),
+    ("a seed outside 0 .. 2**32 - 1", "sft", ["--seed", "-1"], "--seed must be between 0 and 2**32 - 1, got -1"),
+    (
         "a size a Flux.1 model cannot tile",
         "spin",
         ["--pretrained_model_name_or_path", "flux-model", "--resolution", "40"],
@@ -275,6 +282,7 @@ def workdir(assets, tmp_path, monkeypatch):
     (tmp_path / "broken-index").mkdir()
     (tmp_path / "broken-index" / "model_index.json").write_text('{"_class_name": ')
     (tmp_path / "data.xyz").write_text("?")
+    (tmp_path / "model.safetensors").write_bytes(b"weights of one file")
     (tmp_path / "paths.csv").write_text("text,image\na fox,pics/0.png\na car,pics/1.png\n")
     (tmp_path / "typo.yaml").write_text("learnin_rate: 1e-4\n")
     (tmp_path / "choice.yaml").write_text("spin_objective: trajectry\n")

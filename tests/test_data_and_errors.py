@@ -210,3 +210,23 @@ def test_unique_prompts_reads_a_list_of_captions_as_training_does():
     from utils.data import first_per_prompt
 
     assert first_per_prompt([["a fox", "a red fox"], ["a fox"], "a car", None, "", ("a car",)]) == [0, 2, 3]
+
+
+def test_phone_photos_upright_and_long_values_shortened_in_messages(tmp_path):
+    """A JPEG whose EXIF tag says "rotate 90" trains as it is viewed (portrait); an undecodable base64 value is
+    shown shortened in the error line."""
+    import io
+
+    from PIL import Image
+
+    from utils.data import check_images_decode
+
+    exif = Image.Exif()
+    exif[0x0112] = 6  # orientation: the camera was held upright
+    buf = io.BytesIO()
+    Image.new("RGB", (60, 30), "white").save(buf, "JPEG", exif=exif)
+    assert load_image(buf.getvalue()).size == (30, 60)
+    rows = [{"text": "a", "image": "iVBORw0KGgo" + "A" * 5000}]
+    with pytest.raises(DataError) as e:
+        check_images_decode(rows, {"kind": "image_caption", "image": "image"}, "b64.jsonl")
+    assert len(str(e.value)) < 400 and "(5011 characters)" in str(e.value)

@@ -273,3 +273,11 @@ def test_prompt_files_in_other_encodings(tmp_path):
     latin.write_bytes("un caf\u00e9\n".encode("latin-1"))
     with pytest.raises(EvalError, match=r"latin.txt: not UTF-8 text \(byte 0xe9 at offset 6\); save it as UTF-8"):
         load_prompts(str(latin))
+
+
+def test_a_local_folder_with_an_at_sign_is_not_a_revision(tmp_path):
+    from utils.evaluation import parse_model_arg
+
+    (tmp_path / "model@v2").mkdir()
+    assert parse_model_arg(f"m={tmp_path / 'model@v2'}") == ("m", str(tmp_path / "model@v2"), None)
+    assert parse_model_arg("m=someone/model@v2") == ("m", "someone/model", "v2")

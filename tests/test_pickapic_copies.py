@@ -162,7 +162,7 @@ def test_removed_repo_says_where_to_look(assets, tmp_path, name):
     assert "--caption_column" in message and "--label_0_column" in message
     with pytest.raises(DataError) as e:
         load_training_dataset(data_args(assets, "someone/other-dataset", "--cache_dir", tmp_path / "cache"))
-    assert "could not be loaded" in str(e.value) and "removed" not in str(e.value)
+    assert "could not be loaded" in str(e.value) and "was removed from the Hugging Face Hub" not in str(e.value)
 
 
 def eval_args(assets, tmp_path, *extra):

@@ -167,3 +167,25 @@ def test_a_rerun_must_build_the_adapter_it_saved(assets, tmp_path, capsys):
             train_spin_diffusion.cli(spin_args(assets, out, *extra))
         assert message in str(e.value) and str(e.value).startswith("error: ")
         assert not (out / "iter_2" / "synthetic").exists()
+
+
+def test_no_grid_with_num_validation_images_0(assets, tmp_path):
+    out = tmp_path / "out"
+    run_spin(*spin_args(assets, out, "--use_lora", "--num_iterations", "1", "--num_validation_images", "0"))
+    assert (out / "iter_1" / "pytorch_lora_weights.safetensors").exists()
+    assert not (out / "iter_1" / "validation_grid.png").exists()
+    assert "validation_grid.png" not in (out / "iter_1" / "README.md").read_text()
+
+
+def test_a_variant_only_model_and_a_home_relative_output_dir(assets, tmp_path, monkeypatch):
+    """A pipeline folder holding only fp16-variant weights (what a variant="fp16" download leaves) runs a LoRA SPIN
+    iteration to its grid with --variant fp16; "~" in --output_dir (from a config file, no shell) is the home."""
+    from diffusers import StableDiffusionPipeline
+
+    variant = tmp_path / "fp16-only"
+    StableDiffusionPipeline.from_pretrained(str(assets["pipeline"])).save_pretrained(variant, variant="fp16")
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    argv = spin_args(assets, "~/out", "--use_lora", "--num_iterations", "1", "--variant", "fp16")
+    argv[argv.index("--pretrained_model_name_or_path") + 1] = str(variant)
+    run_spin(*argv)
+    assert (tmp_path / "home" / "out" / "iter_1" / "validation_grid.png").exists()

@@ -389,7 +389,6 @@ def validate_training_args(parser, args):
         "resolution",
         "rank",
         "checkpointing_steps",
-        "num_validation_images",
         "validation_num_inference_steps",
     ):
         if getattr(args, name) < 1:
@@ -401,6 +400,8 @@ def validate_training_args(parser, args):
             f"--report_to {args.report_to}: the {tracker_packages[args.report_to][0]} package is not installed "
             f"(pip install {tracker_packages[args.report_to][0]}), or pass --report_to none"
         )
+    if args.num_validation_images < 0:
+        parser.error(f"--num_validation_images must be >= 0 (0: no sample grid), got {args.num_validation_images}")
     for name in ("max_train_steps", "max_train_samples", "validation_steps"):
         if getattr(args, name) is not None and getattr(args, name) < 1:
             parser.error(f"--{name} must be >= 1, got {getattr(args, name)}")
@@ -415,9 +416,24 @@ def validate_training_args(parser, args):
             parser.error(f"--{name} must be > 0, got {getattr(args, name)}")
     if args.max_grad_norm is not None and args.max_grad_norm < 0:
         parser.error(f"--max_grad_norm must be >= 0 (0 turns clipping off), got {args.max_grad_norm}")
+    if not 0 <= args.seed < 2**32:
+        parser.error(f"--seed must be between 0 and 2**32 - 1, got {args.seed} (a run is reproducible from its seed)")
+    if args.dataloader_num_workers < 0:
+        parser.error(
+            f"--dataloader_num_workers must be >= 0 (0: load in the main process), got {args.dataloader_num_workers}"
+        )
+    if args.output_dir.startswith("~"):  # from a config file or a quoted argument, where no shell expands it
+        args.output_dir = os.path.expanduser(args.output_dir)
     if Path(args.output_dir).exists() and not Path(args.output_dir).is_dir():
         parser.error(f"--output_dir {args.output_dir}: exists and is not a folder")
+    if args.pretrained_model_name_or_path.startswith("~"):
+        args.pretrained_model_name_or_path = os.path.expanduser(args.pretrained_model_name_or_path)
     model = args.pretrained_model_name_or_path
+    if Path(model).is_file():
+        parser.error(
+            f"--pretrained_model_name_or_path {model}: a single file; the scripts load a diffusers pipeline folder "
+            "(a single-file checkpoint converts with the pipeline class's from_single_file(...).save_pretrained(DIR))"
+        )
     if not Path(model).expanduser().is_dir() and (model.startswith((".", "/", "~")) or model.count("/") > 1):
         parser.error(
             f"--pretrained_model_name_or_path {model}: no such folder (give a local diffusers pipeline "

@@ -23,7 +23,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image
+from PIL import Image, ImageOps
 
 FILE_BUILDERS = {
     ".parquet": "parquet",
@@ -351,6 +351,7 @@ def load_image(value, root=None):
     else:
         raise ValueError(f"not an image: {type(value).__name__}")
     img.load()
+    img = ImageOps.exif_transpose(img)  # a phone photo's orientation tag: trained upright, as it is viewed
     if img.mode.startswith("I"):  # 16-bit (I;16*) or 32-bit integer grayscale, as 16-bit PNGs open
         img = Image.fromarray((np.asarray(img, dtype=np.float64) / 257.0).clip(0, 255).astype(np.uint8))
     return img.convert("RGB")
@@ -373,7 +374,8 @@ def check_images_decode(rows, spec, dataset_name):
             failures.append((value, e))
     if failures:
         value, e = failures[0]
-        shown = value if isinstance(value, (str, Path)) else type(value).__name__
+        shown = str(value) if isinstance(value, (str, Path)) else type(value).__name__
+        shown = shown if len(shown) <= 120 else shown[:60] + f"... ({len(shown)} characters)"
         hint = (
             f" (a relative path is read from the current folder, then from {spec['root']})"
             if isinstance(value, (str, Path)) and spec.get("root")

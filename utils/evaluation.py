@@ -48,6 +48,8 @@ def parse_model_arg(arg):
     name, sep, spec = arg.partition("=")
     if not sep or not name or not spec:
         raise EvalError(f"--model {arg!r}: expected NAME=PATH_OR_REPO[@REVISION]")
+    if Path(spec).expanduser().exists():  # a local folder whose name holds an "@"
+        return name, spec, None
     location, _, revision = spec.partition("@")
     return name, location, revision or None
 

@@ -359,7 +359,7 @@ def iteration_grid(
 
 def iteration_pipeline(args, family, j):
     """Iteration j's pipeline (0: the start model): a LoRA iteration is its adapter on the start model."""
-    start = dict(revision=args.revision, cache_dir=args.cache_dir)
+    start = dict(revision=args.revision, variant=args.variant, cache_dir=args.cache_dir)
     if j > 0 and not args.use_lora:
         return family.load_pipeline(str(Path(args.output_dir) / f"iter_{j}"), args.prediction_type)
     pipeline = family.load_pipeline(args.pretrained_model_name_or_path, args.prediction_type, **start)

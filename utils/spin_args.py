@@ -111,7 +111,8 @@ def add_spin_args(parser):
         "--num_validation_images",
         type=int,
         default=4,
-        help="Without --validation_prompts: this many training captions make each iteration's sample grid.",
+        help="Without --validation_prompts: this many training captions make each iteration's sample grid (0: no "
+        "grid).",
     )
     gen = [a.dest for a in parser._actions if a.dest.startswith("gen_") and a.dest != "gen_prompts_per_iteration"]
     regroup(parser, "generation (the opponent's samples)", gen + ["gen_prompts_per_iteration", "trajectory_steps"])

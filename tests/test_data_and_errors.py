@@ -230,3 +230,19 @@ def test_phone_photos_upright_and_long_values_shortened_in_messages(tmp_path):
     with pytest.raises(DataError) as e:
         check_images_decode(rows, {"kind": "image_caption", "image": "image"}, "b64.jsonl")
     assert len(str(e.value)) < 400 and "(5011 characters)" in str(e.value)
+
+
+def test_a_folder_of_images_with_caption_files_beside_them(assets, tmp_path):
+    """kohya-style: img.png + img.txt pairs (one image without its .txt) load as image + text columns."""
+    from PIL import Image
+
+    folder = tmp_path / "kohya" / "10_fox"
+    folder.mkdir(parents=True)
+    for i, colour in enumerate(("red", "blue", "green")):
+        Image.new("RGB", (40, 40), colour).save(folder / f"img{i}.png")
+    (folder / "img0.txt").write_text("\ufeffa red square\n")
+    (folder / "img1.txt").write_text("a blue square")
+    args = data_args(assets, "--image_column", "image", "--caption_column", "text", dataset=str(tmp_path / "kohya"))
+    ds, spec = load_training_dataset(args)
+    assert [row["text"] for row in ds] == ["a red square", "a blue square", ""]
+    assert load_image(ds[1]["image"], root=spec["root"]).getpixel((0, 0)) == (0, 0, 255)

@@ -103,6 +103,10 @@ def load_raw_dataset(
                 builder, data_files={split: str(path)}, split=split, streaming=streaming, cache_dir=cache_dir
             )
         if path.is_dir():
+            sidecars = caption_sidecars(path)
+            if sidecars is not None:  # kohya-style: img.png beside img.txt
+                ds = datasets.Dataset.from_dict(sidecars)
+                return ds.to_iterable_dataset() if streaming else ds
             if (path / "dataset_dict.json").exists() or (path / "state.json").exists():
                 ds = datasets.load_from_disk(str(path))
                 if isinstance(ds, datasets.DatasetDict):
@@ -128,6 +132,26 @@ def load_raw_dataset(
             f"{flag} {name} (split {split!r}) could not be loaded: {type(e).__name__}: {str(e).rstrip('.')}{cause}."
             f"{removed_dataset_note(name, flag, hint)}"
         ) from e
+
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
+
+
+def caption_sidecars(folder):
+    """A folder of images with a caption file beside each (`img0.png` and `img0.txt`, as kohya and other trainers
+    keep them) and no metadata file: {"image": paths, "text": captions} (an image without its .txt gets the empty
+    caption), else None. Train on it with `--image_column image --caption_column text`."""
+    if any((folder / f"metadata.{ext}").exists() for ext in ("jsonl", "csv", "parquet")):
+        return None
+    images = sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
+    captions = [p.with_suffix(".txt") for p in images]
+    found = sum(c.is_file() for c in captions)
+    if not found:
+        return None
+    if found < len(images):
+        logger.warning(f"{folder}: {len(images) - found} of {len(images)} images have no caption file: empty prompt")
+    text = [c.read_text(encoding="utf-8-sig").strip() if c.is_file() else "" for c in captions]
+    return {"image": [str(p) for p in images], "text": text}
 
 
 def column_names(ds):

@@ -100,6 +100,9 @@ def parse_args(input_args=None):
     )
     g.add_argument("--num_images_per_prompt", type=int, default=1)
     g.add_argument(
+        "--variant", default=None, help="Weights variant of the models and the base (fp16: *.fp16.safetensors)."
+    )
+    g.add_argument(
         "--resolution",
         type=int,
         default=None,
@@ -243,6 +246,7 @@ def main(args):
             "resolution",
             "num_images_per_prompt",
             "mixed_precision",
+            "variant",
         )
     }
     settings["prompts_sha256"] = hashlib.sha256("\n".join(prompts).encode()).hexdigest()
@@ -273,7 +277,7 @@ def main(args):
         ]
         if not todo:
             continue
-        pipe = load_pipeline(spec, args.base_model, dtype, state.device, args.hub_token)
+        pipe = load_pipeline(spec, args.base_model, dtype, state.device, args.hub_token, args.variant)
         bar = tqdm(
             total=len(todo) * n_img,
             desc=f"generating {spec.name}",

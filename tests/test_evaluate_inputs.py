@@ -10,6 +10,7 @@ import torch
 import evaluate
 from helpers import run_sft
 from hub_server import TEST_TOKEN, hub_online
+from utils.data import load_training_dataset
 from utils.evaluation import EvalError, load_pipeline, load_prompts, resolve_model
 
 
@@ -281,3 +282,21 @@ def test_a_local_folder_with_an_at_sign_is_not_a_revision(tmp_path):
     (tmp_path / "model@v2").mkdir()
     assert parse_model_arg(f"m={tmp_path / 'model@v2'}") == ("m", str(tmp_path / "model@v2"), None)
     assert parse_model_arg("m=someone/model@v2") == ("m", "someone/model", "v2")
+
+
+def test_a_variant_only_model_and_a_model_folder_given_as_data(assets, tmp_path):
+    """evaluate.py --variant fp16 renders a folder holding only fp16-variant weights; a training script given the
+    model folder as --dataset_name says what it is."""
+    from diffusers import StableDiffusionPipeline
+
+    import train_sft
+    from helpers import sft_args
+    from utils.data import DataError
+
+    variant = tmp_path / "fp16-only"
+    StableDiffusionPipeline.from_pretrained(str(assets["pipeline"])).save_pretrained(variant, variant="fp16")
+    pipe = load_pipeline(resolve_model(f"v={variant}"), None, torch.float32, "cpu", variant="fp16")
+    assert render(pipe).shape == (1, 32, 32, 3)
+    args = train_sft.parse_args(sft_args(assets, tmp_path / "out", dataset=str(assets["pipeline"])))
+    with pytest.raises(DataError, match="a diffusers pipeline folder, not a dataset"):
+        load_training_dataset(args)

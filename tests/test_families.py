@@ -121,3 +121,25 @@ def test_sample_grid_renders_a_model_of_any_family(assets, families, family, tmp
     sample_grid.main(argv + ["--resolution", "24", "--output", str(out)])
     assert Image.open(out).size[0] >= 48  # two images side by side
     assert CLASSES.get(family, "StableDiffusionPipeline") in capsys.readouterr().out
+
+
+def test_a_scheduler_that_predicts_what_no_loss_trains(assets, tmp_path):
+    """A pipeline whose scheduler predicts "sample": one error naming it, unless --prediction_type overrides."""
+    import json
+    import shutil
+
+    from utils import family_sd
+    from utils.models import ModelError
+
+    model = tmp_path / "sample-model"
+    shutil.copytree(assets["pipeline"], model)
+    config = model / "scheduler" / "scheduler_config.json"
+    config.write_text(json.dumps(json.loads(config.read_text()) | {"prediction_type": "sample"}))
+    with pytest.raises(
+        ModelError, match="its scheduler predicts 'sample'; these scripts train epsilon or v_prediction"
+    ):
+        family_sd.load_components(str(model), with_unet=False)
+    assert (
+        family_sd.load_components(str(model), with_unet=False, prediction_type="epsilon")[3].config.prediction_type
+        == "epsilon"
+    )

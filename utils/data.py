@@ -103,6 +103,11 @@ def load_raw_dataset(
                 builder, data_files={split: str(path)}, split=split, streaming=streaming, cache_dir=cache_dir
             )
         if path.is_dir():
+            if (path / "model_index.json").is_file():
+                raise DataError(
+                    f"{flag} {name}: a diffusers pipeline folder, not a dataset (the model goes to "
+                    "--pretrained_model_name_or_path)"
+                )
             sidecars = caption_sidecars(path)
             if sidecars is not None:  # kohya-style: img.png beside img.txt
                 ds = datasets.Dataset.from_dict(sidecars)

@@ -110,19 +110,20 @@ def resolve_model(arg, token=None):
     return ModelSpec(name, location, revision, kind, sub, family)
 
 
-def load_pipeline(spec, base_model, dtype, device, token=None):
+def load_pipeline(spec, base_model, dtype, device, token=None, variant=None):
     """The family's pipeline for `spec`: the pipeline itself, the base with this UNet, or the base + LoRA (a UNet
     or a LoRA takes its family from the base model)."""
     family = spec.family or model_family(base_model, token=token, flag="--base_model")
+    kw = {"variant": variant} if variant else {}  # weights saved as *.fp16.safetensors and the like
     if spec.kind == "pipeline":
-        pipe = family.load_pipeline(spec.location, revision=spec.revision, torch_dtype=dtype, token=token)
+        pipe = family.load_pipeline(spec.location, revision=spec.revision, torch_dtype=dtype, token=token, **kw)
     elif spec.kind == "unet":
         unet = family.load_denoiser(
-            spec.location, subfolder=spec.unet_subfolder, revision=spec.revision, torch_dtype=dtype, token=token
+            spec.location, subfolder=spec.unet_subfolder, revision=spec.revision, torch_dtype=dtype, token=token, **kw
         )
-        pipe = family.load_pipeline(base_model, denoiser=unet, torch_dtype=dtype, token=token)
+        pipe = family.load_pipeline(base_model, denoiser=unet, torch_dtype=dtype, token=token, **kw)
     else:
-        pipe = family.load_pipeline(base_model, torch_dtype=dtype, token=token)
+        pipe = family.load_pipeline(base_model, torch_dtype=dtype, token=token, **kw)
         try:
             pipe.load_lora_weights(spec.location, revision=spec.revision, token=token)
         except (RuntimeError, ValueError, KeyError) as e:  # shapes or keys of another model

@@ -20,7 +20,7 @@ import torch
 
 from .data import tokenizer_ids
 from .losses import DDPMObjective
-from .models import loading
+from .models import ModelError, loading
 
 PIPELINE_CLASSES = ("StableDiffusionPipeline",)
 DESCRIPTION = "SD-1.x and SD-2.x, epsilon or v-prediction"
@@ -113,9 +113,21 @@ def load_components(
         vae = AutoencoderKL.from_pretrained(name, subfolder="vae", variant=variant, **kw)
         scheduler = DDPMScheduler.from_pretrained(name, subfolder="scheduler", **kw)
     unet = load_denoiser(name, variant=variant, **kw) if with_unet else None
+    set_prediction_type(name, scheduler, prediction_type)
+    return Prompts(tokenizer, text_encoder), vae, unet, scheduler
+
+
+def set_prediction_type(name, scheduler, prediction_type=None):
+    """--prediction_type onto the training scheduler; without it the model's own, which must be one the losses
+    train (epsilon or v_prediction): ModelError naming it otherwise."""
     if prediction_type is not None:
         scheduler.register_to_config(prediction_type=prediction_type)
-    return Prompts(tokenizer, text_encoder), vae, unet, scheduler
+    own = scheduler.config.get("prediction_type", "epsilon")
+    if own not in ("epsilon", "v_prediction"):
+        raise ModelError(
+            f"--pretrained_model_name_or_path {name}: its scheduler predicts {own!r}; these scripts train epsilon or "
+            "v_prediction (--prediction_type)"
+        )
 
 
 def load_denoiser(name, subfolder=DENOISER, **kwargs):

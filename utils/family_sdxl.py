@@ -14,7 +14,12 @@ Needs its siblings `family_sd.py`, `models.py`, `losses.py` and `data.py`.
 import torch
 
 from .data import tokenizer_ids
-from .family_sd import flow_flags_set, given_parts, pipeline_latents  # noqa: F401  (pipeline_latents: SD's)
+from .family_sd import (  # noqa: F401  (pipeline_latents: SD's)
+    flow_flags_set,
+    given_parts,
+    pipeline_latents,
+    set_prediction_type,
+)
 from .losses import DDPMObjective
 from .models import loading
 
@@ -122,8 +127,7 @@ def load_components(
         vae = AutoencoderKL.from_pretrained(name, subfolder="vae", variant=variant, **kw)
         scheduler = DDPMScheduler.from_pretrained(name, subfolder="scheduler", **kw)
     unet = load_denoiser(name, variant=variant, **kw) if with_unet else None
-    if prediction_type is not None:
-        scheduler.register_to_config(prediction_type=prediction_type)
+    set_prediction_type(name, scheduler, prediction_type)
     return Prompts(tokenizers, text_encoder, text_encoder_2), vae, unet, scheduler
 
 

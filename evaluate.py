@@ -436,8 +436,14 @@ def trained_base(specs, token=None):
     if len(set(named.values())) > 1:
         raise EvalError(f"the models were trained on different bases ({named}): evaluate them in separate runs")
     if named:
-        print(f"--base_model {next(iter(named.values()))} (from the training_args.json of {', '.join(named)})")
-        return next(iter(named.values()))
+        base = next(iter(named.values()))
+        if base.startswith((".", "/", "~")) and not Path(base).expanduser().exists():
+            raise EvalError(
+                f"the training_args.json of {', '.join(named)} names the base {base}, a folder not found here: give "
+                "--base_model"
+            )
+        print(f"--base_model {base} (from the training_args.json of {', '.join(named)})")
+        return base
     return "runwayml/stable-diffusion-v1-5"
 
 

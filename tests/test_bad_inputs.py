@@ -471,3 +471,18 @@ def test_a_tracker_that_is_not_installed_is_named_at_the_start(assets, tmp_path,
     with pytest.raises(SystemExit):
         train_sft.parse_args(sft_args(assets, tmp_path / "out", "--report_to", "wandb"))
     assert "--report_to wandb: the wandb package is not installed (pip install wandb)" in capsys.readouterr().err
+
+
+def test_config_values_read_as_the_command_line_reads_them(assets, tmp_path):
+    """A scalar for a list flag is one item, YAML's bare `no` is the choice "no", null leaves a switch off, and a
+    float-valued key of an int flag is refused like `--rank 4.5` would be."""
+    import train_spin_diffusion
+
+    config = tmp_path / "c.yaml"
+    config.write_text("validation_prompts: a red fox\nmixed_precision: no\nuse_lora: null\nlearning_rate: 1e-4\n")
+    args = train_spin_diffusion.parse_args(spin_args(assets, tmp_path / "out", "--config", str(config)))
+    assert (args.validation_prompts, args.mixed_precision, args.use_lora) == (["a red fox"], "no", False)
+    assert args.learning_rate == 1e-3  # the command line's value wins over the file's
+    config.write_text("rank: 4.5\n")
+    with pytest.raises(SystemExit):
+        train_spin_diffusion.parse_args(spin_args(assets, tmp_path / "out", "--config", str(config)))

@@ -202,6 +202,7 @@ def test_image_paths_relative_to_the_dataset_file_and_16_bit_images(assets, tmp_
     ds, spec = load_training_dataset(data_args(assets, *flags, dataset=str(data / "rel.csv")))
     gray, red = (np.asarray(load_image(row["image"], root=spec["root"])) for row in ds)
     assert abs(int(gray[0, 0, 0]) - 127) <= 1 and tuple(red[0, 0]) == (200, 10, 10)
+    assert load_image(Image.fromarray(np.full((4, 4), 200, np.int32))).getpixel((0, 0)) == (200, 200, 200)
     with pytest.raises(DataError, match=r"none of the first 2 images decodes; the first, 'pics/0.png'"):
         load_training_dataset(data_args(assets, *flags, dataset=str(data / "missing.csv")))
 

@@ -330,6 +330,7 @@ def config_value(parser, path, action, value):
     (type, choices, one value or a list, true/false); parser.error naming the key otherwise."""
     key = action.dest
     if action.nargs == 0:  # store_true
+        value = False if value is None else value
         if not isinstance(value, bool):
             parser.error(f"--config {path}: {key} takes true or false, got {value!r}")
         return value
@@ -342,6 +343,8 @@ def config_value(parser, path, action, value):
         parser.error(f"--config {path}: {key} takes one value, got {value!r}")
 
     def convert(item):
+        if item is False and action.choices is not None and "no" in action.choices:
+            item = "no"  # YAML reads a bare `no` as false: `mixed_precision: no`
         try:
             item = action.type(item if isinstance(item, str) else str(item)) if action.type else item
         except (ValueError, TypeError, argparse.ArgumentTypeError) as e:

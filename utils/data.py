@@ -381,8 +381,11 @@ def load_image(value, root=None):
         raise ValueError(f"not an image: {type(value).__name__}")
     img.load()
     img = ImageOps.exif_transpose(img)  # a phone photo's orientation tag: trained upright, as it is viewed
-    if img.mode.startswith("I"):  # 16-bit (I;16*) or 32-bit integer grayscale, as 16-bit PNGs open
-        img = Image.fromarray((np.asarray(img, dtype=np.float64) / 257.0).clip(0, 255).astype(np.uint8))
+    if img.mode.startswith("I"):  # 16-bit grayscale (I;16*; older Pillow opens 16-bit PNGs as 32-bit I)
+        pixels = np.asarray(img, dtype=np.float64)
+        if img.mode.startswith("I;16") or pixels.max() > 255:  # 0..65535 to 0..255; an 8-bit range stays
+            pixels = pixels / 257.0
+        img = Image.fromarray(pixels.clip(0, 255).astype(np.uint8))
     return img.convert("RGB")
 
 

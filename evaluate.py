@@ -41,7 +41,7 @@ from utils.evaluation import (
     resolve_model,
     summarize,
 )
-from utils.families import family_name
+from utils.families import family_name, resolution_problem
 from utils.generation import labelled_grid, prompt_seed
 from utils.hub import with_retries
 from utils.models import WEIGHT_DTYPES
@@ -214,10 +214,10 @@ def main(args):
         for s in specs:  # a UNet or a LoRA is sampled in its base model's pipeline
             s.family = s.family or base.family
     for s in specs:
-        if args.resolution and args.resolution % s.family.RESOLUTION_MULTIPLE:
+        untileable = resolution_problem(s.family, args.resolution)
+        if untileable:
             raise EvalError(
-                f"--resolution {args.resolution}: --model {s.name} ({s.family.PIPELINE_CLASSES[0]}) renders images in "
-                f"{s.family.RESOLUTION_MULTIPLE} px steps"
+                f"--resolution {args.resolution}: --model {s.name} ({s.family.PIPELINE_CLASSES[0]}): {untileable}"
             )
     prompts = load_prompts(
         args.prompts,

@@ -300,3 +300,12 @@ def test_a_variant_only_model_and_a_model_folder_given_as_data(assets, tmp_path)
     args = train_sft.parse_args(sft_args(assets, tmp_path / "out", dataset=str(assets["pipeline"])))
     with pytest.raises(DataError, match="a diffusers pipeline folder, not a dataset"):
         load_training_dataset(args)
+
+
+def test_a_size_a_model_cannot_tile_is_refused_before_rendering(assets, tmp_path, no_generation):
+    flux = tmp_path / "flux-model"
+    flux.mkdir()
+    (flux / "model_index.json").write_text('{"_class_name": "FluxPipeline"}')
+    argv = eval_args(assets, tmp_path, "--model", f"f={flux}", "--baseline", "a", "--resolution", "40")
+    with pytest.raises(EvalError, match=r"--model f \(FluxPipeline\): its images tile in 16 px steps; use e.g. 32"):
+        evaluate.main(evaluate.parse_args(argv))

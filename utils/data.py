@@ -389,6 +389,11 @@ def load_image(value, root=None):
     return img.convert("RGB")
 
 
+def real_image_value(row, spec):
+    """The row's real image as stored: the Pick-a-Pic winner, or the image column."""
+    return winner_and_loser(row, spec)[0] if spec["kind"] == "pickapic" else row[spec["image"]]
+
+
 IMAGE_PROBE_ROWS = 8  # rows whose image is decoded before any model loads
 
 
@@ -398,7 +403,7 @@ def check_images_decode(rows, spec, dataset_name):
     A few bad images among good ones are skipped and counted during training instead."""
     failures = []
     for row in rows:
-        value = winner_and_loser(row, spec)[0] if spec["kind"] == "pickapic" else row[spec["image"]]
+        value = real_image_value(row, spec)
         try:
             load_image(value, root=spec.get("root"))
             return
@@ -520,9 +525,7 @@ class TrainDataset(torch.utils.data.Dataset):
         self.epoch = epoch
 
     def image_value(self, row):
-        if self.spec["kind"] == "pickapic":
-            return winner_and_loser(row, self.spec)[0]
-        return row[self.spec["image"]]
+        return real_image_value(row, self.spec)
 
     def __getitem__(self, index):
         return with_replacement(self.example, index, len(self))

@@ -88,14 +88,21 @@ def refuse_flags(family, args, shown=None):
     """ModelError, one line, when `args` set flags the model's family cannot honour (the family's `refused`):
     before any weights load."""
     problems = family.refused(args)
-    multiple = family.RESOLUTION_MULTIPLE
-    if getattr(args, "resolution", None) and args.resolution % multiple:
-        fit = max(multiple, multiple * round(args.resolution / multiple))
-        problems.append((f"--resolution {args.resolution}", f"its images tile in {multiple} px steps; use e.g. {fit}"))
+    untileable = resolution_problem(family, getattr(args, "resolution", None))
+    if untileable:
+        problems.append((f"--resolution {args.resolution}", untileable))
     if problems:
         what = "; ".join(f"{flag}: {why}" for flag, why in problems)
         model = shown or args.pretrained_model_name_or_path
         raise ModelError(f"{model} ({family.PIPELINE_CLASSES[0]}: {family.DESCRIPTION}) cannot take {what}")
+
+
+def resolution_problem(family, resolution):
+    """Why `family` cannot render images `resolution` px wide (its RESOLUTION_MULTIPLE), or None."""
+    multiple = family.RESOLUTION_MULTIPLE
+    if not resolution or resolution % multiple == 0:
+        return None
+    return f"its images tile in {multiple} px steps; use e.g. {max(multiple, multiple * round(resolution / multiple))}"
 
 
 def denoiser_family(model):
